@@ -13,7 +13,11 @@ import sys
 from difflm.errors import DifflmError
 
 # name -> (module under difflm.commands, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "Train a model from a recipe (YAML + dotted overrides)."),
+    "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),
+    "inspect": ("inspect", "Compare key names and shapes of two checkpoints."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,319 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+`load_config("recipes/x.yaml", ["model.n_layer=4", "train.max_steps=50"])` returns a `RunConfig`.
+Every field is declared once, with its help text in `metadata["help"]` and, where the value is a
+name, its valid choices in `metadata["choices"]`. Unknown keys, ill-typed values and invalid
+choices are rejected with a message naming the key and what it accepts.
+
+The `model` section is polymorphic: `model.family` picks the dataclass from
+`difflm.models.MODEL_CONFIGS`, so each model family keeps its config beside its code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difflm.errors import DifflmError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    """A dataclass field with help text (and choices) kept next to its declaration."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = opt(
+        "shakespeare", "A corpus name (see `difflm data list`), a file, a folder, or an HF dataset name."
+    )
+    format: str = opt(
+        "auto",
+        "How to read `path`.",
+        choices=("auto", "text", "lines", "folder", "jsonl", "parquet", "arrow", "hub"),
+    )
+    field: str | None = opt(None, "Text field of JSONL/Parquet/Arrow records (auto-detected when null).")
+    split: str = opt("train", "Split of an Arrow DatasetDict or HF dataset.")
+    tokenizer: str = opt("char", "'char' for a character-level tokenizer, else an HF tokenizer path or name.")
+    block_size: int = opt(256, "Tokens per training sequence (packed blocks).")
+    val_fraction: float = opt(
+        0.1, "Fraction of tokens held out for validation (the last ones, nanoGPT style)."
+    )
+    append_eos: bool = opt(False, "Append an end-of-sequence token after each document when packing.")
+    cache_dir: str = opt(".cache/difflm", "Where packed token files are cached between runs.")
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise DifflmError(f"data.block_size must be >= 2, got {self.block_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DifflmError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = opt(
+        "linear",
+        "Masking-rate schedule p(t).",
+        choices=("linear", "cosine", "power", "sigmoid", "loglinear"),
+    )
+    schedule_params: dict = opt({}, "Extra schedule parameters, e.g. {exponent: 2.0} for 'power'.")
+    noise: str = opt(
+        "mask", "Corruption: replace by the mask token or by a random token.", choices=("mask", "random")
+    )
+    min_rate: float = opt(0.0, "Lower bound on the masking rate of a training example.")
+    span_prob: float = opt(
+        0.0, "Probability that an example is corrupted in a contiguous span instead of iid."
+    )
+    random_length_prob: float = opt(
+        0.0, "Probability of truncating a batch to a random length (LLaDA uses 0.01)."
+    )
+    loss: str = opt("guidelines", "Masked-diffusion loss.", choices=("guidelines", "dllm", "soft_ce", "sft"))
+    reweight_cap: float | None = opt(None, "Cap on the 1/t-type ELBO weight (null = no cap).")
+    antithetic: bool = opt(True, "Stratified (antithetic) draw of t across the batch.")
+    t_eps: float = opt(1e-3, "Smallest t drawn, keeping the 1/t weight finite.")
+
+    def __post_init__(self) -> None:
+        for key in ("min_rate", "span_prob", "random_length_prob"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise DifflmError(f"diffusion.{key} must be in [0, 1], got {value}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/default", "Folder for checkpoints and logs.")
+    max_steps: int = opt(1000, "Optimizer steps to train for.")
+    batch_size: int = opt(64, "Global batch size (sequences per optimizer step, across all processes).")
+    grad_accum: int = opt(
+        1, "Micro-batches per optimizer step (each process); batch_size must divide evenly."
+    )
+    lr: float = opt(1e-3, "Peak learning rate.")
+    min_lr: float = opt(1e-4, "Learning rate at the end of decay.")
+    warmup_steps: int = opt(100, "Linear warmup steps.")
+    decay: str = opt("cosine", "Learning-rate decay after warmup.", choices=("cosine", "linear", "constant"))
+    optimizer: str = opt(
+        "adamw", "Optimizer (8-bit ones need bitsandbytes).", choices=("adamw", "adamw8bit", "lion8bit")
+    )
+    weight_decay: float = opt(0.1, "Decoupled weight decay (matrices only, not norms or biases).")
+    beta1: float = opt(0.9, "Adam beta1.")
+    beta2: float = opt(0.99, "Adam beta2.")
+    grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).")
+    precision: str = opt("fp32", "Autocast precision.", choices=("fp32", "bf16", "fp16"))
+    device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = opt(1337, "Seed of data order, noise and init.")
+    eval_every: int = opt(250, "Evaluate the val loss every N steps (0 = only at the end).")
+    eval_batches: int = opt(20, "Val batches per evaluation.")
+    log_every: int = opt(10, "Log train metrics every N steps.")
+    save_every: int = opt(500, "Checkpoint every N steps (and at the end).")
+    keep_last: int = opt(3, "Checkpoints to keep (0 = keep all).")
+    resume: str | None = opt(None, "'latest', a step folder name like 'step-500', or a checkpoint path.")
+    stop_at_step: int | None = opt(
+        None, "Exit cleanly after this step with a checkpoint, leaving the schedule as for max_steps."
+    )
+    log_to: list = opt([], "Extra loggers: 'tensorboard' and/or 'wandb' (when installed).")
+    progress: bool = opt(True, "Show a progress bar with loss and tokens/s.")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise DifflmError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise DifflmError(
+                f"train.batch_size ({self.batch_size}) must be a positive multiple of train.grad_accum ({self.grad_accum})"
+            )
+        for name in self.log_to:
+            if name not in ("tensorboard", "wandb"):
+                raise DifflmError(f"train.log_to: unknown logger '{name}'; choose from tensorboard, wandb")
+
+
+@dataclass
+class RunConfig:
+    task: str = opt(
+        "masked_diffusion", "What to train: the loss and batches (see difflm.train.systems.SYSTEMS)."
+    )
+    model: Any = opt(None, "Model section; `family` picks the model and its config dataclass.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data section."})
+    diffusion: DiffusionConfig = field(
+        default_factory=DiffusionConfig, metadata={"help": "Masked diffusion."}
+    )
+    train: TrainConfig = field(
+        default_factory=TrainConfig, metadata={"help": "Optimization and checkpoints."}
+    )
+    extra: dict = opt(
+        {}, "System-specific settings (SGDD encoder, Diffusion Forcing, prefix diffusion, ...)."
+    )
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _choices_of(f: dataclasses.Field) -> tuple | None:
+    return f.metadata.get("choices")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except DifflmError:
+                pass
+        raise DifflmError(
+            f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    if tp is Any:
+        return value
+    expected = origin or tp
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if expected is tuple and isinstance(value, list):
+        return tuple(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise DifflmError(
+            f"config key '{key}' expects {_type_name(expected)}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise DifflmError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise DifflmError(f"unknown config key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{dotted}.")
+            continue
+        value = _coerce(value, tp, dotted)
+        choices = _choices_of(fields[key])
+        if choices and value not in choices:
+            raise DifflmError(
+                f"config key '{dotted}' is {value!r}; valid choices: {', '.join(map(str, choices))}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def build_model_config(data: dict) -> Any:
+    """Pick the model config dataclass by `family` (see difflm.models.MODEL_CONFIGS)."""
+    from difflm.models import DERIVED, MODEL_CONFIGS
+
+    data = dict(data or {})
+    family = data.pop("family", "transformer")
+    if family not in MODEL_CONFIGS:
+        raise DifflmError(
+            f"config key 'model.family' is {family!r}; valid choices: {', '.join(MODEL_CONFIGS)}"
+        )
+    derived = DERIVED.get(family, {})
+    return from_dict(MODEL_CONFIGS[family], {**derived, **data}, "model.")
+
+
+def model_family(model_cfg: Any) -> str:
+    from difflm.models import MODEL_CONFIGS
+
+    for family, cls in MODEL_CONFIGS.items():
+        if type(model_cfg) is cls:
+            return family
+    raise DifflmError(f"no model family is registered for {type(model_cfg).__name__}")
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    data = dict(data)
+    model = build_model_config(data.pop("model", None) or {})
+    cfg = from_dict(RunConfig, data)
+    cfg.model = model
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (YAML/JSON-safe) of a run config, with `model.family` first."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "model":
+            out["model"] = {"family": model_family(value), **dataclasses.asdict(value)}
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = dataclasses.asdict(value)
+        else:
+            out[f.name] = value
+    return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- files and overrides
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (4, 1e-3, true, null)."""
+    if "=" not in override:
+        raise DifflmError(f"override '{override}' is not of the form key=value (e.g. model.n_layer=4)")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DifflmError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DifflmError(f"recipe '{path}' not found; see recipes/ for the shipped ones")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise DifflmError(f"recipe '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DifflmError(f"recipe '{path}' must be a mapping of sections (model, data, train, ...)")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    for override in overrides:
+        apply_override(data, override)
+    return config_from_dict(data)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,203 @@
+"""Masked-diffusion training losses: one weighted cross-entropy (`elbo_loss`) and named presets.
+
+`elbo_loss` is the only implementation: cross-entropy on noised positions, times a per-example
+weight (the schedule's p'(t)/p(t), or 1/p for LLaDA), normalised either by B*L (LLaDA pre-training)
+or per example by its answer length (LLaDA SFT). The CE runs in float32 even for bf16 logits,
+and only on the selected positions, so a large vocabulary is never upcast for the whole batch.
+
+The named losses in `LOSSES` share one signature and weight by 1/p_mask, i.e. they assume the
+linear schedule (t = p_mask) as LLaDA does; for other schedules call `elbo_loss` with
+`schedule.weight(t)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difflm.errors import DifflmError
+
+NORMALIZATIONS = ("tokens", "answer")
+
+
+def _check_shapes(logits: Tensor, targets: Tensor, noised: Tensor, weight: Tensor) -> None:
+    if logits.dim() != 3:
+        raise DifflmError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    batch, length, _ = logits.shape
+    for name, tensor in (("targets", targets), ("noised", noised)):
+        if tensor.shape != (batch, length):
+            raise DifflmError(
+                f"{name} shape {tuple(tensor.shape)} must be ({batch}, {length}) to match logits"
+            )
+    if weight.shape != (batch,):
+        raise DifflmError(f"weight shape {tuple(weight.shape)} must be ({batch},), one weight per example")
+
+
+def elbo_loss(
+    logits: Tensor,
+    targets: Tensor,
+    noised: Tensor,
+    weight: Tensor,
+    *,
+    reweight_cap: float | None = None,
+    label_smoothing: float = 0.0,
+    normalize: str = "tokens",
+    loss_mask: Tensor | None = None,
+) -> Tensor:
+    """Weighted CE over noised positions, a float32 scalar.
+
+    logits [B, L, V], targets [B, L], noised [B, L] bool, weight [B] (capped at `reweight_cap`).
+    Positions counted: noised, and inside `loss_mask` [B, L] when given.
+    normalize='tokens': sum / (B * L). normalize='answer': each example's sum divided by its
+    number of `loss_mask` positions, then the mean over the batch (needs `loss_mask`).
+    """
+    _check_shapes(logits, targets, noised, weight)
+    if normalize not in NORMALIZATIONS:
+        raise DifflmError(f"unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if normalize == "answer" and loss_mask is None:
+        raise DifflmError("normalize='answer' needs loss_mask marking the answer positions")
+    if reweight_cap is not None and not reweight_cap > 0:
+        raise DifflmError(f"reweight_cap {reweight_cap} must be > 0 (or None for no cap)")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise DifflmError(f"label_smoothing {label_smoothing} outside [0, 1)")
+    batch, length, _ = logits.shape
+
+    positions = noised.bool() if loss_mask is None else noised.bool() & loss_mask.bool()  # [B, L]
+    w = weight.to(device=logits.device, dtype=torch.float32)  # [B]
+    if reweight_cap is not None:
+        w = w.clamp(max=reweight_cap)
+    if normalize == "tokens":
+        denom = torch.full_like(w, float(batch * length))  # [B]
+    else:
+        denom = loss_mask.sum(dim=1).clamp(min=1).to(torch.float32) * batch  # [B]
+    scale = (w / denom)[:, None].expand(batch, length)[positions]  # [N]
+
+    ce = F.cross_entropy(
+        logits[positions].float(),  # [N, V]
+        targets[positions],  # [N]
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )  # [N]
+    return (ce * scale).sum()
+
+
+class LossFn(Protocol):
+    """The signature every entry of `LOSSES` has."""
+
+    def __call__(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        noisy_ids: Tensor,
+        noised: Tensor,
+        p_mask: Tensor,
+        *,
+        mask_token_id: int,
+        loss_mask: Tensor | None = None,
+        reweight_cap: float | None = None,
+    ) -> Tensor: ...
+
+
+def guidelines_loss(
+    logits: Tensor,
+    targets: Tensor,
+    noisy_ids: Tensor,
+    noised: Tensor,
+    p_mask: Tensor,
+    *,
+    mask_token_id: int,
+    loss_mask: Tensor | None = None,
+    reweight_cap: float | None = None,
+) -> Tensor:
+    """LLaDA pre-training: CE on noised positions / p_mask, summed and divided by B * L."""
+    return elbo_loss(
+        logits, targets, noised, 1.0 / p_mask.float(), reweight_cap=reweight_cap, loss_mask=loss_mask
+    )
+
+
+def dllm_loss(
+    logits: Tensor,
+    targets: Tensor,
+    noisy_ids: Tensor,
+    noised: Tensor,
+    p_mask: Tensor,
+    *,
+    mask_token_id: int,
+    loss_mask: Tensor | None = None,
+    reweight_cap: float | None = None,
+) -> Tensor:
+    """As `guidelines`, but the loss positions are `noisy_ids == mask_token_id` (`noised` is ignored).
+
+    Differs from `guidelines` only where a clean token already equals the mask id.
+    """
+    is_mask = noisy_ids == mask_token_id  # [B, L]
+    return elbo_loss(
+        logits, targets, is_mask, 1.0 / p_mask.float(), reweight_cap=reweight_cap, loss_mask=loss_mask
+    )
+
+
+def soft_ce_loss(
+    logits: Tensor,
+    targets: Tensor,
+    noisy_ids: Tensor,
+    noised: Tensor,
+    p_mask: Tensor,
+    *,
+    mask_token_id: int,
+    loss_mask: Tensor | None = None,
+    reweight_cap: float | None = None,
+) -> Tensor:
+    """As `guidelines` with label smoothing 0.1."""
+    return elbo_loss(
+        logits,
+        targets,
+        noised,
+        1.0 / p_mask.float(),
+        reweight_cap=reweight_cap,
+        label_smoothing=0.1,
+        loss_mask=loss_mask,
+    )
+
+
+def sft_loss(
+    logits: Tensor,
+    targets: Tensor,
+    noisy_ids: Tensor,
+    noised: Tensor,
+    p_mask: Tensor,
+    *,
+    mask_token_id: int,
+    loss_mask: Tensor | None = None,
+    reweight_cap: float | None = None,
+) -> Tensor:
+    """LLaDA SFT: CE / p_mask on noised answer positions, each example divided by its answer length,
+    then averaged over the batch. `loss_mask` marks the answer positions and is required."""
+    if loss_mask is None:
+        raise DifflmError("the sft loss needs loss_mask marking answer positions (non-prompt tokens)")
+    return elbo_loss(
+        logits,
+        targets,
+        noised,
+        1.0 / p_mask.float(),
+        reweight_cap=reweight_cap,
+        normalize="answer",
+        loss_mask=loss_mask,
+    )
+
+
+LOSSES: dict[str, LossFn] = {
+    "guidelines": guidelines_loss,
+    "dllm": dllm_loss,
+    "soft_ce": soft_ce_loss,
+    "sft": sft_loss,
+}
+
+
+def get_loss(name: str) -> LossFn:
+    """The named loss from `LOSSES`."""
+    if name not in LOSSES:
+        raise DifflmError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]

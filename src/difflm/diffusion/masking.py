@@ -1,0 +1,205 @@
+"""Forward corruption for masked diffusion: which tokens get noised at a given rate, and how.
+
+`corrupt` picks positions (iid per token, or one contiguous span per example) among the positions
+the caller did not protect, then replaces them with the mask token or with a random token.
+`protected_mask` builds the usual "never corrupt" mask (prefix, prompt, padding, special ids) and
+`random_truncate` implements LLaDA's occasional random-length batches. Randomness always comes
+from an explicit `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from difflm.errors import DifflmError
+
+NOISE_KINDS = ("mask", "random")
+
+
+@dataclass
+class NoiseConfig:
+    """How `corrupt` noises tokens."""
+
+    kind: str = field(
+        default="mask",
+        metadata={
+            "help": "'mask': replace with the mask token; 'random': replace with a uniformly random "
+            "token that is never the mask token nor an excluded (special) id"
+        },
+    )
+    min_rate: float = field(
+        default=0.0,
+        metadata={"help": "lower bound on the masking rate of every example (rates are clamped up to it)"},
+    )
+    span_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "probability per example of noising one contiguous span of round(rate * eligible) "
+            "eligible tokens instead of iid tokens"
+        },
+    )
+    random_length_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "probability per batch of truncating it to a random length in [1, L] (LLaDA uses 0.01)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_KINDS:
+            raise DifflmError(f"unknown noise kind {self.kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+        for name in ("min_rate", "span_prob", "random_length_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DifflmError(f"noise {name} {value} outside [0, 1]; pass a probability in [0, 1]")
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Uniform [0, 1) draws made on the generator's device, then moved to `device`."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _check_rate(rate: Tensor, batch_size: int) -> Tensor:
+    """Rate as float32 [B]; a 0-d rate is broadcast. Raises on values outside [0, 1] or NaN."""
+    rate = torch.as_tensor(rate, dtype=torch.float32)
+    if rate.dim() == 0:
+        rate = rate.expand(batch_size)
+    if rate.shape != (batch_size,):
+        raise DifflmError(
+            f"mask rate shape {tuple(rate.shape)} must be ({batch_size},), one rate per example"
+        )
+    bad = ~((rate >= 0.0) & (rate <= 1.0))  # NaN fails both comparisons
+    if bad.any():
+        value = rate[bad][0].item()
+        raise DifflmError(f"mask rate {value} outside [0, 1]; pass rates in [0, 1] (e.g. schedule.rate(t))")
+    return rate
+
+
+def _span_positions(eligible: Tensor, rate: Tensor, generator: torch.Generator) -> Tensor:
+    """One contiguous span per example, counted over eligible positions only.
+
+    The span covers k = round(rate * n_eligible) eligible positions starting at a uniform random
+    eligible rank; protected positions inside it are skipped (so with a protected prefix and
+    padding, the span is contiguous in the sequence).
+    """
+    n_elig = eligible.sum(dim=1)  # [B]
+    k = torch.round(rate * n_elig).long()  # [B]
+    u = _uniform((eligible.shape[0],), generator, eligible.device)  # [B]
+    start = torch.minimum((u * (n_elig - k + 1)).long(), n_elig - k)  # [B]
+    rank = eligible.long().cumsum(dim=1) - 1  # [B, L] rank of each eligible position
+    in_span = (rank >= start[:, None]) & (rank < (start + k)[:, None])  # [B, L]
+    return eligible & in_span
+
+
+def _random_tokens(
+    shape: tuple[int, ...],
+    vocab_size: int,
+    banned: Sequence[int],
+    generator: torch.Generator,
+    device: torch.device,
+) -> Tensor:
+    """Token ids drawn uniformly from [0, vocab_size) minus `banned`."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    banned_in_vocab = [i for i in banned if 0 <= i < vocab_size]
+    allowed[banned_in_vocab] = False
+    choices = allowed.nonzero().squeeze(1)  # [V']
+    if choices.numel() == 0:
+        raise DifflmError(f"no token id left to draw: all {vocab_size} ids are the mask token or excluded")
+    idx = torch.randint(choices.numel(), shape, generator=generator, device=generator.device)
+    return choices.to(generator.device)[idx].to(device)
+
+
+def corrupt(
+    input_ids: Tensor,
+    rate: Tensor,
+    *,
+    mask_token_id: int,
+    cfg: NoiseConfig,
+    generator: torch.Generator,
+    protected: Tensor | None = None,
+    vocab_size: int | None = None,
+    exclude_ids: Sequence[int] = (),
+) -> tuple[Tensor, Tensor]:
+    """Noise `input_ids` [B, L] at per-example `rate` [B]; returns (noisy_ids, noised), both [B, L].
+
+    `noised` marks the chosen positions (for kind='random' a replacement may equal the original
+    token, as in BERT; it is still marked). Positions where `protected` is True are never touched.
+    """
+    if input_ids.dim() != 2:
+        raise DifflmError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+    batch, length = input_ids.shape
+    device = input_ids.device
+    if protected is not None and protected.shape != input_ids.shape:
+        raise DifflmError(
+            f"protected mask shape {tuple(protected.shape)} must match input_ids {tuple(input_ids.shape)}"
+        )
+    if cfg.kind == "random" and vocab_size is None:
+        raise DifflmError("noise kind 'random' needs vocab_size; pass the tokenizer's vocabulary size")
+    rate = _check_rate(rate, batch).to(device).clamp(min=cfg.min_rate)  # [B]
+    eligible = torch.ones_like(input_ids, dtype=torch.bool) if protected is None else ~protected.bool()
+
+    noised = eligible & (_uniform((batch, length), generator, device) < rate[:, None])  # [B, L]
+    if cfg.span_prob > 0:
+        use_span = _uniform((batch,), generator, device) < cfg.span_prob  # [B]
+        noised = torch.where(use_span[:, None], _span_positions(eligible, rate, generator), noised)
+
+    if cfg.kind == "mask":
+        replacement = torch.full_like(input_ids, mask_token_id)
+    else:
+        banned = [mask_token_id, *exclude_ids]
+        replacement = _random_tokens((batch, length), vocab_size, banned, generator, device)
+    noisy_ids = torch.where(noised, replacement, input_ids)  # [B, L]
+    return noisy_ids, noised
+
+
+def protected_mask(
+    input_ids: Tensor,
+    *,
+    prefix_len: int = 0,
+    prompt_lengths: Tensor | Sequence[int] | None = None,
+    attention_mask: Tensor | None = None,
+    special_ids: Sequence[int] = (),
+) -> Tensor:
+    """Bool [B, L], True where tokens must stay clean: the first `prefix_len` positions, each
+    example's first `prompt_lengths[b]` positions, padding (attention_mask == 0) and `special_ids`."""
+    batch, length = input_ids.shape
+    if not 0 <= prefix_len <= length:
+        raise DifflmError(f"prefix_len {prefix_len} outside [0, {length}] for sequences of length {length}")
+    positions = torch.arange(length, device=input_ids.device)  # [L]
+    protected = (positions < prefix_len)[None, :].expand(batch, length).clone()  # [B, L]
+    if prompt_lengths is not None:
+        prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
+        if prompt_lengths.shape != (batch,):
+            raise DifflmError(f"prompt_lengths shape {tuple(prompt_lengths.shape)} must be ({batch},)")
+        protected |= positions[None, :] < prompt_lengths[:, None]
+    if attention_mask is not None:
+        protected |= attention_mask == 0
+    if len(special_ids) > 0:
+        protected |= torch.isin(input_ids, torch.as_tensor(list(special_ids), device=input_ids.device))
+    return protected
+
+
+def random_truncate(
+    batch: Tensor | dict[str, Tensor], prob: float, generator: torch.Generator
+) -> Tensor | dict[str, Tensor]:
+    """With probability `prob`, cut the whole batch to a random length in [1, L] (LLaDA's 1%).
+
+    `batch` is one [B, L, ...] tensor or a dict of them; in a dict, tensors with fewer than two
+    dims (e.g. per-example rates) pass through unchanged. Returns the input object when not cut.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise DifflmError(f"random_length_prob {prob} outside [0, 1]")
+    tensors = batch if isinstance(batch, dict) else {"_": batch}
+    lengths = {v.shape[1] for v in tensors.values() if isinstance(v, Tensor) and v.dim() >= 2}
+    if len(lengths) != 1:
+        raise DifflmError(f"random_truncate needs [B, L, ...] tensors sharing one L, got lengths {lengths}")
+    full = lengths.pop()
+    if torch.rand(1, generator=generator, device=generator.device).item() >= prob:
+        return batch
+    new_len = int(torch.randint(1, full + 1, (1,), generator=generator, device=generator.device).item())
+    cut = {k: v[:, :new_len] if isinstance(v, Tensor) and v.dim() >= 2 else v for k, v in tensors.items()}
+    return cut if isinstance(batch, dict) else cut["_"]

@@ -1,0 +1,314 @@
+"""Transformer building blocks shared by difflm's own models.
+
+Everything here is a plain `nn.Module` or a pure function: norms, rotary position embeddings,
+attention taking an additive bias (the project-wide convention, see docs/architecture.md),
+MLPs, AdaLN-Zero modulation, the timestep embedding, the attention-bias helpers and the KV cache.
+Nothing here knows about diffusion, losses or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflm.errors import DifflmError
+
+# ---------------------------------------------------------------------------------------------
+# attention bias helpers: 0 where a query may see a key, -inf where it may not
+
+
+def padding_bias(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[B, L] mask (1/True = real token, 0/False = padding) -> additive bias [B, 1, 1, L]."""
+    if attention_mask.dim() != 2:
+        raise DifflmError(f"attention_mask must be [batch, length], got shape {tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
+    bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~keep, float("-inf"))
+
+
+def causal_bias(
+    length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Additive bias [1, 1, L, L] letting query i see keys j <= i."""
+    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)  # [L, L]
+    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+    return bias[None, None]  # [1, 1, L, L]
+
+
+def combine_bias(*biases: Tensor | None) -> Tensor | None:
+    """Sum the given additive biases (None entries skipped); None when all are None.
+
+    Summing is the right combination: a key is visible only if every bias allows it (-inf wins).
+    """
+    present = [b for b in biases if b is not None]
+    if not present:
+        return None
+    out = present[0]
+    for b in present[1:]:
+        out = out + b
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# norms, rotary embeddings, timestep embedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; `affine=False` when AdaLN supplies the scale instead."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32: bf16 sums of squares lose too much precision
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype)
+        return h * self.weight if self.weight is not None else h
+
+
+def rope_cos_sin(
+    start: int, length: int, head_dim: int, theta: float, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [length, head_dim] (float32) for absolute positions start..start+length.
+
+    Computed on the fly (cheap) rather than stored as buffers, so `model.to(bfloat16)` cannot
+    degrade them and any position offset works.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)  # [Q, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [Q, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, H, Q, D] by the tables [Q, D] (half-split pairing), in float32."""
+    h = x.float()
+    first, second = h.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)  # [B, H, Q, D]
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal features [B, dim] of continuous times t [B] in [0, 1].
+
+    t is multiplied by `scale` first: with t in [0, 1] most frequencies would otherwise barely
+    move and the embedding could hardly tell nearby times apart.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * scale * freqs[None]  # [B, dim/2]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Full-length key/value buffers, one pair per layer: k, v [B, H, max_len, D].
+
+    One design serves autoregressive decoding and block-wise diffusion caching. A forward with
+    `position_offset=s` over Q tokens writes each layer's new (rotated) k, v into slots [s, s+Q)
+    and attends over slots [0, attend_len): attend_len = s+Q is the autoregressive / prefix-cache
+    case, attend_len = max_len the dual-cache case where stale suffix entries are reused.
+    Use it under `torch.no_grad()`: the buffers are written in place.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.n_layer, self.batch, self.n_head, self.max_len, self.head_dim = n_layer, *shape
+        self.length = 0  # one past the highest slot written so far
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A cache shaped for `model` (anything with a TransformerConfig-like `model.config`)."""
+        cfg: Any = model.config
+        param = next(model.parameters())
+        return cls(
+            n_layer=cfg.n_layer,
+            batch=batch,
+            n_head=cfg.n_head,
+            max_len=cfg.block_size if max_len is None else max_len,
+            head_dim=cfg.n_embd // cfg.n_head,
+            device=param.device,
+            dtype=param.dtype if dtype is None else dtype,
+        )
+
+    def check(self, batch: int, start: int, length: int, attend_len: int) -> None:
+        """Raise DifflmError before any write if this request does not fit the cache."""
+        if batch != self.batch:
+            raise DifflmError(
+                f"KV cache was built for batch {self.batch}, got batch {batch}; build a new cache"
+            )
+        if start < 0 or start + length > self.max_len:
+            raise DifflmError(
+                f"KV cache write to slots [{start}, {start + length}) exceeds max_len {self.max_len}; "
+                "build the cache with a larger max_len"
+            )
+        if not start + length <= attend_len <= self.max_len:
+            raise DifflmError(
+                f"attend_len {attend_len} must lie in [{start + length}, {self.max_len}] "
+                "(the end of this input up to the cache length)"
+            )
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor, attend_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, Q, D] at slots [start, start+Q); return slots [0, attend_len)."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.length = max(self.length, end)
+        return self.k[layer][:, :, :attend_len], self.v[layer][:, :, :attend_len]  # [B, H, K, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# attention and MLPs
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's self-attention needs for one forward, built once by the model."""
+
+    cos: Tensor  # [Q, D]
+    sin: Tensor  # [Q, D]
+    bias: Tensor | None = None  # broadcastable to [B, 1, Q, K]
+    is_causal: bool = False  # SDPA's own causal path (no cache, no extra bias)
+    cache: KVCache | None = None
+    start: int = 0
+    attend_len: int = 0
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RoPE on q/k and an additive bias, via SDPA."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, ctx: AttentionContext, layer: int) -> Tensor:
+        B, Q, C = x.shape
+        q, k, v = (
+            self.qkv(x).view(B, Q, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        )  # [B, H, Q, D]
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, ctx.start, k, v, ctx.attend_len)  # [B, H, K, D]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        mask = ctx.bias.to(q.dtype) if ctx.bias is not None else None
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=ctx.is_causal
+        )  # [B, H, Q, D]
+        return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(B, Q, C)))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the sequence to a few memory tokens (no positions, no mask)."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.q = nn.Linear(n_embd, n_embd, bias=bias)
+        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)  # zero-initialised by the model
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        B, Q, C = x.shape
+        T, H = memory.shape[1], self.n_head
+        q = self.q(x).view(B, Q, H, C // H).transpose(1, 2)  # [B, H, Q, D]
+        k, v = self.kv(memory).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(B, Q, C)))
+
+
+class GeluMLP(nn.Module):
+    """fc -> GELU(tanh) -> projection, as in GPT-2 / nanoGPT."""
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.out_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.out_proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up -> projection, as in LLaMA."""
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(n_embd, 2 * hidden, bias=bias)
+        self.out_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [B, L, hidden] each
+        return self.drop(self.out_proj(F.silu(gate) * up))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLU}
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLN-Zero
+
+
+class AdaLNModulation(nn.Module):
+    """c [B, C] -> `n_chunks` vectors [B, C] (shifts, scales, gates), zero at init.
+
+    Zero output at init is the "Zero" of AdaLN-Zero: every gate is 0, so each block starts as
+    the identity and the network's output does not depend on the conditioning until trained.
+    """
+
+    def __init__(self, n_embd: int, n_chunks: int) -> None:
+        super().__init__()
+        self.n_chunks = n_chunks
+        self.proj = nn.Linear(n_embd, n_chunks * n_embd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, c: Tensor) -> tuple[Tensor, ...]:
+        return self.proj(F.silu(c)).chunk(self.n_chunks, dim=-1)  # n_chunks x [B, C]
+
+
+def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:
+    """x [B, L, C] * (1 + scale) + shift with shift/scale [B, C]; identity when not modulated."""
+    if shift is None or scale is None:
+        return x
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gated(y: Tensor, gate: Tensor | None) -> Tensor:
+    """y [B, L, C] scaled by gate [B, C]; unchanged when not modulated."""
+    return y if gate is None else gate[:, None] * y

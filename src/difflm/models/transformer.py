@@ -1,0 +1,314 @@
+"""difflm's own transformer: the denoiser of docs/architecture.md, and the AR baseline.
+
+One pre-norm RoPE transformer serves every use: bidirectional masked-diffusion denoiser,
+causal autoregressive baseline (`causal=True`, same code), time-conditioned denoiser
+(AdaLN-Zero on a sinusoidal embedding of t) and the SGDD decoder (AdaLN-Zero on a semantic vector,
+optionally also cross-attended as a few memory tokens). `forward` follows the denoiser protocol:
+`logits = model(input_ids, attention_bias=None, t=None, cond=None)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from difflm.errors import DifflmError
+from difflm.models.layers import (
+    MLPS,
+    AdaLNModulation,
+    AttentionContext,
+    CrossAttention,
+    KVCache,
+    RMSNorm,
+    SelfAttention,
+    causal_bias,
+    combine_bias,
+    gated,
+    modulate,
+    rope_cos_sin,
+    timestep_embedding,
+)
+
+TIME_FREQ_DIM = 256  # width of the sinusoidal features of t, before the time MLP
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and behaviour of `Transformer`."""
+
+    vocab_size: int = field(metadata={"help": "number of token ids, the mask token included"})
+    block_size: int = field(metadata={"help": "maximum sequence length (positions 0..block_size-1)"})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=384, metadata={"help": "model width; must be divisible by n_head"})
+    ffn_hidden: int | None = field(default=None, metadata={"help": "MLP hidden width (default 4 * n_embd)"})
+    mlp: str = field(default="gelu", metadata={"help": f"MLP kind: one of {sorted(MLPS)}"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residuals"})
+    causal: bool = field(
+        default=False, metadata={"help": "causal attention: the autoregressive baseline from the same code"}
+    )
+    time_conditioning: bool = field(
+        default=False, metadata={"help": "condition every block on t in [0, 1] through AdaLN-Zero"}
+    )
+    cond_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "width of a semantic vector [B, cond_dim] added to the AdaLN-Zero conditioning (SGDD)"
+        },
+    )
+    cond_tokens: int = field(
+        default=0,
+        metadata={"help": "also cross-attend to the semantic vector as this many memory tokens (0 = off)"},
+    )
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    bias: bool = field(default=False, metadata={"help": "use biases in linear layers"})
+    tie_embeddings: bool = field(
+        default=True, metadata={"help": "share the output head with the token embedding"}
+    )
+    mask_token_id: int | None = field(default=None, metadata={"help": "id of the [MASK] token (diffusion)"})
+    pad_token_id: int | None = field(default=None, metadata={"help": "id of the padding token"})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise DifflmError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise DifflmError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if (self.n_embd // self.n_head) % 2:
+            raise DifflmError(
+                f"head dim n_embd/n_head = {self.n_embd // self.n_head} must be even for RoPE; change n_embd or n_head"
+            )
+        if self.ffn_hidden is not None and self.ffn_hidden <= 0:
+            raise DifflmError(f"model.ffn_hidden must be positive or null, got {self.ffn_hidden}")
+        if self.mlp not in MLPS:
+            raise DifflmError(f"model.mlp must be one of {sorted(MLPS)}, got {self.mlp!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DifflmError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.cond_dim is not None and self.cond_dim <= 0:
+            raise DifflmError(f"model.cond_dim must be positive or null, got {self.cond_dim}")
+        if self.cond_tokens < 0:
+            raise DifflmError(f"model.cond_tokens must be >= 0, got {self.cond_tokens}")
+        if self.cond_tokens and self.cond_dim is None:
+            raise DifflmError("model.cond_tokens > 0 needs model.cond_dim (the semantic vector width)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise DifflmError("model.rope_theta and model.norm_eps must be positive")
+        for name in ("mask_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise DifflmError(f"model.{name} = {value} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def conditioned(self) -> bool:
+        """True when blocks use AdaLN-Zero (time and/or semantic conditioning)."""
+        return self.time_conditioning or self.cond_dim is not None
+
+
+def _broadcasts(bias: Tensor, shape: tuple[int, ...]) -> bool:
+    """True when bias has len(shape) dims, each equal to the target's or 1."""
+    return bias.dim() == len(shape) and all(b in (1, n) for b, n in zip(bias.shape, shape, strict=True))
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, optional cross-attention, MLP; AdaLN-Zero when conditioned."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        affine = not cfg.conditioned  # with AdaLN the scale comes from the modulation
+        self.norm1 = RMSNorm(cfg.n_embd, cfg.norm_eps, affine)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout)
+        self.norm_cross = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.cond_tokens else None
+        self.cross_attn = (
+            CrossAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout) if cfg.cond_tokens else None
+        )
+        self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps, affine)
+        self.mlp = MLPS[cfg.mlp](cfg.n_embd, cfg.ffn_hidden or 4 * cfg.n_embd, cfg.bias, cfg.dropout)
+        self.modulation = AdaLNModulation(cfg.n_embd, 6) if cfg.conditioned else None
+
+    def forward(
+        self,
+        x: Tensor,
+        ctx: AttentionContext,
+        layer: int,
+        c: Tensor | None = None,
+        memory: Tensor | None = None,
+    ) -> Tensor:
+        mods = self.modulation(c) if self.modulation is not None else (None,) * 6
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods  # [B, C] each, or None
+        x = x + gated(self.attn(modulate(self.norm1(x), shift_a, scale_a), ctx, layer), gate_a)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), memory)
+        return x + gated(self.mlp(modulate(self.norm2(x), shift_m, scale_m)), gate_m)
+
+
+class Transformer(nn.Module):
+    """The denoiser: token ids [B, Q] -> logits [B, Q, V]."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mask_token_id = config.mask_token_id
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(C, config.norm_eps, affine=not config.conditioned)
+        self.final_modulation = AdaLNModulation(C, 2) if config.conditioned else None
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if config.time_conditioning:
+            self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, C), nn.SiLU(), nn.Linear(C, C))
+        if config.cond_dim is not None:
+            self.cond_proj = nn.Linear(config.cond_dim, C)
+            # stands in for `cond` when cond=None: the "unconditional" input of classifier-free
+            # guidance; living in cond space it feeds the AdaLN and cross-attention paths alike
+            self.null_cond = nn.Parameter(torch.zeros(config.cond_dim))
+        if config.cond_tokens:
+            self.memory_proj = nn.Linear(config.cond_dim, config.cond_tokens * C)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """normal(0, 0.02); residual projections / sqrt(2 n_layer) (GPT-2); AdaLN-Zero parts zero."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.out_proj.weight, mean=0.0, std=residual_std)
+            if block.cross_attn is not None:  # no gate on cross-attention: zero it to start as identity
+                nn.init.zeros_(block.cross_attn.out_proj.weight)
+        for module in self.modules():
+            if isinstance(module, AdaLNModulation):
+                module.reset_parameters()
+        if self.config.cond_dim is not None:
+            nn.init.normal_(self.null_cond, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (a tied head counted once); optionally without the token embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.tok_emb.weight.numel() if exclude_embeddings else total
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_bias: Tensor | None = None,
+        t: Tensor | None = None,
+        cond: Tensor | None = None,
+        position_offset: int = 0,
+        kv_cache: KVCache | None = None,
+        attend_len: int | None = None,
+    ) -> Tensor:
+        """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q.
+
+        attention_bias: additive, broadcastable to [B, 1, Q, K] (K = Q, or attend_len with a cache);
+        the causal bias is added automatically when config.causal.
+        t: [B] or scalar times in [0, 1]; None means t = 0. Ignored without time_conditioning, so
+        samplers can pass t to any denoiser.
+        cond: [B, cond_dim] semantic vectors; None means unconditional (the learned null vector).
+        kv_cache: write this input's keys/values at slots [position_offset, +Q) and attend over
+        slots [0, attend_len) (default position_offset + Q).
+        """
+        if input_ids.dim() != 2:
+            raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        B, Q = input_ids.shape
+        ctx = self._attention_context(
+            B, Q, attention_bias, position_offset, kv_cache, attend_len, input_ids.device
+        )
+        c = self._conditioning(B, t, cond, input_ids.device)  # [B, C] or None
+        memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
+        x = self.drop(self.tok_emb(input_ids))  # [B, Q, C]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, ctx, layer, c, memory)
+        shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)
+        return self.lm_head(modulate(self.norm_f(x), shift, scale))  # [B, Q, V]
+
+    def _attention_context(
+        self,
+        B: int,
+        Q: int,
+        bias: Tensor | None,
+        start: int,
+        cache: KVCache | None,
+        attend_len: int | None,
+        device: torch.device,
+    ) -> AttentionContext:
+        """Validate positions / cache / bias once and build what every layer's attention needs."""
+        cfg = self.config
+        if start < 0 or start + Q > cfg.block_size:
+            raise DifflmError(
+                f"positions [{start}, {start + Q}) exceed block_size {cfg.block_size}; "
+                "shorten the input or raise model.block_size"
+            )
+        if cache is None and attend_len is not None:
+            raise DifflmError("attend_len needs a kv_cache; pass kv_cache=KVCache.for_model(...)")
+        if cache is not None:
+            if (cache.n_layer, cache.n_head, cache.head_dim) != (cfg.n_layer, cfg.n_head, cfg.head_dim):
+                raise DifflmError(
+                    "KV cache shape does not match the model; build it with KVCache.for_model(model, ...)"
+                )
+            attend_len = start + Q if attend_len is None else attend_len
+            cache.check(B, start, Q, attend_len)
+        K = Q if cache is None else attend_len
+        if bias is not None and not _broadcasts(bias, (B, 1, Q, K)):
+            raise DifflmError(
+                f"attention_bias of shape {tuple(bias.shape)} does not broadcast to [B, 1, Q, K] = {[B, 1, Q, K]}"
+            )
+        is_causal = cfg.causal and bias is None and cache is None  # SDPA's fused causal path
+        if cfg.causal and not is_causal:
+            # with a cache: rows = absolute query positions start..start+Q, columns = key slots 0..K
+            causal = (
+                causal_bias(Q, device) if cache is None else causal_bias(K, device)[:, :, start : start + Q]
+            )
+            bias = combine_bias(bias, causal)  # [., 1, Q, K]
+        cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device)  # [Q, D]
+        return AttentionContext(cos, sin, bias, is_causal, cache, start, attend_len or 0)
+
+    def _conditioning(
+        self, B: int, t: Tensor | None, cond: Tensor | None, device: torch.device
+    ) -> Tensor | None:
+        """The AdaLN-Zero conditioning vector c [B, C], or None for an unconditioned model."""
+        cfg = self.config
+        if cond is not None and cfg.cond_dim is None:
+            raise DifflmError("cond was given but the model has no cond_dim; set model.cond_dim or drop cond")
+        if not cfg.conditioned:
+            return None
+        c = None
+        if cfg.time_conditioning:
+            t = torch.zeros(B, device=device) if t is None else t
+            if t.dim() == 0:
+                t = t.expand(B)
+            if t.numel() != B:
+                raise DifflmError(
+                    f"t must be a scalar or have one value per sequence ({B}), got shape {tuple(t.shape)}"
+                )
+            c = self.time_mlp(timestep_embedding(t.reshape(B).to(device), TIME_FREQ_DIM))  # [B, C]
+        if cfg.cond_dim is not None:
+            c_sem = self.cond_proj(self._cond_or_null(B, cond))  # [B, C]
+            c = c_sem if c is None else c + c_sem
+        return c
+
+    def _cond_or_null(self, B: int, cond: Tensor | None) -> Tensor:
+        if cond is None:
+            return self.null_cond.expand(B, -1)  # [B, cond_dim]
+        if tuple(cond.shape) != (B, self.config.cond_dim):
+            raise DifflmError(f"cond must be [{B}, {self.config.cond_dim}], got shape {tuple(cond.shape)}")
+        return cond
+
+    def _memory(self, B: int, cond: Tensor | None) -> Tensor:
+        """The semantic vector as cond_tokens memory tokens [B, T, C] for cross-attention."""
+        mem = self.memory_proj(self._cond_or_null(B, cond))  # [B, T * C]
+        return mem.view(B, self.config.cond_tokens, self.config.n_embd)

@@ -1,0 +1,315 @@
+"""The one training loop, shared by every system.
+
+A system supplies a `Run` (model, task, datasets, tokenizer); the loop knows nothing of diffusion.
+Each step draws the global batch in a seeded per-epoch order, lets the task corrupt it with a
+generator seeded from (seed, step), then each process takes its slice and each micro-batch its
+share. Because nothing random depends on history, resuming at step N replays exactly what an
+uninterrupted run would have done, and 2 processes see the same noise as 1 (DDP parity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from difflm.config import RunConfig, TrainConfig, to_dict
+from difflm.data.packing import batch_order
+from difflm.errors import DifflmError
+from difflm.train import checkpoint as ckpt
+from difflm.train.optim import build_optimizer, get_lr, set_lr
+
+Batch = dict[str, Tensor]
+
+
+class Task(Protocol):
+    """What a system trains: how a batch is corrupted and how the loss is computed."""
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Batch: ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class Run:
+    model: nn.Module
+    task: Task
+    train_data: Any  # map-style: __len__, __getitem__ -> Tensor or dict of Tensors
+    val_data: Any
+    tokenizer: Any = None
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    val_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DifflmError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """The generator of one step: a function of (seed, step) only, never of history."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63))
+
+
+def collate(items: list) -> Batch:
+    if torch.is_tensor(items[0]):
+        return {"input_ids": torch.stack(items)}
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def split_batch(batch: Batch, parts: int, index: int) -> Batch:
+    return {k: v.chunk(parts)[index] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class Logger:
+    """Console (through tqdm), a JSONL file, and tensorboard / wandb when asked for and installed."""
+
+    def __init__(self, output_dir: Path, cfg: TrainConfig, run_config: dict, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.sinks: list = []
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / "log.jsonl", "a")
+        for name in cfg.log_to:
+            self.sinks.append(_open_sink(name, output_dir, run_config))
+
+    def log(self, record: dict, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for sink in self.sinks:
+            sink(record)
+        if echo:
+            tqdm.write(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            )
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _open_sink(name: str, output_dir: Path, run_config: dict):
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(output_dir / "tensorboard"))
+            return lambda r: [
+                writer.add_scalar(k, v, r["step"]) for k, v in r.items() if isinstance(v, float)
+            ]
+        import wandb
+
+        wandb.init(project="difflm", config=run_config, dir=str(output_dir))
+        return lambda r: wandb.log(r, step=r["step"])
+    except ImportError:
+        raise DifflmError(
+            f"train.log_to includes '{name}' but it is not installed: pip install {name}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: RunConfig, run: Run) -> TrainState:
+    """Train `run` as configured; returns the final state. Resumable and DDP-aware."""
+    init_distributed()
+    rank, world_size = world()
+    tc = cfg.train
+    if tc.batch_size % (world_size * tc.grad_accum):
+        raise DifflmError(
+            f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
+            f"({world_size} x {tc.grad_accum})"
+        )
+    if len(run.train_data) < tc.batch_size:
+        raise DifflmError(
+            f"the training split has {len(run.train_data)} sequences, fewer than train.batch_size={tc.batch_size}: "
+            "lower train.batch_size or data.block_size, or use more data"
+        )
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    model = run.model.to(device)
+    optimizer = build_optimizer(model, tc)
+    state = TrainState()
+    if tc.resume:
+        state = _resume(tc, model, optimizer)
+    wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
+    stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
+    bar = tqdm(
+        total=stop, initial=state.step, disable=rank != 0 or not tc.progress, desc="train", dynamic_ncols=True
+    )
+    try:
+        while state.step < stop:
+            record = _train_step(cfg, run, wrapped, optimizer, state, device, rank, world_size)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
+            _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop)
+    finally:
+        bar.close()
+        logger.close()
+    return state
+
+
+def _train_step(cfg, run, model, optimizer, state, device, rank, world_size) -> dict:
+    tc = cfg.train
+    t0 = time.perf_counter()
+    batch = collate([run.train_data[i] for i in _next_indices(run, tc, state)])
+    torch.manual_seed(tc.seed + state.step)  # dropout: a function of the step, like the noise
+    prepared = run.task.prepare(batch, step_generator(tc.seed, state.step))
+    local = split_batch(prepared, world_size, rank)
+    model.train()
+    total, metrics = 0.0, {}
+    for i in range(tc.grad_accum):
+        micro = to_device(split_batch(local, tc.grad_accum, i), device)
+        sync = i == tc.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, tc.precision):
+            loss, micro_metrics = run.task.loss(model, micro)
+        (loss / tc.grad_accum).backward()
+        total += loss.item() / tc.grad_accum
+        for k, v in micro_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v / tc.grad_accum
+    if not math.isfinite(total):
+        raise DifflmError(
+            f"loss became {total} at step {state.step}: lower train.lr or use train.precision=fp32"
+        )
+    lr = get_lr(state.step, tc)
+    set_lr(optimizer, lr)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = _mean_across(total, device)
+    tokens = prepared["input_ids"].numel()
+    state.step += 1
+    state.tokens_seen += tokens
+    elapsed = time.perf_counter() - t0
+    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tokens / elapsed, **metrics}
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def _next_indices(run: Run, tc: TrainConfig, state: TrainState) -> list[int]:
+    per_epoch = len(run.train_data) // tc.batch_size
+    if state.batch_in_epoch >= per_epoch:
+        state.epoch += 1
+        state.batch_in_epoch = 0
+    order = batch_order(len(run.train_data), state.epoch, tc.seed)
+    start = state.batch_in_epoch * tc.batch_size
+    state.batch_in_epoch += 1
+    return order[start : start + tc.batch_size].tolist()
+
+
+def _mean_across(value: float, device: torch.device) -> float:
+    _, world_size = world()
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / world_size
+
+
+def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop) -> None:
+    tc = cfg.train
+    last = state.step == stop
+    if state.step % tc.log_every == 0 or last:
+        logger.log(record, echo=not tc.progress)
+    if (tc.eval_every and state.step % tc.eval_every == 0) or last:
+        state.val_loss = evaluate_loss(model, run.task, run.val_data, tc)
+        logger.log({"step": state.step, "val_loss": state.val_loss})
+    if state.step % tc.save_every == 0 or last:
+        if rank == 0:
+            ckpt.save_checkpoint(
+                tc.output_dir,
+                state.step,
+                model=model,
+                optimizer=optimizer,
+                run_config=to_dict(cfg),
+                trainer_state=asdict(state),
+                tokenizer=run.tokenizer,
+                keep_last=tc.keep_last,
+            )
+        if world()[1] > 1:
+            dist.barrier()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, task: Task, data: Any, tc: TrainConfig, batches: int | None = None
+) -> float:
+    """Mean task loss over the first `batches` val batches, with a fixed noise seed."""
+    device = next(model.parameters()).device
+    model.eval()
+    n = min(batches or tc.eval_batches, max(1, len(data) // tc.batch_size))
+    if len(data) == 0:
+        raise DifflmError("the validation split is empty: raise data.val_fraction or use more data")
+    losses = []
+    for b in range(n):
+        items = [data[i] for i in range(b * tc.batch_size, min(len(data), (b + 1) * tc.batch_size))]
+        prepared = task.prepare(collate(items), step_generator(tc.seed, b, salt=1))
+        with autocast(device, tc.precision):
+            loss, _ = task.loss(model, to_device(prepared, device))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _resume(tc: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    path = ckpt.resolve_checkpoint(tc.resume, tc.output_dir)
+    ckpt.load_weights(model, path)
+    ckpt.load_optimizer(optimizer, path)
+    data = ckpt.read_json(path / ckpt.STATE_FILE)
+    tqdm.write(f"resumed from {path} at step {data['step']}")
+    return TrainState(**data)

@@ -1,0 +1,137 @@
+"""Losses against hand-computed values (math.log/exp, independent of torch's cross_entropy)."""
+
+import math
+
+import pytest
+import torch
+
+from difflm.diffusion.losses import LOSSES, elbo_loss, get_loss
+from difflm.errors import DifflmError
+
+# One sequence of 4 tokens over a vocabulary of 3; token id 2 doubles as the mask id.
+ROWS = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [1.0, 1.0, 1.0], [0.0, -2.0, 3.0]]
+TARGETS = [0, 2, 1, 1]
+NOISED = [True, False, True, True]
+MASK_ID = 2
+NOISY = [2, 2, 2, 2]  # position 1 is clean, but its token is the mask id
+
+
+def _logp(row: list[float], k: int) -> float:
+    return row[k] - math.log(sum(math.exp(v) for v in row))
+
+
+def _ce(i: int) -> float:
+    return -_logp(ROWS[i], TARGETS[i])
+
+
+def _smooth_ce(i: int, eps: float = 0.1) -> float:
+    """(1 - eps) * NLL + eps * mean over the vocabulary of -log p_k."""
+    row = ROWS[i]
+    return (1 - eps) * _ce(i) + eps * sum(-_logp(row, k) for k in range(3)) / 3
+
+
+def _inputs(p_mask: float = 0.25):
+    logits = torch.tensor([ROWS])  # [1, 4, 3]
+    return (
+        logits,
+        torch.tensor([TARGETS]),
+        torch.tensor([NOISY]),
+        torch.tensor([NOISED]),
+        torch.tensor([p_mask]),
+    )
+
+
+def test_hand_computed_values_are_what_we_think():
+    # Spot-check the helper with numbers worked out on paper:
+    # CE0 = log(e^2 + 1 + e^-1) - 2 = log(8.7569) - 2, CE2 = log 3, CE3 = log(1 + e^-2 + e^3) + 2.
+    assert _ce(0) == pytest.approx(0.169846, abs=1e-6)
+    assert _ce(2) == pytest.approx(math.log(3))
+    assert _ce(3) == pytest.approx(5.054985, abs=1e-6)
+
+
+def test_elbo_loss_hand_computed():
+    logits, targets, _, noised, _ = _inputs()
+    loss = elbo_loss(logits, targets, noised, torch.tensor([4.0]))
+    expected = 4.0 * (_ce(0) + _ce(2) + _ce(3)) / 4
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_guidelines_loss():
+    loss = get_loss("guidelines")(*_inputs(0.25), mask_token_id=MASK_ID)
+    assert loss.item() == pytest.approx(4.0 * (_ce(0) + _ce(2) + _ce(3)) / (1 * 4), rel=1e-6)
+
+
+def test_dllm_loss_uses_the_mask_id_not_the_noised_mask():
+    loss = get_loss("dllm")(*_inputs(0.25), mask_token_id=MASK_ID)
+    assert loss.item() == pytest.approx(4.0 * (_ce(0) + _ce(1) + _ce(2) + _ce(3)) / 4, rel=1e-6)
+
+
+def test_soft_ce_loss():
+    loss = get_loss("soft_ce")(*_inputs(0.5), mask_token_id=MASK_ID)
+    expected = 2.0 * (_smooth_ce(0) + _smooth_ce(2) + _smooth_ce(3)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sft_loss_normalises_by_answer_length_per_example():
+    logits, targets, noisy, _, _ = _inputs()
+    logits = logits.expand(2, 4, 3)
+    targets, noisy = targets.expand(2, 4), noisy.expand(2, 4)
+    noised = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    loss_mask = torch.tensor([[False, True, True, True], [False, False, True, True]])  # answers: 3 and 2
+    p_mask = torch.tensor([0.25, 0.5])
+    loss = get_loss("sft")(logits, targets, noisy, noised, p_mask, mask_token_id=MASK_ID, loss_mask=loss_mask)
+    # Example 0: position 0 is prompt, so positions 2, 3 count; example 1: position 1 is prompt.
+    expected = (4.0 * (_ce(2) + _ce(3)) / 3 + 2.0 * _ce(2) / 2) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(DifflmError, match="loss_mask"):
+        get_loss("sft")(logits, targets, noisy, noised, p_mask, mask_token_id=MASK_ID)
+
+
+def test_reweight_cap_applied():
+    loss = get_loss("guidelines")(*_inputs(0.25), mask_token_id=MASK_ID, reweight_cap=2.0)
+    assert loss.item() == pytest.approx(2.0 * (_ce(0) + _ce(2) + _ce(3)) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_bf16_logits_give_float32_loss(name):
+    logits, targets, noisy, noised, p_mask = _inputs()
+    loss_mask = torch.ones(1, 4, dtype=torch.bool)
+    fn = get_loss(name)
+    low = fn(logits.bfloat16(), targets, noisy, noised, p_mask, mask_token_id=MASK_ID, loss_mask=loss_mask)
+    ref = fn(
+        logits.bfloat16().float(), targets, noisy, noised, p_mask, mask_token_id=MASK_ID, loss_mask=loss_mask
+    )
+    assert low.dtype == torch.float32
+    assert low.item() == ref.item()
+
+
+def test_gradient_only_reaches_noised_positions():
+    logits, targets, _, noised, _ = _inputs()
+    logits.requires_grad_(True)
+    elbo_loss(logits, targets, noised, torch.tensor([4.0])).backward()
+    touched = logits.grad.abs().sum(-1)[0] > 0  # [4]
+    assert touched.tolist() == NOISED
+
+
+def test_nothing_noised_gives_zero_with_a_graph():
+    logits, targets, _, _, _ = _inputs()
+    logits.requires_grad_(True)
+    loss = elbo_loss(logits, targets, torch.zeros(1, 4, dtype=torch.bool), torch.tensor([4.0]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.abs().sum().item() == 0.0
+
+
+def test_errors():
+    logits, targets, _, noised, _ = _inputs()
+    with pytest.raises(DifflmError, match="guidelines, dllm, soft_ce, sft"):
+        get_loss("mse")
+    with pytest.raises(DifflmError, match="tokens, answer"):
+        elbo_loss(logits, targets, noised, torch.ones(1), normalize="batch")
+    with pytest.raises(DifflmError, match="loss_mask"):
+        elbo_loss(logits, targets, noised, torch.ones(1), normalize="answer")
+    with pytest.raises(DifflmError, match="weight shape"):
+        elbo_loss(logits, targets, noised, torch.ones(2))
+    with pytest.raises(DifflmError, match="targets shape"):
+        elbo_loss(logits, targets[:, :3], noised, torch.ones(1))

@@ -1,0 +1,75 @@
+"""Block attention: the additive bias that makes a prompt + blocked answer sequence semi-causal.
+
+Row b of a batch is `prompt_lengths[b]` prompt tokens followed by answer blocks of `block_length`
+tokens (the last block may be shorter). Visibility, the same in training and in the sampler:
+
+- a prompt token sees the prompt only (so its states do not depend on the answer and can be cached);
+- an answer token sees the prompt and its own block, plus every earlier block when
+  `see_earlier_blocks=True` (block-causal, as in semi-autoregressive decoding with a KV cache);
+- padding keys (`attention_mask == 0`) are hidden from every query.
+
+The result follows the project's attention-bias convention: 0 visible, -inf hidden, [B, 1, L, L].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflm.errors import DifflmError
+
+PROMPT_BLOCK = -1  # block index given to prompt positions
+
+
+def block_ids(prompt_lengths: torch.Tensor, seq_len: int, block_length: int) -> torch.Tensor:
+    """Block index of every position, PROMPT_BLOCK for the prompt: [B, L]."""
+    positions = torch.arange(seq_len, device=prompt_lengths.device)[None, :]  # [1, L]
+    prompt = prompt_lengths[:, None]  # [B, 1]
+    answer_block = torch.div(positions - prompt, block_length, rounding_mode="floor")  # [B, L]
+    return torch.where(positions < prompt, PROMPT_BLOCK, answer_block)  # [B, L]
+
+
+def _check(prompt_lengths: torch.Tensor, seq_len: int, block_length: int) -> None:
+    if prompt_lengths.dim() != 1:
+        raise DifflmError(f"prompt_lengths must be 1-D [B], got shape {tuple(prompt_lengths.shape)}")
+    if block_length < 1:
+        raise DifflmError(f"block_length must be >= 1, got {block_length}")
+    if prompt_lengths.numel() == 0:
+        return
+    if int(prompt_lengths.min()) < 0 or int(prompt_lengths.max()) > seq_len:
+        raise DifflmError(f"prompt_lengths must lie in [0, seq_len={seq_len}]; shorten the prompts")
+    gen_length = seq_len - int(prompt_lengths.max())
+    if block_length > gen_length:
+        raise DifflmError(
+            f"block_length {block_length} is larger than the generation length {gen_length} "
+            f"(seq_len {seq_len} minus the longest prompt); use block_length <= {gen_length}"
+        )
+
+
+def block_attention_bias(
+    prompt_lengths: torch.Tensor,
+    seq_len: int,
+    block_length: int,
+    *,
+    see_earlier_blocks: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Additive attention bias [B, 1, L, L] for prompt + answer blocks (see the module docstring).
+
+    `prompt_lengths` is a LongTensor [B]; `attention_mask` [B, L] marks real tokens with 1 and
+    padding with 0. Raises DifflmError when a block would not fit in the generation length.
+    """
+    _check(prompt_lengths, seq_len, block_length)
+    blocks = block_ids(prompt_lengths, seq_len, block_length)  # [B, L]
+    query, key = blocks[:, :, None], blocks[:, None, :]  # [B, L, 1], [B, 1, L]
+    visible = (key == query) | (key == PROMPT_BLOCK)  # [B, L, L]
+    if see_earlier_blocks:
+        visible = visible | (key < query)
+    if attention_mask is not None:
+        if attention_mask.shape != blocks.shape:
+            raise DifflmError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(blocks.shape)}"
+            )
+        visible = visible & attention_mask.to(blocks.device).bool()[:, None, :]  # [B, L, L]
+    bias = torch.zeros(visible.shape, dtype=dtype, device=blocks.device)  # [B, L, L]
+    return bias.masked_fill(~visible, float("-inf"))[:, None]  # [B, 1, L, L]

@@ -147,9 +147,14 @@ class RunConfig:
     train: TrainConfig = field(
         default_factory=TrainConfig, metadata={"help": "Optimization and checkpoints."}
     )
-    extra: dict = opt(
-        {}, "System-specific settings (SGDD encoder, Diffusion Forcing, prefix diffusion, ...)."
+    system: dict = opt(
+        {}, "System-specific settings, typed by the system's own dataclass (see `system_config`)."
     )
+
+
+def system_config(cfg: RunConfig, cls: type) -> Any:
+    """Parse the `system` section into a system's own dataclass (unknown keys and bad types rejected)."""
+    return from_dict(cls, cfg.system, "system.")
 
 
 # ----------------------------------------------------------------------------- building

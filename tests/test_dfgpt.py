@@ -1,0 +1,150 @@
+"""DFGPT: the plain-GPT path against a hand-written reference, and the Diffusion Forcing path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difflm.diffusion.gaussian import GaussianConfig
+from difflm.errors import DifflmError
+from difflm.models.dfgpt import DFGPT, DFGPTConfig
+
+V, L, D = 64, 16, 32
+
+
+def config(**kw) -> DFGPTConfig:
+    base = dict(vocab_size=V, block_size=L, n_layer=2, n_head=4, n_embd=D, bias=True)
+    gaussian = GaussianConfig(timesteps=100, sampling_timesteps=10, stabilization_level=2)
+    return DFGPTConfig(**{**base, "gaussian": gaussian, **kw})
+
+
+def tokens(batch=2, length=L, seed=0) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(model: DFGPT, idx: torch.Tensor) -> torch.Tensor:
+    """GPT-2 forward written out from the parameters: explicit masked softmax attention, no SDPA."""
+    B, T = idx.shape
+    H = model.config.n_head
+    x = model.wte.weight[idx] + model.wpe.weight[:T]  # [B, T, D]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for blk in model.blocks:
+        h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias)
+        qkv = h @ blk.attn.c_attn.weight.T + blk.attn.c_attn.bias  # [B, T, 3D]
+        q, k, v = (t.reshape(B, T, H, D // H).transpose(1, 2) for t in qkv.split(D, dim=-1))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(D // H)  # [B, H, T, T]
+        att = att.masked_fill(future, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, D)
+        x = x + y @ blk.attn.c_proj.weight.T + blk.attn.c_proj.bias
+        h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias)
+        h = F.gelu(h @ blk.mlp.fc.weight.T + blk.mlp.fc.bias, approximate="tanh")
+        x = x + h @ blk.mlp.out_proj.weight.T + blk.mlp.out_proj.bias
+    x = F.layer_norm(x, (D,), model.ln_f.weight, model.ln_f.bias)
+    return x @ model.wte.weight.T  # tied head
+
+
+def test_flag_off_matches_plain_gpt_reference():
+    torch.manual_seed(0)
+    model = DFGPT(config()).eval()
+    idx, targets = tokens(), tokens(seed=1)
+    with torch.no_grad():
+        ref = reference_logits(model, idx)
+        torch.testing.assert_close(model(idx), ref, atol=1e-5, rtol=1e-5)
+        ref_loss = -ref.log_softmax(-1).gather(-1, targets[..., None]).mean()
+        torch.testing.assert_close(model.next_token_loss(idx, targets), ref_loss, atol=1e-5, rtol=1e-5)
+    assert model.lm_head.weight is model.wte.weight
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.startswith(("fuse", "head")) for n in names)  # a plain GPT has no diffusion parts
+
+
+def test_modes_reject_the_other_call():
+    plain, df = DFGPT(config()), DFGPT(config(use_diffusion_forcing=True))
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(DifflmError, match="use_diffusion_forcing=True"):
+        plain.diffusion_loss(tokens(), g)
+    with pytest.raises(DifflmError, match="use_diffusion_forcing=False"):
+        df.next_token_loss(tokens(), tokens())
+    with pytest.raises(DifflmError, match="noise levels"):
+        df(torch.zeros(1, 4, D))
+    with pytest.raises(DifflmError, match="block_size"):
+        df(torch.zeros(1, L + 1, D), torch.zeros(1, L + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [({"fusion": "film"}, "unknown fusion"), ({"n_head": 5}, "divisible")]
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(DifflmError, match=message):
+        config(**kwargs)
+
+
+@pytest.mark.parametrize("fusion", ["add", "concat"])
+def test_denoiser_shapes_and_causality(fusion):
+    torch.manual_seed(0)
+    model = DFGPT(config(use_diffusion_forcing=True, fusion=fusion)).eval()
+    x = torch.randn(2, 8, D)
+    k = torch.randint(0, 100, (2, 8))
+    out = model(x, k)
+    assert out.shape == (2, 8, D)
+    x2, k2 = x.clone(), k.clone()
+    x2[:, 5:] += 1.0
+    k2[:, 5:] = 0  # changing later tokens (or their levels) never changes earlier outputs
+    out2 = model(x2, k2)
+    torch.testing.assert_close(out2[:, :5], out[:, :5])
+    assert not torch.allclose(out2[:, 5:], out[:, 5:])
+    k3 = k.clone()
+    k3[:, 2] = 99  # the level is an input: it changes the token's own output
+    assert not torch.allclose(model(x, k3)[:, 2], out[:, 2])
+
+
+def test_clean_embeddings_and_rounding():
+    torch.manual_seed(0)
+    model = DFGPT(config(use_diffusion_forcing=True))
+    idx = tokens()
+    x0 = model.embed_clean(idx)
+    torch.testing.assert_close(x0.norm(dim=-1), torch.full((2, L), math.sqrt(D)))
+    assert torch.equal(model.decode_nearest(x0), idx)
+    with torch.no_grad():
+        model.wte.weight.mul_(1e-3)  # shrinking wte cannot shrink the clean targets (no collapse)
+    torch.testing.assert_close(model.embed_clean(idx), x0)
+    x = torch.randn(2, L, D) * 3
+    assert torch.equal(model.decode_nearest(x), model.round_logits(x).argmax(-1))
+
+
+def test_diffusion_loss_parts_and_determinism():
+    torch.manual_seed(0)
+    model = DFGPT(config(use_diffusion_forcing=True))
+    idx = tokens()
+    loss, metrics = model.diffusion_loss(idx, torch.Generator().manual_seed(3))
+    again, _ = model.diffusion_loss(idx, torch.Generator().manual_seed(3))
+    assert set(metrics) == {"diffusion_loss", "rounding_nll"}
+    torch.testing.assert_close(loss, again)
+    w = model.config.gaussian.rounding_weight
+    torch.testing.assert_close(loss.detach(), metrics["diffusion_loss"] + w * metrics["rounding_nll"])
+    loss.backward()
+    assert model.wte.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+
+
+def test_diffusion_forcing_overfits_one_batch():
+    torch.manual_seed(0)
+    model = DFGPT(config(use_diffusion_forcing=True))
+    idx = tokens(batch=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        loss, _ = model.diffusion_loss(idx, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+
+    def rounding_nll(level: int) -> float:
+        levels = torch.full_like(idx, level)  # fixed levels instead of random ones
+        return model.diffusion_loss(idx, torch.Generator().manual_seed(0), levels=levels)[1][
+            "rounding_nll"
+        ].item()
+
+    # trained: nearly clean input rounds back to its tokens far better than pure noise does
+    assert rounding_nll(0) < 0.5 * rounding_nll(99)

@@ -1,0 +1,1 @@
+"""System builders: one module per system, registered in difflm.train.systems.SYSTEMS."""

@@ -15,6 +15,7 @@ from difflm.errors import DifflmError
 # name -> (module under difflm.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "Train a model from a recipe (YAML + dotted overrides)."),
+    "sample": ("sample", "Generate from a checkpoint (iterative unmasking, or AR for causal models)."),
     "eval": ("eval", "Evaluate a checkpoint (ELBO perplexity bound, AR loss, system metrics)."),
     "data": ("data", "List or fetch the named corpora."),
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),

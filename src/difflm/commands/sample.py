@@ -1,0 +1,184 @@
+"""`difflm sample CKPT --prompt ...`: generate from a checkpoint, dispatching on its task.
+
+Masked-diffusion checkpoints go through the one unmasking engine (`difflm.sampling.unmask`),
+autoregressive ones through the KV-cached AR decoder; both can be traced, animated to a GIF or
+HTML page, and replayed live in the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from difflm.errors import DifflmError
+from difflm.pretrained import Pretrained, load_pretrained
+from difflm.sampling.autoregressive import generate_ar
+from difflm.sampling.trace import Trace, render_gif, render_html, render_live
+from difflm.sampling.unmask import SampleConfig, SampleResult, generate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a step folder or a run folder (its latest checkpoint)")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
+    parser.add_argument("--prompt-file", default=None, help="a file with one prompt per line")
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
+    parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--reveal-schedule", default="even", choices=("even", "cosine", "linear"))
+    parser.add_argument(
+        "--remasking",
+        default="low_confidence",
+        choices=("low_confidence", "random", "random_topk", "margin", "entropy"),
+    )
+    parser.add_argument("--mode", default="keep", choices=("keep", "resample"))
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="reveal every token with confidence >= this"
+    )
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    parser.add_argument(
+        "--animate", default=None, help="write an animation of the first sample (.gif or .html)"
+    )
+    parser.add_argument(
+        "--live", action="store_true", help="replay the denoising of the first sample in the terminal"
+    )
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise DifflmError(f"prompt file '{path}' not found")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DifflmError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
+    return [p for p in prompts for _ in range(args.batch_size)]
+
+
+def encode_batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, P] and attention mask [B, P]."""
+    encoded = [tokenizer.encode(p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        if e:
+            ids[row, width - len(e) :] = torch.tensor(e)
+            mask[row, width - len(e) :] = 1
+    return ids, mask
+
+
+def sample_config(args: argparse.Namespace, tokenizer) -> SampleConfig:
+    return SampleConfig(
+        gen_length=args.gen_length,
+        steps=args.steps or args.gen_length,
+        block_length=args.block_length,
+        reveal_schedule=args.reveal_schedule,
+        remasking=args.remasking,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        mode=args.mode,
+        cfg_scale=args.cfg_scale,
+        suppress_tokens=sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id),
+    )
+
+
+def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
+    if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
+        raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
+    cfg = sample_config(args, pre.tokenizer)
+    max_length = getattr(getattr(pre.model, "config", None), "block_size", None)
+    return generate(
+        pre.model,
+        ids,
+        cfg,
+        attention_mask=mask,
+        generator=generator,
+        trace=bool(args.animate or args.live),
+        max_length=max_length,
+    )
+
+
+def sample_autoregressive(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
+    if args.gen_length < 1:
+        raise DifflmError(f"--gen-length must be >= 1, got {args.gen_length}")
+    limit = pre.model.config.block_size
+    if ids.shape[1] + args.gen_length > limit:
+        raise DifflmError(
+            f"prompt of {ids.shape[1]} tokens + gen length {args.gen_length} exceeds the model's length {limit}; "
+            "shorten the prompt or lower --gen-length"
+        )
+    return generate_ar(
+        pre.model,
+        ids,
+        max_new_tokens=args.gen_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=generator,
+        attention_mask=mask,
+        trace=bool(args.animate or args.live),
+    )
+
+
+SAMPLERS: dict[str, Callable] = {
+    "masked_diffusion": sample_masked,
+    "autoregressive": sample_autoregressive,
+}
+
+
+def token_strings(tokenizer) -> Callable[[list[int]], list[str]]:
+    return lambda ids: [tokenizer.decode([i]) for i in ids]
+
+
+def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
+    if args.live:
+        render_live(trace, token_strings(tokenizer))
+    if args.animate:
+        render = render_html if args.animate.endswith(".html") else render_gif
+        print(f"animation: {render(trace, token_strings(tokenizer), args.animate)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise DifflmError(f"--steps must be >= 1, got {args.steps}")
+    pre = load_pretrained(args.checkpoint, args.device)
+    if pre.config.task not in SAMPLERS:
+        raise DifflmError(f"no sampler for task '{pre.config.task}'; known: {', '.join(SAMPLERS)}")
+    prompts = read_prompts(args)
+    ids, mask = encode_batch(pre.tokenizer, prompts)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = SAMPLERS[pre.config.task](pre, args, ids.to(args.device), mask.to(args.device), generator)
+    seconds = time.perf_counter() - start
+    for row, prompt in enumerate(prompts):
+        text = pre.tokenizer.decode(result.tokens[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+        else:
+            print(f"--- sample {row} ---\n{prompt}{text}")
+    generated = len(prompts) * args.gen_length
+    print(
+        f"[{generated} tokens in {seconds:.2f}s, {generated / seconds:.1f} tok/s, {result.forward_passes} forward passes]",
+        file=sys.stderr,
+    )
+    if result.trace is not None:
+        show_trace(result.trace, pre.tokenizer, args)
+    return 0

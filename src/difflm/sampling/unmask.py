@@ -1,0 +1,418 @@
+"""The one iterative-unmasking sampler, shared by every masked-diffusion denoiser.
+
+`generate` appends `gen_length` mask tokens to a prompt and reveals them over `steps` forward
+passes; `infill` does the same for any set of positions. Each step: one forward (conditional and
+unconditional stacked into one batch under classifier-free guidance), draw a token at every
+position of the current block, score the draws by a confidence policy, and reveal the best ones
+(keep mode) or keep the best and re-mask the rest (resample mode). Blocks are filled left to right
+(semi-autoregressive, as in LLaDA); steps are shared out over blocks in proportion to their size.
+
+Prompts may be left or right padded: rows are converted to left padding (stable sort of the
+attention mask), so the generation region is the same columns [P, P+G) for every row and the
+returned tokens are left padded. The model only needs the denoiser protocol of
+docs/architecture.md plus `model.mask_token_id`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflm.config import opt
+from difflm.errors import DifflmError
+from difflm.models.layers import padding_bias
+from difflm.sampling.draw import (
+    CONFIDENCES,
+    REVEAL_SCHEDULES,
+    Generators,
+    confidence,
+    draw_tokens,
+    reveal_counts,
+    uniform,
+)
+from difflm.sampling.trace import Trace
+
+REMASKING = ("low_confidence", "random", "random_topk", "margin", "entropy")
+
+
+@dataclass
+class SampleConfig:
+    """How to turn masks into text."""
+
+    gen_length: int = opt(64, "Number of tokens to generate after the prompt.")
+    steps: int = opt(64, "Denoising steps in total (forward passes without guidance).")
+    block_length: int | None = opt(
+        None, "Generate in blocks of this many tokens, left to right (null = one block)."
+    )
+    reveal_schedule: str = opt("even", "How many tokens each step reveals.", choices=REVEAL_SCHEDULES)
+    remasking: str = opt("low_confidence", "Which masked positions to reveal first.", choices=REMASKING)
+    topk_pool: int = opt(4, "random_topk: reveal at random among this many most confident positions.")
+    threshold: float | None = opt(
+        None, "Also reveal every position whose confidence is >= this (at least one per step)."
+    )
+    temperature: float = opt(0.0, "Sampling temperature (0 = argmax).")
+    top_k: int | None = opt(None, "Sample among the k most likely tokens (null/0 = all).")
+    top_p: float | None = opt(None, "Nucleus sampling mass in (0, 1] (null = off).")
+    confidence_from_tempered: bool = opt(
+        False, "Score confidence on the tempered, filtered distribution instead of the raw one."
+    )
+    mode: str = opt(
+        "keep",
+        "keep: revealed tokens never change; resample: redraw the block every step.",
+        ("keep", "resample"),
+    )
+    cfg_scale: float = opt(0.0, "Classifier-free guidance weight w: cond + w * (cond - uncond); 0 = off.")
+    eos_token_id: int | None = opt(None, "End-of-sequence id (needed by eos_mode stop/fill).")
+    eos_mode: str = opt(
+        "none",
+        "stop: end once every row has EOS; fill: EOS after a row's first EOS.",
+        ("none", "stop", "fill"),
+    )
+    suppress_tokens: list[int] = opt([], "Token ids never generated (the mask token always is).")
+
+    def __post_init__(self) -> None:
+        if self.gen_length < 1:
+            raise DifflmError(f"sample.gen_length must be >= 1, got {self.gen_length}")
+        if not 1 <= self.steps <= self.gen_length:
+            raise DifflmError(
+                f"sample.steps must be in [1, gen_length={self.gen_length}] (each step reveals >= 1 token), got {self.steps}"
+            )
+        if self.block_length is not None and self.block_length < 1:
+            raise DifflmError(f"sample.block_length must be >= 1 or null, got {self.block_length}")
+        if self.block_length is not None and self.block_length > self.gen_length:
+            raise DifflmError(
+                f"block length {self.block_length} larger than the generation length {self.gen_length}; "
+                "lower sample.block_length or set it to null"
+            )
+        n_blocks = len(self.block_sizes(self.gen_length))
+        if self.steps < n_blocks:
+            raise DifflmError(
+                f"sample.steps={self.steps} is fewer than the {n_blocks} blocks; raise steps or block_length"
+            )
+        for name, choices in (("reveal_schedule", REVEAL_SCHEDULES), ("remasking", REMASKING)):
+            if getattr(self, name) not in choices:
+                raise DifflmError(
+                    f"sample.{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.mode not in ("keep", "resample") or self.eos_mode not in ("none", "stop", "fill"):
+            raise DifflmError("sample.mode must be keep|resample and sample.eos_mode none|stop|fill")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise DifflmError(f"sample.threshold must be in (0, 1] or null, got {self.threshold}")
+        if self.temperature < 0:
+            raise DifflmError(f"sample.temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise DifflmError(f"sample.top_k must be >= 0 or null, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise DifflmError(f"sample.top_p must be in (0, 1] or null, got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise DifflmError(f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.topk_pool < 1:
+            raise DifflmError(f"sample.topk_pool must be >= 1, got {self.topk_pool}")
+        if self.eos_mode != "none" and self.eos_token_id is None:
+            raise DifflmError(f"sample.eos_mode={self.eos_mode} needs sample.eos_token_id")
+
+    def block_sizes(self, n: int) -> list[int]:
+        """Sizes of the blocks covering n positions (the last one may be shorter)."""
+        size = n if self.block_length is None else min(self.block_length, n)
+        return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+@dataclass
+class SampleResult:
+    """Output of a sampler. tokens are left padded, so tokens[:, P:] is every row's generation."""
+
+    tokens: Tensor  # [B, P+G]
+    trace: Trace | None
+    forward_passes: int  # model calls (a guided step batches cond + uncond into one call)
+    attention_mask: Tensor | None = None  # [B, P+G] 1 real token, 0 padding
+
+
+def split_steps(sizes: list[int], steps: int) -> list[int]:
+    """Share `steps` over blocks of `sizes` in proportion to size (largest remainder).
+
+    Every block gets at least one step and at most one step per token; the result sums to steps.
+    """
+    total = sum(sizes)
+    if not len(sizes) <= steps <= total:
+        raise DifflmError(f"cannot spread {steps} steps over {len(sizes)} blocks holding {total} tokens")
+    quota = [steps * s / total for s in sizes]
+    alloc = [min(s, max(1, math.floor(q))) for s, q in zip(sizes, quota, strict=True)]
+    while sum(alloc) > steps:
+        j = max((k for k in range(len(sizes)) if alloc[k] > 1), key=lambda k: alloc[k] - quota[k])
+        alloc[j] -= 1
+    while sum(alloc) < steps:
+        j = max((k for k in range(len(sizes)) if alloc[k] < sizes[k]), key=lambda k: quota[k] - alloc[k])
+        alloc[j] += 1
+    return alloc
+
+
+def left_pad(ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Move every row's real tokens to the right end (order kept): ids, mask [B, P] left padded."""
+    if attention_mask is None:
+        return ids, torch.ones_like(ids)
+    if attention_mask.shape != ids.shape:
+        raise DifflmError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != ids shape {tuple(ids.shape)}"
+        )
+    order = attention_mask.long().argsort(dim=1, stable=True)  # padding (0) first, real order kept
+    return ids.gather(1, order), attention_mask.long().gather(1, order)
+
+
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance on logits: cond + scale * (cond - uncond)."""
+    return cond + scale * (cond - uncond)
+
+
+def mask_token_of(model: Any) -> int:
+    """model.mask_token_id, or a DifflmError saying how to set it."""
+    mask_id = getattr(model, "mask_token_id", None)
+    if mask_id is None:
+        raise DifflmError(
+            "the model has no mask_token_id; set it on the model (e.g. model.mask_token_id = tokenizer.mask_token_id)"
+        )
+    return int(mask_id)
+
+
+def _batch_kwargs(cond: dict, uncond: dict, batch: int) -> dict | None:
+    """kwargs for one forward over [cond; uncond] rows, or None when they cannot be stacked."""
+
+    def batched(v: Any) -> bool:
+        return isinstance(v, Tensor) and v.dim() > 0 and len(v) == batch
+
+    out = {}
+    for key in cond.keys() | uncond.keys():
+        a, b = cond.get(key), uncond.get(key)
+        if batched(a) and batched(b) and a.shape == b.shape:
+            out[key] = torch.cat([a, b])
+        elif a is b or not (isinstance(a, Tensor) or isinstance(b, Tensor)) and a == b:
+            out[key] = a
+        else:
+            return None
+    return out
+
+
+class _Denoiser:
+    """Calls the model (with guidance when cfg_scale > 0) and counts forward passes."""
+
+    def __init__(self, model, bias, prompt, cfg: SampleConfig, model_kwargs, uncond_kwargs) -> None:
+        self.model, self.bias, self.prompt, self.scale = model, bias, prompt, cfg.cfg_scale
+        self.kwargs = model_kwargs or {}
+        self.uncond_kwargs = uncond_kwargs
+        self.mask_id = mask_token_of(model)
+        self.calls = 0
+
+    def _forward(self, x: Tensor, bias: Tensor | None, kwargs: dict) -> Tensor:
+        self.calls += 1
+        return self.model(x, attention_bias=bias, **kwargs).float()  # [B, L, V]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.scale == 0:
+            return self._forward(x, self.bias, self.kwargs)
+        if self.uncond_kwargs is None:  # masked LM: hide the prompt
+            x_u, kw_u = x.masked_fill(self.prompt, self.mask_id), self.kwargs
+        else:
+            x_u, kw_u = x, {**self.kwargs, **self.uncond_kwargs}
+        stacked = _batch_kwargs(self.kwargs, kw_u, len(x))
+        if stacked is None:
+            cond, uncond = self._forward(x, self.bias, self.kwargs), self._forward(x_u, self.bias, kw_u)
+        else:
+            bias = None if self.bias is None else torch.cat([self.bias, self.bias])
+            cond, uncond = self._forward(torch.cat([x, x_u]), bias, stacked).chunk(2)
+        return cfg_combine(cond, uncond, self.scale)
+
+
+def _top_n(scores: Tensor, cand: Tensor, n: Tensor) -> Tensor:
+    """Bool [B, S]: per row the n[b] highest-scoring candidates (ties: leftmost first)."""
+    scores = scores.double().masked_fill(~cand, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)  # [B, S]
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    )
+    return cand & (ranks < n[:, None])
+
+
+def _scores(conf: Tensor, cand: Tensor, n: Tensor, cfg: SampleConfig, generator: Generators) -> Tensor:
+    """Ranking score [B, S] of each candidate under the remasking policy (higher = reveal first)."""
+    if cfg.remasking == "random":
+        return uniform(tuple(conf.shape), generator, conf.device)
+    if cfg.remasking == "random_topk":
+        pool = _top_n(conf, cand, torch.clamp(n, min=cfg.topk_pool))
+        noise = uniform(tuple(conf.shape), generator, conf.device)
+        return noise.masked_fill(~pool, float("-inf"))
+    return conf.double()
+
+
+def _first_eos(x: Tensor, fill: Tensor, eos: int) -> Tensor:
+    """Column of each row's first generated EOS [B] (L when none)."""
+    is_eos = fill & (x == eos)
+    return torch.where(is_eos.any(1), is_eos.long().argmax(1), x.shape[1])
+
+
+def _fill_after_eos(x: Tensor, fill: Tensor, eos: int) -> Tensor:
+    cols = torch.arange(x.shape[1], device=x.device)
+    return x.masked_fill(fill & (cols > _first_eos(x, fill, eos)[:, None]), eos)
+
+
+def _all_rows_ended(x: Tensor, fill: Tensor, eos: int, mask_id: int) -> bool:
+    """True when every row has a generated EOS with no mask before it (eos_mode=stop)."""
+    first = _first_eos(x, fill, eos)
+    cols = torch.arange(x.shape[1], device=x.device)
+    pending = (fill & (x == mask_id) & (cols < first[:, None])).any(1)
+    return bool(((first < x.shape[1]) & ~pending).all())
+
+
+def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators) -> tuple[Tensor, Tensor]:
+    """Tokens [B, S] and their confidence [B, S] from logits [B, S, V]."""
+    banned = [mask_id, *cfg.suppress_tokens]
+    if max(banned) >= logits.shape[-1]:
+        raise DifflmError(
+            f"suppress_tokens / mask id {max(banned)} outside the vocabulary of {logits.shape[-1]}"
+        )
+    logits = logits.clone()
+    logits[..., banned] = float("-inf")
+    chosen, probs = draw_tokens(
+        logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, cfg.confidence_from_tempered
+    )
+    kind = cfg.remasking if cfg.remasking in CONFIDENCES else "low_confidence"
+    return chosen, confidence(probs, chosen, kind)
+
+
+def _run_block(
+    x: Tensor,
+    in_block: Tensor,
+    n_steps: int,
+    block: int,
+    denoise: _Denoiser,
+    cfg: SampleConfig,
+    fill: Tensor,
+    generator: Generators,
+    trace: Trace | None,
+) -> bool:
+    """Reveal one block in place over at most n_steps steps; False when eos_mode=stop ended early."""
+    mask_id, keep = denoise.mask_id, cfg.mode == "keep"
+    cols = in_block.any(0).nonzero().flatten()
+    lo, hi = int(cols.min()), int(cols.max()) + 1  # the block's column span
+    win = in_block[:, lo:hi]  # [B, S]
+    start_masked = (win & (x[:, lo:hi] == mask_id)).sum(1)  # [B]
+    total = start_masked if keep else win.sum(1)
+    targets = torch.tensor(
+        [torch.tensor(reveal_counts(int(n), n_steps, cfg.reveal_schedule)).cumsum(0).tolist() for n in total],
+        device=x.device,
+    )  # [B, n_steps] revealed-so-far target after each step
+    for i in range(n_steps):
+        if cfg.eos_mode == "stop" and _all_rows_ended(x, fill, cfg.eos_token_id, mask_id):
+            return False
+        current = x[:, lo:hi]  # [B, S]
+        if not (win & (current == mask_id)).any():
+            break
+        chosen, conf = _draw(denoise(x)[:, lo:hi], cfg, mask_id, generator)  # [B, S] each
+        cand = win & (current == mask_id) if keep else win
+        n = targets[:, i] - (start_masked - cand.sum(1)) if keep else targets[:, i]
+        if cfg.threshold is not None:
+            n = torch.maximum(n, (cand & (conf >= cfg.threshold)).sum(1))
+        n = torch.maximum(n, (cand.sum(1) > 0).long())  # >= 1 per step, even after an EOS fill
+        n = torch.minimum(n.clamp(min=0), cand.sum(1))
+        reveal = _top_n(_scores(conf, cand, n, cfg, generator), cand, n)
+        before = x.clone() if trace is not None else None
+        if keep:
+            x[:, lo:hi] = torch.where(reveal, chosen, current)
+            if cfg.eos_mode == "fill":
+                x.copy_(_fill_after_eos(x, fill, cfg.eos_token_id))
+        else:
+            x[:, lo:hi] = torch.where(win, torch.where(reveal, chosen, mask_id), current)
+        if trace is not None:
+            full_conf = torch.zeros(x.shape, device=x.device)
+            full_conf[:, lo:hi] = conf
+            trace.record(x, before, full_conf, block, i)
+    return True
+
+
+@torch.no_grad()
+def infill(
+    model: Any,
+    ids: Tensor,
+    fill_mask: Tensor,
+    cfg: SampleConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    generator: Generators = None,
+    model_kwargs: dict | None = None,
+    uncond_kwargs: dict | None = None,
+    trace: bool = False,
+) -> SampleResult:
+    """Generate the positions where fill_mask [B, L] is true; the rest is fixed context.
+
+    Blocks are the fill positions in left-to-right order, block_length at a time (gen_length is
+    not used: the count comes from fill_mask). Padding (attention_mask 0) is hidden from the model.
+    """
+    mask_id = mask_token_of(model)
+    if ids.dim() != 2 or fill_mask.shape != ids.shape:
+        raise DifflmError(
+            f"ids must be [B, L] and fill_mask the same shape; got {tuple(ids.shape)}, {tuple(fill_mask.shape)}"
+        )
+    real = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+    fill = fill_mask.bool() & real.bool()
+    n_max = int(fill.sum(1).max())
+    if n_max == 0:
+        raise DifflmError("fill_mask selects no real position; mark the positions to generate with True")
+    sizes = cfg.block_sizes(n_max)
+    n_steps = split_steps(sizes, min(cfg.steps, n_max))  # infill may hold fewer than gen_length
+    x = ids.masked_fill(fill, mask_id)
+    bias = None if bool(real.all()) else padding_bias(real)
+    denoise = _Denoiser(model, bias, ~fill & real.bool(), cfg, model_kwargs, uncond_kwargs)
+    record = Trace(x.cpu().clone(), fill.cpu(), real.cpu(), mask_id) if trace else None
+    block_of = torch.where(fill, (fill.long().cumsum(1) - 1) // sizes[0], -1)  # [B, L]
+    for k, steps_k in enumerate(n_steps):
+        if not _run_block(x, block_of == k, steps_k, k, denoise, cfg, fill, generator, record):
+            break
+    if cfg.eos_mode != "none":
+        x = _fill_after_eos(x, fill, cfg.eos_token_id)
+    return SampleResult(x, record, denoise.calls, real)
+
+
+def generate(
+    model: Any,
+    prompt_ids: Tensor,
+    cfg: SampleConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    generator: Generators = None,
+    model_kwargs: dict | None = None,
+    uncond_kwargs: dict | None = None,
+    trace: bool = False,
+    max_length: int | None = None,
+) -> SampleResult:
+    """Generate cfg.gen_length tokens after each prompt row [B, P]; returns tokens [B, P+G].
+
+    `generator` may be one torch.Generator or one per row (then a row's sample does not depend
+    on the rest of the batch). `max_length`: the model's context, checked against P + G.
+    """
+    if prompt_ids.dim() != 2:
+        raise DifflmError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
+    B, P = prompt_ids.shape
+    G = cfg.gen_length
+    if max_length is not None and P + G > max_length:
+        raise DifflmError(
+            f"prompt of {P} tokens + gen_length {G} exceeds the model's max length {max_length}; "
+            "shorten the prompt or lower sample.gen_length"
+        )
+    ids, real = left_pad(prompt_ids, attention_mask)
+    gen = torch.full((B, G), mask_token_of(model), dtype=ids.dtype, device=ids.device)
+    fill = torch.zeros(B, P + G, dtype=torch.bool, device=ids.device)
+    fill[:, P:] = True
+    mask = torch.cat([real, torch.ones_like(gen)], dim=1)  # [B, P+G]
+    return infill(
+        model,
+        torch.cat([ids, gen], dim=1),
+        fill,
+        cfg,
+        attention_mask=mask,
+        generator=generator,
+        model_kwargs=model_kwargs,
+        uncond_kwargs=uncond_kwargs,
+        trace=trace,
+    )

@@ -1,0 +1,67 @@
+"""The CLI end to end on tiny checkpoints: sample, eval, and one-line errors with exit 2."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from difflm.cli import main
+from tests.test_trainer import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    for recipe, out in (("shakespeare_char", "diff"), ("shakespeare_char_ar", "ar")):
+        assert main(["train", recipe, *tiny_overrides(tmp, out, "train.max_steps=3", "data.block_size=32")]) == 0
+    return tmp
+
+
+def test_sample_diffusion_json_and_animation(checkpoints, capsys):
+    gif = checkpoints / "s.gif"
+    code = main(["sample", str(checkpoints / "diff"), "--prompt", "the king", "--prompt", "a",
+                 "--gen-length", "8", "--steps", "4", "--batch-size", "2", "--json", "--animate", str(gif)])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [row["prompt"] for row in lines] == ["the king", "the king", "a", "a"]
+    with Image.open(gif) as image:
+        assert image.n_frames >= 4
+
+
+def test_sample_autoregressive(checkpoints, capsys):
+    assert main(["sample", str(checkpoints / "ar"), "--prompt", "the", "--gen-length", "6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["prompt"] == "the" and len(row["completion"]) <= 6
+
+
+def test_eval_reports_finite_metrics(checkpoints, capsys):
+    assert main(["eval", str(checkpoints / "diff"), "--samples", "2", "--max-batches", "2", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["task"] == "masked_diffusion" and 1.0 < metrics["val_ppl_bound"] < 1e4
+    assert main(["eval", str(checkpoints / "ar"), "--max-batches", "2", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["task"] == "autoregressive" and metrics["val_loss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--gen-length", "40"], "exceeds the model's max length 32"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--threshold", "0"], "threshold must be in (0, 1]"),
+        (["--cfg-scale", "-2"], "cfg_scale must be >= 0"),
+    ],
+)
+def test_bad_sampling_input_exits_2_with_one_line(checkpoints, capsys, extra, message):
+    code = main(["sample", str(checkpoints / "diff"), "--prompt", "the", "--gen-length", "8", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_missing_checkpoint_and_prompt(checkpoints, capsys):
+    assert main(["sample", str(checkpoints / "nope"), "--prompt", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["sample", str(checkpoints / "diff")]) == 2
+    assert "no prompt given" in capsys.readouterr().err

@@ -320,5 +320,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return config_from_dict(data)
 
 
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, type, default, choices and help (for --help-config)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        choices = f" {{{', '.join(map(str, _choices_of(f)))}}}" if _choices_of(f) else ""
+        lines.append(f"{prefix}{f.name} = {default!r}{choices}  -- {f.metadata.get('help', '')}")
+    return lines
+
+
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

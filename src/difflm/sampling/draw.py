@@ -153,3 +153,22 @@ def reveal_counts(n_masked: int, steps: int, schedule: str = "even") -> list[int
         counts.append(still_masked - after)
         still_masked = after
     return counts
+
+
+def threshold_count(conf: Tensor, cand: Tensor, threshold: float) -> Tensor:
+    """Per row [B], how many candidates (cand [B, S]) have confidence conf [B, S] >= threshold."""
+    return (cand & (conf >= threshold)).sum(1)
+
+
+def factor_count(conf: Tensor, cand: Tensor, factor: float) -> Tensor:
+    """Per row [B], the largest n with (n + 1) * (1 - c_n) < factor, c_n the n-th highest confidence.
+
+    Fast-dLLM's factor rule: the more tokens revealed at once, the more sure each must be. With
+    confidences sorted high to low the left side only grows with n, so n is the length of the
+    leading run that satisfies it (0 when even the best candidate fails; the engine adds the
+    one-per-step floor).
+    """
+    ranked = conf.double().masked_fill(~cand, float("-inf")).sort(dim=1, descending=True).values  # [B, S]
+    n = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=torch.float64)  # [S]
+    ok = torch.isfinite(ranked) & ((n + 1) * (1 - ranked) < factor)  # [B, S]
+    return ok.long().cumprod(dim=1).sum(1)

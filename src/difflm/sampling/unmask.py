@@ -25,13 +25,16 @@ from torch import Tensor
 from difflm.config import opt
 from difflm.errors import DifflmError
 from difflm.models.layers import padding_bias
+from difflm.sampling.cache import CACHE_MODES, BlockForward
 from difflm.sampling.draw import (
     CONFIDENCES,
     REVEAL_SCHEDULES,
     Generators,
     confidence,
     draw_tokens,
+    factor_count,
     reveal_counts,
+    threshold_count,
     uniform,
 )
 from difflm.sampling.trace import Trace
@@ -53,6 +56,14 @@ class SampleConfig:
     topk_pool: int = opt(4, "random_topk: reveal at random among this many most confident positions.")
     threshold: float | None = opt(
         None, "Also reveal every position whose confidence is >= this (at least one per step)."
+    )
+    factor: float | None = opt(
+        None, "Also reveal the n most confident positions, n the largest with (n+1)(1 - c_n) < factor."
+    )
+    cache: str = opt(
+        "none",
+        "KV cache within a block: prefix (reuse keys before the block) or dual (before and after).",
+        CACHE_MODES,
     )
     temperature: float = opt(0.0, "Sampling temperature (0 = argmax).")
     top_k: int | None = opt(None, "Sample among the k most likely tokens (null/0 = all).")
@@ -102,6 +113,10 @@ class SampleConfig:
             raise DifflmError("sample.mode must be keep|resample and sample.eos_mode none|stop|fill")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise DifflmError(f"sample.threshold must be in (0, 1] or null, got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            raise DifflmError(f"sample.factor must be > 0 or null, got {self.factor}")
+        if self.cache not in CACHE_MODES:
+            raise DifflmError(f"sample.cache must be one of {list(CACHE_MODES)}, got {self.cache!r}")
         if self.temperature < 0:
             raise DifflmError(f"sample.temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -195,33 +210,56 @@ def _batch_kwargs(cond: dict, uncond: dict, batch: int) -> dict | None:
     return out
 
 
-class _Denoiser:
-    """Calls the model (with guidance when cfg_scale > 0) and counts forward passes."""
+def _pick_rows(value: Any, rows: Tensor | None, batch: int) -> Any:
+    """value restricted to `rows` when it is a per-row tensor [batch, ...]; otherwise unchanged."""
+    if rows is None or not isinstance(value, Tensor) or value.dim() == 0 or len(value) != batch:
+        return value
+    return value[rows]
 
-    def __init__(self, model, bias, prompt, cfg: SampleConfig, model_kwargs, uncond_kwargs) -> None:
-        self.model, self.bias, self.prompt, self.scale = model, bias, prompt, cfg.cfg_scale
+
+class _Denoiser:
+    """Calls the model (with guidance when cfg_scale > 0) under the cache policy; counts forwards."""
+
+    def __init__(
+        self, model, bias, prompt, cfg: SampleConfig, model_kwargs, uncond_kwargs, length: int
+    ) -> None:
+        self.bias, self.prompt, self.scale = bias, prompt, cfg.cfg_scale
         self.kwargs = model_kwargs or {}
         self.uncond_kwargs = uncond_kwargs
         self.mask_id = mask_token_of(model)
+        self.forward = BlockForward(model, cfg.cache, length)
         self.calls = 0
 
-    def _forward(self, x: Tensor, bias: Tensor | None, kwargs: dict) -> Tensor:
-        self.calls += 1
-        return self.model(x, attention_bias=bias, **kwargs).float()  # [B, L, V]
+    def new_block(self) -> None:
+        self.forward.new_block()
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, bias: Tensor | None, kwargs: dict, *where: Any) -> Tensor:
+        self.calls += 1
+        return self.forward(x, bias, kwargs, *where).float()  # [b, S, V]
+
+    def __call__(self, x: Tensor, lo: int, hi: int, rows: Tensor | None = None) -> Tensor:
+        """Logits [b, hi-lo, V] of the block's columns for the given rows of x [B, L] (None = all)."""
+        B = len(x)
+
+        def sub(v: Any) -> Any:
+            return _pick_rows(v, rows, B)
+
+        xs, bias, kw = sub(x), sub(self.bias), {k: sub(v) for k, v in self.kwargs.items()}
         if self.scale == 0:
-            return self._forward(x, self.bias, self.kwargs)
+            return self._forward(xs, bias, kw, lo, hi, "cond", rows, B)
         if self.uncond_kwargs is None:  # masked LM: hide the prompt
-            x_u, kw_u = x.masked_fill(self.prompt, self.mask_id), self.kwargs
+            x_u, kw_u = xs.masked_fill(sub(self.prompt), self.mask_id), kw
         else:
-            x_u, kw_u = x, {**self.kwargs, **self.uncond_kwargs}
-        stacked = _batch_kwargs(self.kwargs, kw_u, len(x))
+            x_u, kw_u = xs, {**kw, **{k: sub(v) for k, v in self.uncond_kwargs.items()}}
+        stacked = _batch_kwargs(kw, kw_u, len(xs))
         if stacked is None:
-            cond, uncond = self._forward(x, self.bias, self.kwargs), self._forward(x_u, self.bias, kw_u)
+            cond = self._forward(xs, bias, kw, lo, hi, "cond", rows, B)
+            uncond = self._forward(x_u, bias, kw_u, lo, hi, "uncond", rows, B)
         else:
-            bias = None if self.bias is None else torch.cat([self.bias, self.bias])
-            cond, uncond = self._forward(torch.cat([x, x_u]), bias, stacked).chunk(2)
+            both = None if bias is None else torch.cat([bias, bias])
+            rows2 = None if rows is None else torch.cat([rows, rows + B])
+            x2 = torch.cat([xs, x_u])
+            cond, uncond = self._forward(x2, both, stacked, lo, hi, "stacked", rows2, 2 * B).chunk(2)
         return cfg_combine(cond, uncond, self.scale)
 
 
@@ -281,6 +319,23 @@ def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators
     return chosen, confidence(probs, chosen, kind)
 
 
+def _reveal_count(n: Tensor, conf: Tensor, cand: Tensor, cfg: SampleConfig) -> Tensor:
+    """Positions to reveal per row [b]: the schedule's n, raised by threshold / factor, >= 1."""
+    if cfg.threshold is not None:
+        n = torch.maximum(n, threshold_count(conf, cand, cfg.threshold))
+    if cfg.factor is not None:
+        n = torch.maximum(n, factor_count(conf, cand, cfg.factor))
+    n = torch.maximum(n, (cand.sum(1) > 0).long())  # >= 1 per step, even after an EOS fill
+    return torch.minimum(n.clamp(min=0), cand.sum(1))
+
+
+def _rows_of(generator: Generators, rows: Tensor, batch: int) -> Generators:
+    """The generators of `rows` when there is one per row; a shared generator is kept."""
+    if generator is None or isinstance(generator, torch.Generator) or len(rows) == batch:
+        return generator
+    return [generator[r] for r in rows.tolist()]
+
+
 def _run_block(
     x: Tensor,
     in_block: Tensor,
@@ -292,7 +347,12 @@ def _run_block(
     generator: Generators,
     trace: Trace | None,
 ) -> bool:
-    """Reveal one block in place over at most n_steps steps; False when eos_mode=stop ended early."""
+    """Reveal one block in place over at most n_steps steps; False when eos_mode=stop ended early.
+
+    A row whose block has no mask left waits, frozen, while the others finish theirs: each step
+    runs the model, draws and ranks only on the rows still active, so they neither cost compute
+    nor consume their generators (a row's sample does not depend on the rest of the batch).
+    """
     mask_id, keep = denoise.mask_id, cfg.mode == "keep"
     cols = in_block.any(0).nonzero().flatten()
     lo, hi = int(cols.min()), int(cols.max()) + 1  # the block's column span
@@ -303,30 +363,32 @@ def _run_block(
         [torch.tensor(reveal_counts(int(n), n_steps, cfg.reveal_schedule)).cumsum(0).tolist() for n in total],
         device=x.device,
     )  # [B, n_steps] revealed-so-far target after each step
+    denoise.new_block()
     for i in range(n_steps):
         if cfg.eos_mode == "stop" and _all_rows_ended(x, fill, cfg.eos_token_id, mask_id):
             return False
-        current = x[:, lo:hi]  # [B, S]
-        if not (win & (current == mask_id)).any():
+        active = (win & (x[:, lo:hi] == mask_id)).any(1)  # [B]
+        if not active.any():
             break
-        chosen, conf = _draw(denoise(x)[:, lo:hi], cfg, mask_id, generator)  # [B, S] each
-        cand = win & (current == mask_id) if keep else win
-        n = targets[:, i] - (start_masked - cand.sum(1)) if keep else targets[:, i]
-        if cfg.threshold is not None:
-            n = torch.maximum(n, (cand & (conf >= cfg.threshold)).sum(1))
-        n = torch.maximum(n, (cand.sum(1) > 0).long())  # >= 1 per step, even after an EOS fill
-        n = torch.minimum(n.clamp(min=0), cand.sum(1))
-        reveal = _top_n(_scores(conf, cand, n, cfg, generator), cand, n)
+        rows = active.nonzero().flatten()  # [b]
+        gen = _rows_of(generator, rows, len(x))
+        logits = denoise(x, lo, hi, None if len(rows) == len(x) else rows)  # [b, S, V]
+        chosen, conf = _draw(logits, cfg, mask_id, gen)  # [b, S] each
+        current, w = x[rows, lo:hi], win[rows]  # [b, S]
+        cand = w & (current == mask_id) if keep else w
+        n = targets[rows, i] - (start_masked[rows] - cand.sum(1)) if keep else targets[rows, i]
+        n = _reveal_count(n, conf, cand, cfg)
+        reveal = _top_n(_scores(conf, cand, n, cfg, gen), cand, n)
         before = x.clone() if trace is not None else None
         if keep:
-            x[:, lo:hi] = torch.where(reveal, chosen, current)
+            x[rows, lo:hi] = torch.where(reveal, chosen, current)
             if cfg.eos_mode == "fill":
                 x.copy_(_fill_after_eos(x, fill, cfg.eos_token_id))
         else:
-            x[:, lo:hi] = torch.where(win, torch.where(reveal, chosen, mask_id), current)
+            x[rows, lo:hi] = torch.where(w, torch.where(reveal, chosen, mask_id), current)
         if trace is not None:
             full_conf = torch.zeros(x.shape, device=x.device)
-            full_conf[:, lo:hi] = conf
+            full_conf[rows, lo:hi] = conf
             trace.record(x, before, full_conf, block, i)
     return True
 
@@ -363,7 +425,7 @@ def infill(
     n_steps = split_steps(sizes, min(cfg.steps, n_max))  # infill may hold fewer than gen_length
     x = ids.masked_fill(fill, mask_id)
     bias = None if bool(real.all()) else padding_bias(real)
-    denoise = _Denoiser(model, bias, ~fill & real.bool(), cfg, model_kwargs, uncond_kwargs)
+    denoise = _Denoiser(model, bias, ~fill & real.bool(), cfg, model_kwargs, uncond_kwargs, ids.shape[1])
     record = Trace(x.cpu().clone(), fill.cpu(), real.cpu(), mask_id) if trace else None
     block_of = torch.where(fill, (fill.long().cumsum(1) - 1) // sizes[0], -1)  # [B, L]
     for k, steps_k in enumerate(n_steps):

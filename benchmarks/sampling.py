@@ -1,0 +1,213 @@
+"""Speed vs quality of fast masked-diffusion sampling (KV caches, parallel decoding) against AR.
+
+One command: `python benchmarks/sampling.py [--quick] [--out FILE]`. Without --diffusion / --ar
+checkpoints it trains a small char-level masked-diffusion transformer and an autoregressive one
+of the same size on Tiny Shakespeare in-process (the one trainer), then samples the same prompts
+with each method. Columns: tokens/s, speedup over vanilla, forward passes, token agreement with
+the vanilla output, and generative perplexity judged by the AR model.
+
+Every vanilla step is the same full forward over the whole sequence, so when --vanilla-blocks
+limits vanilla to its first blocks (it is the slow baseline on CPU) its speed is measured on those
+blocks, and agreement is measured on the positions it generated: with semi-autoregressive blocks
+those tokens are final (later blocks are still all masks when they are decided).
+`--vanilla-only` prints the vanilla-engine table instead (gen length 64/256, diffusion vs AR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difflm.config import load_config
+from difflm.pretrained import load_pretrained
+from difflm.sampling.autoregressive import generate_ar
+from difflm.sampling.unmask import SampleConfig, generate
+from difflm.train.systems import build_run
+from difflm.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "/work/shared/data/tinyshakespeare.txt"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--diffusion", default=None, help="masked-diffusion checkpoint (default: train one)")
+    p.add_argument("--ar", default=None, help="autoregressive checkpoint of equal size (default: train one)")
+    p.add_argument("--quick", action="store_true", help="smaller model, lengths, batches and training")
+    p.add_argument("--vanilla-only", action="store_true", help="vanilla engine vs AR at gen length 64/256")
+    p.add_argument("--out", default="/tmp/difflm_bench/sampling.md", help="write the tables here too")
+    p.add_argument("--work-dir", default="/tmp/difflm_bench", help="trained checkpoints go here")
+    p.add_argument("--gen-lengths", type=int, nargs="+", default=None)
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--vanilla-blocks", type=int, default=None, help="run vanilla on this many blocks only")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--train-steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+def train_model(task: str, args: argparse.Namespace, block_size: int, size: dict) -> str:
+    """Train one char-level model on Tiny Shakespeare; returns the run folder."""
+    out = Path(args.work_dir) / f"{task}-{block_size}-{size['n_embd']}"
+    if (out / "checkpoints" / "latest").exists():
+        return str(out)
+    steps = args.train_steps or (120 if args.quick else 300)
+    overrides = [
+        f"task={task}",
+        *(f"model.{k}={v}" for k, v in size.items()),
+        "model.dropout=0.0",
+        f"data.path={DATA}",
+        f"data.block_size={block_size}",
+        f"data.cache_dir={Path(args.work_dir) / 'cache'}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.batch_size=8",
+        "train.warmup_steps=20",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        f"train.save_every={steps}",
+        f"train.precision={args.precision}",
+        "train.device=cpu",
+        "train.progress=false",
+        f"train.log_every={max(1, steps // 4)}",
+    ]
+    cfg = load_config(ROOT / "recipes/shakespeare_char.yaml", overrides)
+    train(cfg, build_run(cfg))
+    return str(out)
+
+
+def prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
+    """`batch` prompts of `length` characters from the held-out tail of the corpus [B, P]."""
+    text = Path(DATA).read_text(encoding="utf-8")
+    tail = text[int(len(text) * 0.9) :]
+    step = (len(tail) - length) // max(batch, 1)
+    return torch.tensor([tokenizer.encode(tail[i * step : i * step + length]) for i in range(batch)])
+
+
+def gen_ppl(judge, tokens: torch.Tensor, P: int, upto: int) -> float:
+    """exp(mean NLL) of tokens[:, P:upto] under the causal judge, given everything before."""
+    logits = judge(tokens[:, : upto - 1]).float()  # [B, upto-1, V]
+    nll = F.cross_entropy(logits[:, P - 1 :].transpose(1, 2), tokens[:, P:upto])
+    return math.exp(float(nll))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
+    base = {"gen_length": G, "steps": G, "block_length": args.block_length}
+    tau = args.threshold
+    return {
+        "vanilla": base,
+        "prefix cache": {**base, "cache": "prefix"},
+        "dual cache": {**base, "cache": "dual"},
+        f"threshold {tau}": {**base, "threshold": tau},
+        f"dual cache + threshold {tau}": {**base, "cache": "dual", "threshold": tau},
+    }
+
+
+def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool) -> list[list[str]]:
+    P = args.prompt_length
+    ids = prompts(tok, B, P)
+    rows, ref, base_tps = [], None, None
+    for name, kw in methods(args, G).items():
+        if only_vanilla and name != "vanilla":
+            continue
+        cfg = SampleConfig(**kw)
+        limit = args.vanilla_blocks if name == "vanilla" else None
+        if limit is not None and limit * args.block_length < G:  # vanilla on its first blocks only
+            n = limit * args.block_length
+            cfg = _Truncated(dataclasses.replace(cfg, steps=n), n)
+        res, secs = timed(lambda cfg=cfg: generate(diff, ids, cfg))
+        done = int((res.tokens[:, P:] != diff.mask_token_id).all(0).long().cumprod(0).sum())
+        tps = B * done / secs
+        if name == "vanilla":
+            ref, ref_len, base_tps = res.tokens, done, tps
+        agree = float((res.tokens[:, P : P + ref_len] == ref[:, P : P + ref_len]).float().mean())
+        ppl = gen_ppl(ar, res.tokens, P, P + done)
+        rows.append(_row(G, B, name, tps, base_tps, res.forward_passes, done, agree, ppl))
+    res, secs = timed(lambda: generate_ar(ar, ids, max_new_tokens=G))
+    ppl = gen_ppl(ar, res.tokens, P, P + G)
+    rows.append(_row(G, B, "AR (KV cache)", B * G / secs, base_tps, res.forward_passes, G, None, ppl))
+    return rows
+
+
+class _Truncated:
+    """A SampleConfig view whose block sizes stop after n positions (vanilla timed on a prefix)."""
+
+    def __init__(self, cfg: SampleConfig, n: int) -> None:
+        self._cfg, self._n = cfg, n
+
+    def __getattr__(self, name):
+        return getattr(self._cfg, name)
+
+    def block_sizes(self, total: int) -> list[int]:
+        return self._cfg.block_sizes(min(total, self._n))
+
+
+def _row(G, B, name, tps, base_tps, passes, done, agree, ppl) -> list[str]:
+    speed = "-" if base_tps is None else f"{tps / base_tps:.1f}x"
+    agree_s = "-" if agree is None else f"{100 * agree:.1f}%"
+    return [str(G), str(B), name, f"{tps:.1f}", speed, str(passes), str(done), agree_s, f"{ppl:.2f}"]
+
+
+HEADER = ["gen", "batch", "method", "tok/s", "speedup", "forwards", "tokens/row", "agree", "gen-ppl"]
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = args.gen_lengths or (
+        [64, 256] if args.vanilla_only else [64, 256] if args.quick else [256, 1024]
+    )
+    batches = args.batches or ([1, 4] if args.quick else [1, 16])
+    size = (
+        {"n_layer": 2, "n_head": 4, "n_embd": 64} if args.quick else {"n_layer": 4, "n_head": 4, "n_embd": 64}
+    )
+    block = args.prompt_length + max(lengths)
+    diff_path = args.diffusion or train_model("masked_diffusion", args, block, size)
+    ar_path = args.ar or train_model("autoregressive", args, block, size)
+    diff, ar = load_pretrained(diff_path), load_pretrained(ar_path)
+    tok = diff.tokenizer
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    rows = []
+    with torch.no_grad(), precision:
+        for G in lengths:
+            for B in batches:
+                rows += bench_setting(diff.model, ar.model, tok, args, G, B, args.vanilla_only)
+                print(table(rows[-(2 if args.vanilla_only else 6) :]), flush=True)
+    n_params = sum(p.numel() for p in diff.model.parameters())
+    head = (
+        f"difflm sampling benchmark: CPU ({args.threads} threads), {args.precision} autocast; diffusion and AR "
+        f"transformers of {n_params / 1e6:.2f}M params each ({size}), char-level Tiny Shakespeare; "
+        f"prompt {args.prompt_length} chars, block length {args.block_length}, greedy; "
+        f"vanilla blocks: {args.vanilla_blocks or 'all'}; gen-ppl judged by the AR model."
+    )
+    text = head + "\n\n" + table(rows) + "\n"
+    print("\n" + text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

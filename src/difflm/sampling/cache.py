@@ -1,0 +1,140 @@
+"""KV-cache policies for block-wise masked-diffusion sampling (Fast-dLLM's prefix and dual caches).
+
+Within a block, the tokens outside it barely change between steps (the prefix is final, the suffix
+is all masks), so their keys and values can be reused. `BlockForward` runs the denoiser for the
+engine under one of three policies:
+
+- none:   every step is a full forward over [0, L).
+- prefix: the first step of a block is a full forward that fills the cache; later steps feed
+          [lo, L) (the block and the suffix) at position_offset lo and attend over cached [0, lo)
+          plus the fresh keys of [lo, L).
+- dual:   the same refresh; later steps feed only the block [lo, hi) and attend over all L slots,
+          reusing the prefix AND the suffix keys of the refresh pass (stale for the suffix).
+
+The first step of every block is therefore exact; later steps are approximations (the cached
+keys were computed when the block held more masks). Nothing written by a non-refresh step is
+needed afterwards, so a step over a subset of rows (rows whose block is finished wait, frozen)
+may run on a gathered copy of the cache; a refresh over a subset writes its rows back.
+
+A model supports the cache when its forward takes `position_offset`, `kv_cache` and `attend_len`
+as difflm's `Transformer` does; the cache is a `KVCache` of exactly the sequence length L.
+Qwen3-LLaDA (Hugging Face) is not supported: its bidirectional path drops `past_key_values`, and
+HF's append-only caches cannot overwrite the block's slots in the middle of the sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflm.errors import DifflmError
+from difflm.models.layers import KVCache
+
+CACHE_MODES = ("none", "prefix", "dual")
+CACHE_KWARGS = ("position_offset", "kv_cache", "attend_len")
+
+
+def supports_cache(model: Any) -> bool:
+    """True when model.forward takes position_offset, kv_cache and attend_len (difflm Transformer)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in CACHE_KWARGS) and hasattr(model, "config")
+
+
+def check_cache(model: Any, mode: str) -> None:
+    """Raise DifflmError when `mode` is unknown or a cache is asked of a model without one."""
+    if mode not in CACHE_MODES:
+        raise DifflmError(f"sample.cache must be one of {list(CACHE_MODES)}, got {mode!r}")
+    if mode != "none" and not supports_cache(model):
+        raise DifflmError(
+            f"sample.cache={mode} needs a model whose forward takes {', '.join(CACHE_KWARGS)} "
+            f"(difflm's Transformer); {type(model).__name__} has none: use sample.cache=none"
+        )
+
+
+def query_rows(bias: Tensor | None, start: int, end: int) -> Tensor | None:
+    """The additive bias [B|1, 1, Q|1, K] restricted to queries [start, end)."""
+    if bias is None or bias.shape[2] == 1:
+        return bias
+    return bias[:, :, start:end]
+
+
+def _cache_dtype(model: Any) -> torch.dtype:
+    """bf16 under CPU/CUDA autocast (keys are produced in it), else the parameters' dtype."""
+    device = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return next(model.parameters()).dtype
+
+
+def _gathered(cache: KVCache, rows: Tensor) -> KVCache:
+    """A copy of the cache holding only `rows` (writes to it do not reach `cache`)."""
+    sub = copy.copy(cache)
+    sub.k = [k[rows] for k in cache.k]
+    sub.v = [v[rows] for v in cache.v]
+    sub.batch = len(rows)
+    return sub
+
+
+class BlockForward:
+    """The denoiser's forward under a cache policy; one KVCache per stream (cond / uncond / stacked)."""
+
+    def __init__(self, model: Any, mode: str, length: int) -> None:
+        check_cache(model, mode)
+        self.model, self.mode, self.length = model, mode, length
+        self.caches: dict[str, KVCache] = {}
+        self.fresh: set[str] = set()  # streams refreshed since the current block started
+
+    def new_block(self) -> None:
+        """The next call of every stream is a full refresh pass."""
+        self.fresh.clear()
+
+    def __call__(
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        kwargs: dict,
+        lo: int,
+        hi: int,
+        stream: str = "cond",
+        rows: Tensor | None = None,
+        batch: int | None = None,
+    ) -> Tensor:
+        """Logits [b, hi-lo, V] of columns [lo, hi) for x [b, L].
+
+        rows: which rows of the stream's full batch (`batch` rows) x holds; None = all of them.
+        """
+        if self.mode == "none":
+            return self.model(x, attention_bias=bias, **kwargs)[:, lo:hi]
+        cache = self._cache(stream, len(x) if batch is None else batch)
+        if stream not in self.fresh:  # block start: one exact pass over [0, L) fills the cache
+            self.fresh.add(stream)
+            target = cache if rows is None else _gathered(cache, rows)
+            out = self.model(x, attention_bias=bias, kv_cache=target, attend_len=self.length, **kwargs)
+            if rows is not None:
+                for layer in range(cache.n_layer):
+                    cache.k[layer][rows], cache.v[layer][rows] = target.k[layer], target.v[layer]
+            return out[:, lo:hi]
+        end = self.length if self.mode == "prefix" else hi
+        out = self.model(
+            x[:, lo:end],
+            attention_bias=query_rows(bias, lo, end),
+            position_offset=lo,
+            kv_cache=cache if rows is None else _gathered(cache, rows),
+            attend_len=self.length,
+            **kwargs,
+        )  # [b, end-lo, V]
+        return out[:, : hi - lo]
+
+    def _cache(self, stream: str, batch: int) -> KVCache:
+        if stream not in self.caches:
+            self.caches[stream] = KVCache.for_model(
+                self.model, batch, max_len=self.length, dtype=_cache_dtype(self.model)
+            )
+        return self.caches[stream]

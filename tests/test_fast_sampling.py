@@ -1,0 +1,154 @@
+"""Fast sampling: block-wise KV caches (prefix / dual), threshold and factor parallel decoding."""
+
+import pytest
+import torch
+
+from difflm.errors import DifflmError
+from difflm.models.layers import padding_bias
+from difflm.models.transformer import Transformer, TransformerConfig
+from difflm.sampling.cache import BlockForward
+from difflm.sampling.draw import factor_count, threshold_count
+from difflm.sampling.unmask import SampleConfig, generate
+
+V, MASK, L = 64, 63, 24
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, mask_token_id=MASK)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init, so confidences spread over (0, 1)
+        model.tok_emb.weight.mul_(40)
+    return model
+
+
+class Spy(torch.nn.Module):
+    """Wraps a Transformer: records every call and checks refresh passes against a full recompute."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.inner, self.mask_token_id, self.config = model, model.mask_token_id, model.config
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, *, attention_bias=None, position_offset=0, kv_cache=None, attend_len=None):
+        out = self.inner(
+            input_ids,
+            attention_bias=attention_bias,
+            position_offset=position_offset,
+            kv_cache=kv_cache,
+            attend_len=attend_len,
+        )
+        call = {"offset": position_offset, "width": input_ids.shape[1], "cache": kv_cache, "exact": None}
+        if kv_cache is not None and position_offset == 0:  # a refresh pass: compare with no cache
+            full = self.inner(input_ids, attention_bias=attention_bias)
+            call["exact"] = float((out - full).abs().max())
+        self.calls.append(call)
+        return out
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 9, 10], [0, 11, 12, 13, 14, 15]])
+    mask = (ids != 0).long()
+    return ids, mask
+
+
+def cfg(**kw) -> SampleConfig:
+    return SampleConfig(**{"gen_length": 16, "steps": 16, "block_length": 4, **kw})
+
+
+def test_threshold_one_and_tiny_factor_equal_vanilla():
+    model, (ids, mask) = tiny_model(), prompts()
+    base = generate(model, ids, cfg(), attention_mask=mask)
+    for extra in ({"threshold": 1.0}, {"factor": 1e-12}):
+        fast = generate(model, ids, cfg(**extra), attention_mask=mask)
+        assert torch.equal(fast.tokens, base.tokens) and fast.forward_passes == base.forward_passes == 16
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_step_on_unchanged_sequence_equals_full_forward(mode):
+    """With the cache filled from the same tokens, a cached step is exact (offsets, bias, slots)."""
+    model = tiny_model()
+    x = torch.randint(0, V - 1, (2, L))
+    x[:, 12:] = MASK
+    bias = padding_bias(torch.tensor([[0] * 3 + [1] * (L - 3), [1] * L]))
+    full = model(x, attention_bias=bias)  # [B, L, V]
+    fwd = BlockForward(model, mode, L)
+    with torch.no_grad():
+        first = fwd(x, bias, {}, 12, 16)
+        cached = fwd(x, bias, {}, 12, 16)
+    torch.testing.assert_close(first, full[:, 12:16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, full[:, 12:16], atol=1e-5, rtol=0)
+    assert fwd.caches["cond"].k[0].shape[2] == L and fwd.caches["cond"].length == L
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cache_first_step_of_each_block_is_exact_and_feeds_the_right_span(mode):
+    spy, (ids, mask) = Spy(tiny_model()), prompts()
+    result = generate(spy, ids, cfg(cache=mode), attention_mask=mask)
+    P = ids.shape[1]
+    refresh = [c for c in spy.calls if c["exact"] is not None]
+    assert len(refresh) == 4 and all(c["exact"] < 1e-5 for c in refresh)  # one per block
+    for c in spy.calls:
+        if c["exact"] is None:
+            lo = P + 4 * ((c["offset"] - P) // 4)
+            assert c["offset"] == lo and c["width"] == (P + 16 - lo if mode == "prefix" else 4)
+        assert c["cache"].max_len == P + 16 and c["cache"].length <= P + 16  # never past L
+    assert result.forward_passes == 16 == len(spy.calls)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cache_sampling_is_deterministic_and_first_reveal_matches_vanilla(mode):
+    model, (ids, mask) = tiny_model(), prompts()
+    vanilla = generate(model, ids, cfg(), attention_mask=mask, trace=True)
+    a = generate(model, ids, cfg(cache=mode), attention_mask=mask, trace=True)
+    b = generate(model, ids, cfg(cache=mode), attention_mask=mask)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.trace.steps[0].tokens, vanilla.trace.steps[0].tokens)  # step 1 of block 1 is exact
+
+
+@pytest.mark.parametrize("mode", ["none", "dual"])
+def test_threshold_with_cache_needs_fewer_passes(mode):
+    model, (ids, mask) = tiny_model(), prompts()
+    fast = generate(model, ids, cfg(cache=mode, threshold=0.3), attention_mask=mask)
+    assert 4 <= fast.forward_passes < 16 and not (fast.tokens == MASK).any()
+
+
+@pytest.mark.parametrize("extra", [{"cache": "dual", "threshold": 0.5}, {"cache": "prefix", "factor": 1.0}])
+def test_batched_fast_decoding_equals_per_row(extra):
+    model, (ids, mask) = tiny_model(), prompts()
+    config = cfg(temperature=1.0, **extra)
+    gens = [torch.Generator().manual_seed(10 + r) for r in range(3)]
+    batch = generate(model, ids, config, attention_mask=mask, generator=gens)
+    for r in range(3):
+        real = ids[r][mask[r].bool()][None]
+        solo = generate(model, real, config, generator=torch.Generator().manual_seed(10 + r))
+        assert torch.equal(batch.tokens[r, -16:], solo.tokens[0, -16:]), r
+
+
+def test_cfg_with_cache_equals_cfg_without_on_first_step():
+    model, (ids, mask) = tiny_model(), prompts()
+    config = SampleConfig(gen_length=4, steps=1, cfg_scale=1.5)
+    plain = generate(model, ids, config, attention_mask=mask)
+    cached = generate(
+        model, ids, SampleConfig(gen_length=4, steps=1, cfg_scale=1.5, cache="dual"), attention_mask=mask
+    )
+    assert torch.equal(plain.tokens, cached.tokens) and cached.forward_passes == 1
+
+
+def test_threshold_and_factor_counts_hand_values():
+    conf = torch.tensor([[0.99, 0.2, 0.95, 0.9], [0.5, 0.97, 0.96, 0.1]])
+    cand = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    assert threshold_count(conf, cand, 0.9).tolist() == [3, 1]
+    # row 0 sorted 0.99, 0.95, 0.9, 0.2: (n+1)(1-c) = 0.02, 0.15, 0.4, 4.0 -> n = 3 under factor 1
+    # row 1 candidates 0.97, 0.5, 0.1: 0.06, 1.5 -> n = 1
+    assert factor_count(conf, cand, 1.0).tolist() == [3, 1]
+    assert factor_count(conf, cand, 0.01).tolist() == [0, 0]
+
+
+def test_cache_errors(mock_denoiser):
+    with pytest.raises(DifflmError, match="cache=dual needs a model"):
+        generate(mock_denoiser(), torch.tensor([[1, 2]]), cfg(cache="dual"))
+    with pytest.raises(DifflmError, match="sample.cache must be one of"):
+        cfg(cache="full")
+    with pytest.raises(DifflmError, match="sample.factor must be > 0"):
+        cfg(factor=0.0)

@@ -28,7 +28,7 @@ def block_ids(prompt_lengths: torch.Tensor, seq_len: int, block_length: int) -> 
     return torch.where(positions < prompt, PROMPT_BLOCK, answer_block)  # [B, L]
 
 
-def _check(prompt_lengths: torch.Tensor, seq_len: int, block_length: int) -> None:
+def _check(prompt_lengths: torch.Tensor, seq_len: int, block_length: int, check_fit: bool) -> None:
     if prompt_lengths.dim() != 1:
         raise DifflmError(f"prompt_lengths must be 1-D [B], got shape {tuple(prompt_lengths.shape)}")
     if block_length < 1:
@@ -37,6 +37,8 @@ def _check(prompt_lengths: torch.Tensor, seq_len: int, block_length: int) -> Non
         return
     if int(prompt_lengths.min()) < 0 or int(prompt_lengths.max()) > seq_len:
         raise DifflmError(f"prompt_lengths must lie in [0, seq_len={seq_len}]; shorten the prompts")
+    if not check_fit:
+        return
     gen_length = seq_len - int(prompt_lengths.max())
     if block_length > gen_length:
         raise DifflmError(
@@ -53,13 +55,15 @@ def block_attention_bias(
     see_earlier_blocks: bool = False,
     attention_mask: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    check_fit: bool = True,
 ) -> torch.Tensor:
     """Additive attention bias [B, 1, L, L] for prompt + answer blocks (see the module docstring).
 
     `prompt_lengths` is a LongTensor [B]; `attention_mask` [B, L] marks real tokens with 1 and
-    padding with 0. Raises DifflmError when a block would not fit in the generation length.
+    padding with 0. Raises DifflmError when a block would not fit in the generation length, unless
+    `check_fit=False` (training batches, whose answers may be shorter than a block).
     """
-    _check(prompt_lengths, seq_len, block_length)
+    _check(prompt_lengths, seq_len, block_length, check_fit)
     blocks = block_ids(prompt_lengths, seq_len, block_length)  # [B, L]
     query, key = blocks[:, :, None], blocks[:, None, :]  # [B, L, 1], [B, 1, L]
     visible = (key == query) | (key == PROMPT_BLOCK)  # [B, L, L]

@@ -12,7 +12,11 @@ converting a checkpoint (`difflm.convert.convert_qwen3`) is a pure copy. Only at
 
 Calling convention: the HF classes return `MaskedLMOutput` (`.logits` [B, L, V]) like any HF model, so
 `save_pretrained`, `from_pretrained` and `AutoModelForMaskedLM` work as usual. Code written against the
-difflm denoiser protocol (a module returning the logits tensor) wraps the model with `as_denoiser(model)`.
+difflm denoiser protocol (a module returning the logits tensor) wraps the model with `as_denoiser(model)`;
+the adapter's state-dict keys are the HF model's, so a difflm checkpoint folder is an HF folder too.
+
+difflm model family `qwen3_llada`: `Qwen3LLaDASpec` (the `model:` section) and `build_qwen3_llada`
+(a fresh denoiser); `load_qwen3_llada` reads a Qwen3-LLaDA folder for `model.init_from`.
 
 Importing this module registers `qwen3_llada` with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM`,
 so `from_pretrained` needs no `trust_remote_code`. Only "eager" and "sdpa" attention are supported: the
@@ -20,6 +24,10 @@ flash / flex kernels cannot take an arbitrary additive bias.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -62,7 +70,7 @@ def combine_bias(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """Merge an additive bias [B|1, 1, Q, K] and a padding mask [B, K] into one additive mask.
+    """Merge an additive bias [B|1, 1, Q|1, K] and a padding mask [B, K] into one additive mask.
 
     The result broadcasts to [B, 1, Q, K] (padding alone stays [B, 1, 1, K], no L x L tensor).
     -inf becomes the dtype's minimum so a query that sees no key at all (e.g. a padded query under
@@ -70,9 +78,13 @@ def combine_bias(
     """
     parts = []
     if attention_bias is not None:
-        if attention_bias.dim() != 4 or attention_bias.shape[-2:] != (length, length):
+        if (
+            attention_bias.dim() != 4
+            or attention_bias.shape[-1] != length
+            or attention_bias.shape[-2] not in (1, length)
+        ):
             raise DifflmError(
-                f"attention_bias has shape {tuple(attention_bias.shape)}, expected [B, 1, {length}, {length}]"
+                f"attention_bias has shape {tuple(attention_bias.shape)}, expected [B, 1, {length} or 1, {length}]"
             )
         parts.append(attention_bias.to(device, torch.float32))  # [B, 1, Q, K]
     if attention_mask is not None:
@@ -163,11 +175,20 @@ class Qwen3LLaDAForMaskedLM(Qwen3LLaDAPreTrainedModel):
 
 
 class Qwen3LLaDADenoiser(nn.Module):
-    """Adapter to the difflm denoiser protocol: `forward` returns the logits tensor [B, L, V]."""
+    """Adapter to the difflm denoiser protocol: `forward` returns the logits tensor [B, L, V].
+
+    It registers the HF model's two children (`model`, `lm_head`) as its own and keeps the HF
+    wrapper as a plain attribute (`.hf`), so its `state_dict` keys are exactly the HF ones: a difflm
+    checkpoint's `model.safetensors` plus `config.json` (written from `.config`) is a folder that
+    `AutoModelForMaskedLM.from_pretrained` loads as is.
+    """
 
     def __init__(self, model: Qwen3LLaDAForMaskedLM):
         super().__init__()
-        self.model = model
+        self.model = model.model
+        self.lm_head = model.lm_head
+        object.__setattr__(self, "hf", model)  # not a submodule: no "hf." prefix in state_dict
+        self.config = model.config
         self.mask_token_id = model.mask_token_id
 
     def forward(
@@ -178,12 +199,129 @@ class Qwen3LLaDADenoiser(nn.Module):
         t: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, attention_bias=attention_bias, attention_mask=attention_mask).logits
+        return self.hf(input_ids, attention_bias=attention_bias, attention_mask=attention_mask).logits
 
 
 def as_denoiser(model: Qwen3LLaDAForMaskedLM) -> Qwen3LLaDADenoiser:
-    """Wrap an HF Qwen3-LLaDA model so that calling it returns logits; save with `.model.save_pretrained`."""
+    """Wrap an HF Qwen3-LLaDA model so that calling it returns logits; save with `.hf.save_pretrained`."""
     return Qwen3LLaDADenoiser(model)
+
+
+# ----------------------------------------------------------------------------- difflm model family
+
+
+ATTENTION_KINDS = ("sdpa", "eager")
+
+
+@dataclass
+class Qwen3LLaDASpec:
+    """The `model:` section of family `qwen3_llada`: a Qwen3 architecture built from these fields.
+
+    `vocab_size` and `mask_token_id` are derived from the tokenizer by the system. With
+    `init_from`, the system copies the architecture fields from that folder's config.json and its
+    weights, so the run config stored in every checkpoint rebuilds the model without `init_from`.
+    """
+
+    vocab_size: int = field(default=1, metadata={"help": "embedding rows (derived from the tokenizer)"})
+    mask_token_id: int | None = field(
+        default=None, metadata={"help": "mask token id (derived from the tokenizer)"}
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a Qwen3-LLaDA folder to start from: a `difflm convert` output or a difflm step folder "
+            "(an HF Qwen3 checkpoint must be converted first); overrides the architecture fields"
+        },
+    )
+    hidden_size: int = field(default=256, metadata={"help": "model width"})
+    intermediate_size: int = field(default=768, metadata={"help": "SwiGLU MLP hidden width"})
+    num_hidden_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    num_attention_heads: int = field(default=4, metadata={"help": "query heads"})
+    num_key_value_heads: int = field(
+        default=2, metadata={"help": "key/value heads (GQA); divides the query heads"}
+    )
+    head_dim: int = field(default=64, metadata={"help": "width of one attention head"})
+    rope_theta: float = field(default=1_000_000.0, metadata={"help": "RoPE base frequency"})
+    max_position_embeddings: int = field(
+        default=2048, metadata={"help": "longest sequence (prompt + answer)"}
+    )
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "share the LM head with the embedding"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention probabilities"})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "attention kernel (must take an additive bias): sdpa or eager"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
+            if getattr(self, name) < 1:
+                raise DifflmError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if kv < 1 or heads < 1 or heads % kv:
+            raise DifflmError(
+                f"model.num_attention_heads ({heads}) must be a positive multiple of model.num_key_value_heads ({kv})"
+            )
+        if self.attn_implementation not in ATTENTION_KINDS:
+            raise DifflmError(
+                f"model.attn_implementation is {self.attn_implementation!r}; choose one of {', '.join(ATTENTION_KINDS)}"
+            )
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise DifflmError(
+                f"model.mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def hf_config(self) -> Qwen3LLaDAConfig:
+        """The HF config of this architecture."""
+        arch = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("init_from", "attn_implementation")
+        }
+        return Qwen3LLaDAConfig(**arch, attn_implementation=self.attn_implementation)
+
+
+ARCHITECTURE_FIELDS = tuple(
+    f.name
+    for f in fields(Qwen3LLaDASpec)
+    if f.name not in ("vocab_size", "mask_token_id", "init_from", "attn_implementation")
+)
+
+
+def spec_from_hf(config: Qwen3LLaDAConfig, spec: Qwen3LLaDASpec) -> Qwen3LLaDASpec:
+    """`spec` with its architecture fields (and vocabulary size, mask id) read from an HF config."""
+    rope = dict(config.rope_parameters or {})
+    if rope.get("rope_type", "default") != "default":
+        raise DifflmError(
+            f"RoPE type {rope.get('rope_type')!r} is not supported by model.family=qwen3_llada; use a default-RoPE checkpoint"
+        )
+    values = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS if name != "rope_theta"}
+    values["rope_theta"] = float(rope.get("rope_theta", spec.rope_theta))
+    return replace(spec, **values, vocab_size=config.vocab_size, mask_token_id=config.mask_token_id)
+
+
+def build_qwen3_llada(spec: Qwen3LLaDASpec) -> Qwen3LLaDADenoiser:
+    """A freshly initialised Qwen3-LLaDA denoiser (weights from `init_from` are loaded by the system)."""
+    if spec.mask_token_id is None:
+        raise DifflmError(
+            "model.mask_token_id is unset; it is derived from the tokenizer by the qwen3_llada systems"
+        )
+    return as_denoiser(Qwen3LLaDAForMaskedLM(spec.hf_config()))
+
+
+def load_qwen3_llada(path: str, spec: Qwen3LLaDASpec) -> tuple[Qwen3LLaDADenoiser, Qwen3LLaDASpec]:
+    """Load a Qwen3-LLaDA folder (float32) and the spec describing it; an HF Qwen3 folder is refused."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise DifflmError(f"model.init_from={path} has no config.json; point it at a Qwen3-LLaDA folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != Qwen3LLaDAConfig.model_type:
+        raise DifflmError(
+            f"model.init_from={path} is a {model_type} checkpoint; convert it first: difflm convert {path} OUT"
+        )
+    model = Qwen3LLaDAForMaskedLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=spec.attn_implementation
+    )
+    return as_denoiser(model), spec_from_hf(model.config, spec)
 
 
 AutoConfig.register(Qwen3LLaDAConfig.model_type, Qwen3LLaDAConfig, exist_ok=True)

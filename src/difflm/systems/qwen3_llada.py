@@ -1,0 +1,207 @@
+"""Qwen3-LLaDA systems: pretraining on packed text and SFT on conversations, plus their sampler.
+
+`qwen3_llada_pretrain`: text packed into `data.block_size` blocks with an HF tokenizer
+(`text_blocks`), the masked-diffusion core (`MaskedDiffusionTask`) with the loss and noise of the
+`diffusion:` section. `qwen3_llada_sft`: conversation records (`difflm.data.conversations`),
+one padded example per conversation; prompt and padding are never masked, attended to as keys
+(padding) or scored, and the `sft` loss divides by each example's answer length.
+
+The model (`model.family: qwen3_llada`) is built from the architecture fields, or loaded from
+`model.init_from` (a converted Qwen3 or a difflm step folder); then the spec stored with every
+checkpoint describes the loaded architecture. `data.tokenizer` must be an HF tokenizer (with
+`init_from`, usually the same folder).
+
+`system.block_attention` trains with the same prompt + answer-block bias the sampler uses
+(`difflm.models.block_attention`): pretraining rows are all answer (prompt length 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from difflm.config import RunConfig, model_family, opt, system_config
+from difflm.data.conversations import conversation_splits
+from difflm.data.tokenizers import Tokenizer, build_tokenizer
+from difflm.errors import DifflmError
+from difflm.models.block_attention import block_attention_bias
+from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada, load_qwen3_llada
+from difflm.pretrained import Pretrained
+from difflm.sampling.unmask import SampleResult, generate
+from difflm.train.tasks import MaskedDiffusionTask
+from difflm.train.trainer import Run
+
+Batch = dict[str, Tensor]
+FAMILY = "qwen3_llada"
+
+
+@dataclass
+class Qwen3LLaDASystem:
+    """The `system:` section of the qwen3_llada systems."""
+
+    block_attention: bool = opt(
+        False, "Train with block attention: prompt sees prompt, an answer block sees prompt + its block."
+    )
+    block_length: int = opt(32, "Answer block length of block attention (sample with the same).")
+    see_earlier_blocks: bool = opt(
+        True, "Block attention: an answer block also sees every earlier block (block-causal)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_length < 1:
+            raise DifflmError(f"system.block_length must be >= 1, got {self.block_length}")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _check_family(cfg: RunConfig) -> None:
+    if model_family(cfg.model) != FAMILY:
+        raise DifflmError(f"task '{cfg.task}' trains model.family={FAMILY}, got {model_family(cfg.model)}")
+
+
+def _hf_tokenizer(cfg: RunConfig) -> Tokenizer:
+    if cfg.data.tokenizer == "char":
+        raise DifflmError(
+            f"task '{cfg.task}' needs an HF tokenizer: set data.tokenizer to a tokenizer folder (e.g. the init_from folder)"
+        )
+    return build_tokenizer(cfg.data.tokenizer)
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
+    """The denoiser, fresh or from `model.init_from`; fills `cfg.model` with what was built."""
+    spec: Qwen3LLaDASpec = dataclasses.replace(
+        cfg.model, vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id
+    )
+    if spec.init_from:
+        model, loaded = load_qwen3_llada(spec.init_from, spec)
+        if tokenizer.vocab_size > loaded.vocab_size or loaded.mask_token_id != tokenizer.mask_token_id:
+            raise DifflmError(
+                f"tokenizer {cfg.data.tokenizer} (vocabulary {tokenizer.vocab_size}, mask id "
+                f"{tokenizer.mask_token_id}) does not fit model.init_from (vocabulary {loaded.vocab_size}, "
+                f"mask id {loaded.mask_token_id}); use the tokenizer saved with the checkpoint"
+            )
+        spec = loaded
+    else:
+        model = build_qwen3_llada(spec)
+    if cfg.data.block_size > spec.max_position_embeddings:
+        raise DifflmError(
+            f"data.block_size {cfg.data.block_size} exceeds model.max_position_embeddings "
+            f"{spec.max_position_embeddings}; lower one or raise the other"
+        )
+    cfg.model = spec
+    return model
+
+
+def block_bias_fn(system: Qwen3LLaDASystem) -> Callable[[Batch], Tensor]:
+    """Batch -> block-attention bias [B, 1, L, L] (prompt lengths clamped to a truncated batch)."""
+
+    def bias(batch: Batch) -> Tensor:
+        ids = batch["input_ids"]  # [B, L]
+        batch_size, length = ids.shape
+        prompts = batch.get("prompt_lengths", torch.zeros(batch_size, dtype=torch.long))  # [B]
+        return block_attention_bias(
+            prompts.clamp(max=length),
+            length,
+            system.block_length,
+            see_earlier_blocks=system.see_earlier_blocks,
+            attention_mask=batch.get("attention_mask"),
+            check_fit=False,
+        )
+
+    return bias
+
+
+def build_task(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusionTask:
+    """The core task with `diffusion.loss`; no special id is protected (the answer's EOS is learned)."""
+    system = system_config(cfg, Qwen3LLaDASystem)
+    return MaskedDiffusionTask(
+        cfg.diffusion,
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=tokenizer.vocab_size,
+        attention_bias_fn=block_bias_fn(system) if system.block_attention else None,
+    )
+
+
+def build_pretrain(cfg: RunConfig) -> Run:
+    from difflm.train.systems import text_blocks  # here: train.systems imports this module
+
+    _check_family(cfg)
+    if cfg.diffusion.loss == "sft":
+        raise DifflmError(
+            "diffusion.loss=sft needs prompts; pretraining has none: use guidelines, dllm or soft_ce"
+        )
+    tokenizer = _hf_tokenizer(cfg)
+    tokenizer, train, val = text_blocks(cfg.data, tokenizer)
+    model = build_model(cfg, tokenizer)
+    return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
+
+
+def build_sft(cfg: RunConfig) -> Run:
+    _check_family(cfg)
+    tokenizer = _hf_tokenizer(cfg)
+    train, val = conversation_splits(
+        cfg.data.path,
+        tokenizer,
+        cfg.data.block_size,
+        cfg.data.val_fraction,
+        field=cfg.data.field or "conversations",
+    )
+    model = build_model(cfg, tokenizer)
+    return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+class WithAttentionBias(nn.Module):
+    """A denoiser that adds a fixed bias [1, 1, L, L] to the one the sampler passes (padding)."""
+
+    def __init__(self, model: nn.Module, bias: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.bias = bias
+        self.mask_token_id = model.mask_token_id
+
+    def forward(self, input_ids: Tensor, attention_bias: Tensor | None = None, **kwargs) -> Tensor:
+        bias = self.bias if attention_bias is None else attention_bias + self.bias  # [B, 1, L, L]
+        return self.model(input_ids, attention_bias=bias, **kwargs)
+
+
+def sample(
+    pre: Pretrained, args: argparse.Namespace, ids: Tensor, mask: Tensor, generator: torch.Generator
+) -> SampleResult:
+    """`difflm sample` on a Qwen3-LLaDA checkpoint. `--block-attention` samples under the block bias
+    of training; an SFT checkpoint may generate EOS and fills everything after its first EOS."""
+    from difflm.commands.sample import sample_config  # here: commands.sample imports this module
+
+    cfg = sample_config(args, pre.tokenizer)
+    eos = pre.tokenizer.eos_token_id
+    if pre.config.task == "qwen3_llada_sft" and eos is not None:
+        allowed = [i for i in cfg.suppress_tokens if i != eos]
+        cfg = dataclasses.replace(cfg, suppress_tokens=allowed, eos_token_id=eos, eos_mode="fill")
+    prompt_length, length = ids.shape[1], ids.shape[1] + cfg.gen_length
+    limit = pre.config.model.max_position_embeddings
+    if length > limit:
+        raise DifflmError(
+            f"prompt of {prompt_length} tokens + gen length {cfg.gen_length} exceeds the model's {limit} positions"
+        )
+    model = pre.model
+    if getattr(args, "block_attention", False):
+        if cfg.block_length is None:
+            raise DifflmError("--block-attention needs --block-length (the training system.block_length)")
+        system = system_config(pre.config, Qwen3LLaDASystem)
+        bias = block_attention_bias(
+            torch.tensor([prompt_length]),
+            length,
+            cfg.block_length,
+            see_earlier_blocks=system.see_earlier_blocks,
+        ).to(ids.device)  # [1, 1, L, L]: after left padding every row's prompt is [0, P)
+        model = WithAttentionBias(model, bias)
+    trace = bool(getattr(args, "animate", None) or getattr(args, "live", False))
+    return generate(model, ids, cfg, attention_mask=mask, generator=generator, trace=trace)

@@ -195,12 +195,20 @@ class DFGPT(nn.Module):
     # ------------------------------------------------------------------ Diffusion Forcing loss
 
     def diffusion_loss(
-        self, idx: Tensor, generator: torch.Generator, levels: Tensor | None = None
+        self,
+        idx: Tensor,
+        generator: torch.Generator | None,
+        levels: Tensor | None = None,
+        noise: Tensor | None = None,
+        net: nn.Module | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Diffusion Forcing training loss of tokens idx [B, L] with independent per-token levels.
 
         levels [B, L] (default: uniform on 0..T-1 from `generator`) may be fixed, e.g. all 0 to
-        measure `rounding_nll` on nearly clean input (the likelihood-style metric).  The rounding
+        measure `rounding_nll` on nearly clean input (the likelihood-style metric).  noise [B, L, D]
+        (default: drawn from `generator`) lets a trainer draw both on the whole global batch, so
+        they do not depend on the micro-batch split.  `net` is what the denoiser forward runs
+        through (default self; a DistributedDataParallel wrapper of self, so gradients sync).  The rounding
         CE uses x0_hat clamped to +-clip_noise: for pred_noise at the highest levels,
         x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies errors by up to 1/sqrt(a).
         Returns (diffusion loss + rounding_weight * rounding CE, detached metrics).
@@ -209,12 +217,16 @@ class DFGPT(nn.Module):
             raise DifflmError("diffusion_loss needs use_diffusion_forcing=True; use next_token_loss")
         diff, gcfg = self.diffusion, self.config.gaussian
         x0 = self.embed_clean(idx)  # [B, L, D]
+        if (levels is None or noise is None) and generator is None:
+            raise DifflmError("diffusion_loss needs a generator unless both levels and noise are given")
         if levels is None:
             levels = torch.randint(0, gcfg.timesteps, idx.shape, generator=generator, device=generator.device)
         k = levels.to(idx.device)  # [B, L]
-        noise = diff.randn(tuple(x0.shape), generator, x0.device)  # [B, L, D]
+        if noise is None:
+            noise = diff.randn(tuple(x0.shape), generator, x0.device)  # [B, L, D]
+        noise = noise.to(x0.device)
         x_t = diff.q_sample(x0, k, noise)
-        pred = self(x_t, k)  # [B, L, D]
+        pred = (net or self)(x_t, k)  # [B, L, D]
         loss_diffusion = diff.training_loss(pred, x0, noise, k)
         x0_hat, _ = diff.split_prediction(pred, x_t, k)
         logits = self.round_logits(x0_hat.clamp(-gcfg.clip_noise, gcfg.clip_noise))  # [B, L, V]

@@ -75,9 +75,28 @@ class _CacheDecoder:
         return logits[:, -1].float()
 
 
-def _decoder(model: Any, mask: Tensor, max_len: int):
+class _RecomputeDecoder:
+    """Cache-less forward for any causal LM `model(ids [B, L]) -> logits [B, L, V]` (e.g. DFGPT).
+
+    Every step reruns the last `block_size` tokens (nanoGPT's sliding window), so generation may
+    run past the model's length. It has no attention bias, hence no left padding.
+    """
+
+    def __init__(self, model: Any, mask: Tensor) -> None:
+        if not bool(mask.all()):
+            raise DifflmError("generation without a KV cache needs prompts of equal length (no padding)")
+        self.model, self.window, self.ids = model, model.config.block_size, None
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)  # [B, L]
+        return self.model(self.ids[:, -self.window :])[:, -1].float()  # [B, V]
+
+
+def _decoder(model: Any, mask: Tensor, max_len: int, use_cache: bool = True):
     from transformers import PreTrainedModel
 
+    if not use_cache:
+        return _RecomputeDecoder(model, mask)
     if isinstance(model, PreTrainedModel):
         return _HFDecoder(model, mask)
     config = getattr(model, "config", None)
@@ -106,11 +125,13 @@ def generate_ar(
     generator: Generators = None,
     attention_mask: Tensor | None = None,
     trace: bool = False,
+    use_cache: bool = True,
 ) -> SampleResult:
     """Decode max_new_tokens after each prompt row [B, P] -> tokens [B, P+N] (left padded).
 
     After a row emits eos_token_id its remaining positions are EOS; decoding stops early once every
-    row has. forward_passes counts model calls (the prefill is one).
+    row has. forward_passes counts model calls (the prefill is one). `use_cache=False` recomputes
+    the last block_size tokens every step (models without a KV cache; unpadded prompts only).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise DifflmError(f"prompt_ids must be [batch, length >= 1], got shape {tuple(prompt_ids.shape)}")
@@ -120,7 +141,7 @@ def generate_ar(
         raise DifflmError(f"need temperature >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
     ids, mask = left_pad(prompt_ids, attention_mask)
     B, P = ids.shape
-    decode = _decoder(model, mask, P + max_new_tokens)
+    decode = _decoder(model, mask, P + max_new_tokens, use_cache)
     fill_value = 0 if eos_token_id is None else eos_token_id  # every slot is written unless EOS ends early
     tokens = torch.cat([ids, ids.new_full((B, max_new_tokens), fill_value)], dim=1)  # [B, P+N]
     full_mask = torch.cat([mask, torch.ones_like(tokens[:, P:])], dim=1)

@@ -1,10 +1,12 @@
-"""`difflm data list | fetch NAME [--from PATH]`: named corpora with checksums."""
+"""`difflm data list | fetch NAME [--from PATH] | build-poems SRC OUT --seed S`: named corpora with
+checksums, and the seeded disjoint train/dev/test split of a poem JSONL corpus."""
 
 from __future__ import annotations
 
 import argparse
 
 from difflm.data.corpora import CORPORA, fetch_corpus, search_dirs
+from difflm.data.poems import build_poems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fetch.add_argument(
         "--from", dest="source", default=None, help="a local copy to verify and use instead of downloading"
     )
+    poems = sub.add_parser("build-poems", help="write a seeded train/dev/test split of a poem JSONL file")
+    poems.add_argument("src", help="poem JSONL: title, author, content per line")
+    poems.add_argument("out", help="output folder for train/dev/test.jsonl and split.json")
+    poems.add_argument("--seed", type=int, default=0, help="seed of the split")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
         for name, corpus in sorted(CORPORA.items()):
             print(f"{name}: {corpus.filename} (md5 {corpus.md5})")
         print("looked for in: " + ", ".join(str(p) for p in search_dirs()))
+        return 0
+    if args.action == "build-poems":
+        counts = build_poems(args.src, args.out, args.seed)
+        print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return 0
     path = fetch_corpus(args.name, args.source)
     print(f"{args.name}: {path}")

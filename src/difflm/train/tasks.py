@@ -6,7 +6,7 @@ not depend on how the batch is split across processes or micro-batches; `loss` r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,27 @@ class MaskedDiffusionTask:
     The named losses divide by `p_mask`; we hand them 1/w(t), which is p(t) itself for the linear
     schedule (LLaDA's 1/t weight) and keeps the ELBO weight right for every other schedule.
     Protected positions (prompt, padding, `special_ids`) are never corrupted.
+    `attention_bias_fn(batch) -> [B, 1, L, L]` (optional, e.g. block attention) builds an additive
+    bias from the (possibly truncated) batch in `prepare`, one row per example so the trainer can
+    split it; `loss` adds it to the padding bias.
+    `num_steps` puts t on the grid k / num_steps (k = 1..num_steps) of a discrete-time chain.
+    `model_inputs` names batch entries (e.g. "cond") passed through `prepare` and handed to the
+    model as keyword arguments. `packed_logits` asks the model for logits at the loss positions
+    only (`model(..., logits_at=positions)` -> [N, V]): with a large vocabulary and short, padded
+    sequences the vocabulary projection of the other positions is most of the step's cost.
     """
 
     def __init__(
-        self, cfg: DiffusionConfig, *, mask_token_id: int, vocab_size: int, special_ids: Sequence[int] = ()
+        self,
+        cfg: DiffusionConfig,
+        *,
+        mask_token_id: int,
+        vocab_size: int,
+        special_ids: Sequence[int] = (),
+        attention_bias_fn: Callable[[Batch], Tensor] | None = None,
+        num_steps: int | None = None,
+        model_inputs: Sequence[str] = (),
+        packed_logits: bool = False,
     ):
         self.cfg = cfg
         self.schedule = build_schedule(cfg.schedule, **cfg.schedule_params)
@@ -44,12 +61,18 @@ class MaskedDiffusionTask:
         self.mask_token_id = mask_token_id
         self.vocab_size = vocab_size
         self.special_ids = tuple(special_ids)
+        self.attention_bias_fn = attention_bias_fn
+        self.num_steps = num_steps
+        self.model_inputs = tuple(model_inputs)
+        self.packed_logits = packed_logits
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
         if self.cfg.random_length_prob > 0:
             batch = random_truncate(batch, self.cfg.random_length_prob, generator)
         ids = batch["input_ids"]  # [B, L]
         t = sample_t(ids.shape[0], generator, antithetic=self.cfg.antithetic, eps=self.cfg.t_eps)  # [B]
+        if self.num_steps:
+            t = torch.ceil(t * self.num_steps) / self.num_steps  # [B] on the grid k / num_steps
         protected = protected_mask(
             ids,
             prompt_lengths=batch.get("prompt_lengths"),
@@ -71,11 +94,20 @@ class MaskedDiffusionTask:
             out["attention_mask"] = batch["attention_mask"]
         if "prompt_lengths" in batch:
             out["loss_mask"] = ~protected
-        return out
+        if self.attention_bias_fn is not None:
+            out["attention_bias"] = self.attention_bias_fn(batch)  # [B, 1, L, L]
+        return {**out, **{key: batch[key] for key in self.model_inputs}}
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        bias = padding_bias(batch["attention_mask"]) if "attention_mask" in batch else None
-        logits = model(batch["noisy"], attention_bias=bias)  # [B, L, V]
+        bias = batch.get("attention_bias")
+        if "attention_mask" in batch:
+            padding = padding_bias(batch["attention_mask"])  # [B, 1, 1, L]
+            bias = padding if bias is None else bias + padding
+        kwargs = {key: batch[key] for key in self.model_inputs}
+        if self.packed_logits:
+            loss_mask = batch.get("loss_mask")
+            kwargs["logits_at"] = batch["noised"] if loss_mask is None else batch["noised"] & loss_mask
+        logits = model(batch["noisy"], attention_bias=bias, **kwargs)  # [B, L, V] or packed [N, V]
         loss = self.loss_fn(
             logits,
             batch["input_ids"],

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# SGDD end to end on CPU: phase 1 (reconstruct sentences from their MiniLM vector), phase 2
+# (paraphrase QQP pairs, starting from phase 1), evaluation and sampling. Run from the repo root.
+# The corpus embeddings are computed once and cached under data.cache_dir (the first run's
+# encoding pass is the slow part on CPU); later runs and epochs load them.
+set -euo pipefail
+export HF_HUB_OFFLINE=1
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-runs}
+
+# Phase 1: 20k sentences (500 held out, seeded), lightweight decoder (256 / 2 layers / 4 heads).
+difflm train sgdd_phase1 data.path=$DATA/sentences_en.txt system.max_examples=20000 \
+  train.max_steps=1500 train.warmup_steps=100 train.eval_every=250 train.eval_batches=4 \
+  train.save_every=250 train.precision=bf16 train.output_dir=$OUT/sgdd_p1
+
+# Held-out exact match / token accuracy / BLEU / chrF / cosine, with and without guidance.
+difflm eval $OUT/sgdd_p1 --batch-size 64 --json
+
+# Phase 2: QQP paraphrase pairs, initialised from phase 1.
+difflm train sgdd_phase2 data.path=$DATA/qqp_pairs.jsonl system.init_from=$OUT/sgdd_p1 \
+  train.max_steps=600 train.warmup_steps=50 train.eval_every=200 train.eval_batches=4 \
+  train.save_every=200 train.precision=bf16 train.output_dir=$OUT/sgdd_p2
+difflm eval $OUT/sgdd_p2 --batch-size 64 --json
+
+# Reconstruct / paraphrase a text, and decode halfway between two sentences' vectors.
+difflm sample $OUT/sgdd_p1 --text "The old man walked slowly to the station."
+difflm sample $OUT/sgdd_p2 --text "How can I learn to cook quickly?" --cfg-scale 2.0
+difflm sample $OUT/sgdd_p1 --interpolate "The cat sat on the mat." "A storm hit the coast." --alpha 0.5

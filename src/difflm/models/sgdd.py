@@ -1,0 +1,268 @@
+"""SGDD: a small masked-diffusion decoder that writes text back from one sentence vector.
+
+Semantic-vector-guided discrete diffusion. A frozen sentence encoder (MiniLM by default, see
+`difflm.models.encoder`) turns a text into one vector; this decoder reconstructs the text (phase 1)
+or writes a paraphrase (phase 2) by iterative unmasking, conditioned on that vector through
+AdaLN-Zero (the transformer's `cond_dim` path, whose `cond_proj` maps semantic_dim -> n_embd) and,
+optionally, cross-attention to `cond_tokens` memory tokens.
+
+What is here, and what is not:
+
+- `SGDD` holds the trainable `SemanticHead` (whitening buffers, VIB), the decoder `Transformer`
+  and a small length head. The frozen encoder is deliberately *not* a submodule: it is loaded by
+  the system / sampler from `config.encoder`, so it is in neither the state_dict nor the optimizer.
+- The decoder's vocabulary is the encoder tokenizer's (MiniLM WordPiece, [MASK] = 103, [PAD] = 0);
+  sequences are the text's tokens without [CLS]/[SEP], right-padded with [PAD] to `block_size`.
+  Pads are attended out and never scored: the length is chosen before decoding (length head).
+- Time: with `time_conditioning`, t given to AdaLN is the masked fraction of the real (non-pad)
+  tokens, computed from the input. Training and sampling thus condition on the same quantity,
+  and the sampling engine needs no notion of time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflm.errors import DifflmError
+from difflm.models.encoder import EncoderConfig, SemanticHead
+from difflm.models.transformer import MLPS, Transformer, TransformerConfig
+
+EMBEDDING_INITS = ("random", "encoder_pca", "encoder_projection")
+INIT_STD = 0.02  # the transformer's normal init; projected encoder embeddings are rescaled to it
+
+
+@dataclass
+class SGDDConfig:
+    """The SGDD decoder (lightweight seed setting: 256 wide, 2 layers, 4 heads, FFN 1024)."""
+
+    vocab_size: int = field(
+        default=1, metadata={"help": "decoder vocabulary = the encoder tokenizer's (filled in)"}
+    )
+    block_size: int = field(
+        default=64, metadata={"help": "max_token_length: text tokens per sequence, padded with [PAD]"}
+    )
+    n_layer: int = field(default=2, metadata={"help": "decoder blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    n_embd: int = field(default=256, metadata={"help": "decoder width (hidden_dim); != semantic_dim is fine"})
+    ffn_hidden: int = field(default=1024, metadata={"help": "MLP hidden width"})
+    mlp: str = field(default="gelu", metadata={"help": f"MLP kind: one of {sorted(MLPS)}"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in the decoder"})
+    time_conditioning: bool = field(
+        default=True, metadata={"help": "AdaLN-Zero on t (the masked fraction of real tokens) as well"}
+    )
+    cond_tokens: int = field(
+        default=0, metadata={"help": "also cross-attend to the vector as this many memory tokens (0 = off)"}
+    )
+    tie_embeddings: bool = field(
+        default=True, metadata={"help": "share the output head with the input embedding"}
+    )
+    embedding_init: str = field(
+        default="encoder_pca",
+        metadata={
+            "help": "token embeddings at the start of phase 1: 'random' (normal 0.02), 'encoder_pca' (the "
+            "encoder's table projected on its top principal axes) or 'encoder_projection' (a fixed "
+            f"random projection); one of {EMBEDDING_INITS}"
+        },
+    )
+    length_head: bool = field(
+        default=True,
+        metadata={"help": "predict the output length from the vector (else the caller gives it)"},
+    )
+    encoder: EncoderConfig = field(
+        default_factory=EncoderConfig, metadata={"help": "the frozen sentence encoder and its head"}
+    )
+    encoder_dim: int = field(
+        default=384, metadata={"help": "width of the encoder's vectors (checked on load)"}
+    )
+    mask_token_id: int | None = field(default=None, metadata={"help": "[MASK] id (filled in)"})
+    pad_token_id: int | None = field(default=None, metadata={"help": "[PAD] id (filled in)"})
+
+    def __post_init__(self) -> None:
+        if self.embedding_init not in EMBEDDING_INITS:
+            raise DifflmError(f"model.embedding_init={self.embedding_init!r}: use one of {EMBEDDING_INITS}")
+        if self.encoder_dim < 1:
+            raise DifflmError(f"model.encoder_dim must be positive, got {self.encoder_dim}")
+        self.decoder_config()  # validates the transformer fields with its own messages
+
+    @property
+    def semantic_dim(self) -> int:
+        """Width of the vector the decoder sees (after the optional VIB)."""
+        return (self.encoder.vib_dim or self.encoder_dim) if self.encoder.vib else self.encoder_dim
+
+    def decoder_config(self) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_size=self.vocab_size,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            ffn_hidden=self.ffn_hidden,
+            mlp=self.mlp,
+            dropout=self.dropout,
+            time_conditioning=self.time_conditioning,
+            cond_dim=self.semantic_dim,
+            cond_tokens=self.cond_tokens,
+            tie_embeddings=self.tie_embeddings,
+            mask_token_id=self.mask_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+
+@contextlib.contextmanager
+def _project_only_at(head: nn.Module, positions: Tensor) -> Iterator[None]:
+    """Make `head` (the decoder's lm_head, called once on [B, L, C]) see only [N, C] = the rows at
+    `positions` [B, L], so the vocabulary projection is skipped everywhere else."""
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][positions],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class SGDD(nn.Module):
+    """Denoiser conditioned on a sentence vector: (ids [B, L], vector [B, encoder_dim]) -> logits."""
+
+    def __init__(self, config: SGDDConfig) -> None:
+        super().__init__()
+        if config.pad_token_id is None or config.mask_token_id is None:
+            raise DifflmError(
+                "SGDD needs model.pad_token_id and model.mask_token_id (set from the tokenizer)"
+            )
+        self.config = config
+        self.mask_token_id = config.mask_token_id
+        self.head = SemanticHead(config.encoder, config.encoder_dim)
+        self.decoder = Transformer(config.decoder_config())
+        width = config.n_embd
+        self.length_head = (
+            nn.Sequential(
+                nn.Linear(config.semantic_dim, width), nn.GELU(), nn.Linear(width, config.block_size)
+            )
+            if config.length_head
+            else None
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def semantic(self, z: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Encoder vectors [B, D] -> (conditioning vectors [B, semantic_dim], VIB KL or 0).
+
+        `noise` [B, semantic_dim] is the VIB's standard-normal draw, made by the caller (the task's
+        `prepare`, so it depends only on (seed, step)); None gives the mean, as at inference.
+        """
+        if z.dim() != 2 or z.shape[1] != self.config.encoder_dim:
+            raise DifflmError(
+                f"semantic vectors must be [B, {self.config.encoder_dim}], got {tuple(z.shape)}"
+            )
+        mean, kl = self.head(z.float(), sample=False)  # [B, K], scalar
+        if noise is None or self.head.vib is None:
+            return mean, kl
+        whitened = self.head.whitening(z.float()) if self.head.whitening is not None else z.float()
+        return mean + self.head.vib.log_sigma(whitened).exp() * noise, kl  # [B, K]
+
+    def mask_fraction(self, input_ids: Tensor) -> Tensor:
+        """t per row [B]: the masked share of the real (non-pad) tokens."""
+        real = input_ids != self.config.pad_token_id  # [B, L]
+        masked = (input_ids == self.mask_token_id) & real
+        return masked.sum(1) / real.sum(1).clamp(min=1)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_bias: Tensor | None = None,
+        t: Tensor | None = None,
+        cond: Tensor | None = None,
+        cond_drop: Tensor | None = None,
+        cond_noise: Tensor | None = None,
+        logits_at: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [B, L, V], or packed [N, V] at the N true positions of `logits_at` [B, L].
+
+        cond: encoder vectors [B, encoder_dim]; None = unconditional (the learned null vector).
+        cond_drop: bool [B], rows that get the null vector instead (classifier-free guidance).
+        t: ignored in favour of the masked fraction when None (see the module docstring).
+        """
+        c = None
+        if cond is not None:
+            c, _ = self.semantic(cond, cond_noise)  # [B, K]
+            if cond_drop is not None:
+                null = self.decoder.null_cond.to(c.dtype).expand_as(c)
+                c = torch.where(cond_drop.bool()[:, None], null, c)  # [B, K]
+        if t is None and self.config.time_conditioning:
+            t = self.mask_fraction(input_ids)  # [B]
+        kwargs = {"attention_bias": attention_bias, "t": t, "cond": c}
+        if logits_at is None:
+            return self.decoder(input_ids, **kwargs)  # [B, L, V]
+        with _project_only_at(self.decoder.lm_head, logits_at.bool()):
+            return self.decoder(input_ids, **kwargs)  # [N, V]
+
+    def length_logits(self, z: Tensor) -> Tensor:
+        """[B, block_size] scores of lengths 1..block_size, from the mean conditioning vector."""
+        if self.length_head is None:
+            raise DifflmError(
+                "this SGDD model has no length head (model.length_head=false): pass the lengths"
+            )
+        return self.length_head(self.semantic(z)[0])
+
+    @torch.no_grad()
+    def predict_length(self, z: Tensor) -> Tensor:
+        """Most likely token count per vector, [B] in 1..block_size."""
+        return self.length_logits(z).argmax(-1) + 1
+
+    def aux_losses(self, z: Tensor, lengths: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(VIB KL, length cross-entropy) of a batch; zero where the part is absent."""
+        _, kl = self.semantic(z, noise)
+        if self.length_head is None:
+            return kl, kl.new_zeros(())
+        return kl, F.cross_entropy(
+            self.length_logits(z).float(), (lengths - 1).clamp(0, self.config.block_size - 1)
+        )
+
+    @torch.no_grad()
+    def init_embeddings(self, table: Tensor, method: str, generator: torch.Generator | None = None) -> None:
+        """Set the (tied) token embeddings from the encoder's table [V, D] (see `project_table`)."""
+        emb = self.decoder.tok_emb.weight
+        if table.shape[0] != emb.shape[0]:
+            raise DifflmError(
+                f"encoder table has {table.shape[0]} tokens but the decoder vocabulary {emb.shape[0]}: "
+                "the decoder must use the encoder's tokenizer"
+            )
+        emb.copy_(project_table(table, emb.shape[1], method, generator))
+
+
+def project_table(table: Tensor, dim: int, method: str, generator: torch.Generator | None = None) -> Tensor:
+    """Project a token-embedding table [V, D] to [V, dim] with std INIT_STD.
+
+    encoder_pca: centre, keep the top-`dim` principal axes (SVD), so nearby tokens of the encoder
+    stay nearby; when dim > D the extra columns are normal noise at INIT_STD.
+    encoder_projection: a fixed Gaussian projection [D, dim] (Johnson-Lindenstrauss: distances are
+    roughly kept), works for any dim. `random`: a plain normal(0, INIT_STD) table.
+    """
+    vocab, d = table.shape
+    if method == "random":
+        return torch.randn(vocab, dim, generator=generator) * INIT_STD
+    x = table.double() - table.double().mean(0)  # [V, D]
+    if method == "encoder_pca":
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh [D, D], rows = principal axes
+        k = min(dim, d)
+        out = x @ vh[:k].T  # [V, k]
+        out = out / out.std() * INIT_STD
+        if dim > d:
+            out = torch.cat(
+                [out, torch.randn(vocab, dim - d, generator=generator, dtype=out.dtype) * INIT_STD], 1
+            )
+    elif method == "encoder_projection":
+        proj = torch.randn(d, dim, generator=generator, dtype=x.dtype) / math.sqrt(d)  # [D, dim]
+        out = x @ proj  # [V, dim]
+        out = out / out.std() * INIT_STD
+    else:
+        raise DifflmError(f"unknown embedding init {method!r}: use one of {EMBEDDING_INITS}")
+    return out.float()

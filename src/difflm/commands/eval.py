@@ -9,19 +9,33 @@ import time
 from collections.abc import Callable
 
 from difflm.errors import DifflmError
+from difflm.evaluate import poem_completion
+from difflm.evaluate.forcing import eval_forcing
 from difflm.evaluate.likelihood import ar_nll, elbo_nll
+from difflm.evaluate.sgdd import eval_sgdd
 from difflm.pretrained import Pretrained, load_pretrained
+from difflm.systems.prefix_diffusion import eval_prefix_system
 from difflm.train.systems import text_blocks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a step folder or a run folder (its latest checkpoint)")
+    parser.add_argument(
+        "checkpoint", help="a step folder or a run folder (its latest checkpoint), or 'poem-completion'"
+    )
+    poem_completion.add_arguments(parser)
     parser.add_argument("--samples", type=int, default=4, help="Monte-Carlo draws of t per sequence (ELBO)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N val batches")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument(
+        "--judge", default=None, help="teacher_forcing checkpoint scoring generations (gen_ppl)"
+    )
+    parser.add_argument("--continuations", type=int, default=8, help="held-out prompts continued (forcing)")
+    parser.add_argument(
+        "--gen-length", type=int, default=256, help="tokens generated per continuation (forcing)"
+    )
 
 
 def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
@@ -48,11 +62,19 @@ def eval_autoregressive(pre: Pretrained, args: argparse.Namespace) -> dict:
 
 EVALUATORS: dict[str, Callable[[Pretrained, argparse.Namespace], dict]] = {
     "masked_diffusion": eval_masked_diffusion,
+    "qwen3_llada_pretrain": eval_masked_diffusion,  # full attention (no block bias)
     "autoregressive": eval_autoregressive,
+    "sgdd": eval_sgdd,
+    "prefix_diffusion": eval_prefix_system,
+    "poems_ar": eval_prefix_system,
+    "teacher_forcing": eval_forcing,
+    "diffusion_forcing": eval_forcing,
 }
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.checkpoint == "poem-completion":
+        return poem_completion.main(args)
     if args.samples < 1:
         raise DifflmError(f"--samples must be >= 1, got {args.samples}")
     pre = load_pretrained(args.checkpoint, args.device)

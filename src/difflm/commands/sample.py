@@ -16,11 +16,15 @@ from pathlib import Path
 
 import torch
 
+from difflm.data.conversations import chat_prompt_ids
 from difflm.errors import DifflmError
+from difflm.evaluate.sgdd import sample_sgdd
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.trace import Trace, render_gif, render_html, render_live
 from difflm.sampling.unmask import SampleConfig, SampleResult, generate
+from difflm.systems.forcing import sample_diffusion_forcing, sample_teacher_forcing
+from difflm.systems.qwen3_llada import sample as sample_qwen3_llada
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
     parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument(
+        "--block-attention",
+        action="store_true",
+        help="attend under the block bias of training (prompt + own block [+ earlier]); needs --block-length",
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="format each prompt as a chat turn (chat template, else as in SFT)",
+    )
+    parser.add_argument(
+        "--schedule", default=None, help="Diffusion Forcing scheduling matrix (pyramid, full_sequence, ...)"
+    )
+    parser.add_argument("--horizon", type=int, default=None, help="Diffusion Forcing tokens per chunk")
     parser.add_argument("--reveal-schedule", default="even", choices=("even", "cosine", "linear"))
     parser.add_argument(
         "--remasking",
@@ -43,7 +61,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold", type=float, default=None, help="reveal every token with confidence >= this"
     )
-    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight")
+    parser.add_argument(
+        "--factor", type=float, default=None, help="reveal the n best with (n+1)(1 - c_n) < factor"
+    )
+    parser.add_argument(
+        "--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache within a block"
+    )
+    parser.add_argument(
+        "--cfg-scale", type=float, default=None, help="classifier-free guidance weight (default 0; SGDD: its system.cfg_scale)"
+    )
+    parser.add_argument("--text", action="append", default=None, help="SGDD: a text to reconstruct/paraphrase (repeat)")
+    parser.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="SGDD: decode between two texts")
+    parser.add_argument("--alpha", type=float, default=0.5, help="SGDD: interpolation weight of B in [0, 1]")
+    parser.add_argument("--length", type=int, default=None, help="SGDD: output tokens (default: predicted)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1, help="samples per prompt")
     parser.add_argument("--device", default="cpu")
@@ -68,9 +98,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [p for p in prompts for _ in range(args.batch_size)]
 
 
-def encode_batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, P] and attention mask [B, P]."""
-    encoded = [tokenizer.encode(p) for p in prompts]
+def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, P] and attention mask [B, P]; `chat` formats each prompt as a user turn."""
+    encoded = [chat_prompt_ids(tokenizer, p) if chat else tokenizer.encode(p) for p in prompts]
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -90,11 +120,13 @@ def sample_config(args: argparse.Namespace, tokenizer) -> SampleConfig:
         reveal_schedule=args.reveal_schedule,
         remasking=args.remasking,
         threshold=args.threshold,
+        factor=args.factor,
+        cache=args.cache,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         mode=args.mode,
-        cfg_scale=args.cfg_scale,
+        cfg_scale=args.cfg_scale or 0.0,
         suppress_tokens=sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id),
     )
 
@@ -137,9 +169,17 @@ def sample_autoregressive(pre: Pretrained, args: argparse.Namespace, ids, mask, 
     )
 
 
+TEXT_SAMPLERS: dict[str, Callable[[Pretrained, argparse.Namespace], int]] = {"sgdd": sample_sgdd}
+
 SAMPLERS: dict[str, Callable] = {
+    "qwen3_llada_pretrain": sample_qwen3_llada,
+    "qwen3_llada_sft": sample_qwen3_llada,
     "masked_diffusion": sample_masked,
+    "prefix_diffusion": sample_masked,
+    "poems_ar": sample_autoregressive,
     "autoregressive": sample_autoregressive,
+    "teacher_forcing": sample_teacher_forcing,
+    "diffusion_forcing": sample_diffusion_forcing,
 }
 
 
@@ -159,10 +199,12 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise DifflmError(f"--steps must be >= 1, got {args.steps}")
     pre = load_pretrained(args.checkpoint, args.device)
+    if pre.config.task in TEXT_SAMPLERS:  # conditioned on whole texts, not prompts to continue
+        return TEXT_SAMPLERS[pre.config.task](pre, args)
     if pre.config.task not in SAMPLERS:
         raise DifflmError(f"no sampler for task '{pre.config.task}'; known: {', '.join(SAMPLERS)}")
     prompts = read_prompts(args)
-    ids, mask = encode_batch(pre.tokenizer, prompts)
+    ids, mask = encode_batch(pre.tokenizer, prompts, chat=args.chat)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     with torch.no_grad():

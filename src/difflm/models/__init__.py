@@ -11,18 +11,32 @@ from typing import Any
 
 from torch import nn
 
+from difflm.models.dfgpt import DFGPT, DFGPTConfig
+from difflm.models.mlm import MLMConfig, build_mlm
+from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada
+from difflm.models.sgdd import SGDD, SGDDConfig
 from difflm.models.transformer import Transformer, TransformerConfig
 
 MODEL_CONFIGS: dict[str, type] = {
     "transformer": TransformerConfig,
+    "sgdd": SGDDConfig,
+    "qwen3_llada": Qwen3LLaDASpec,
+    "mlm": MLMConfig,
+    "dfgpt": DFGPTConfig,
 }
 
 BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "transformer": Transformer,
+    "sgdd": SGDD,
+    "qwen3_llada": build_qwen3_llada,
+    "mlm": build_mlm,
+    "dfgpt": DFGPT,
 }
 
 DERIVED: dict[str, dict[str, Any]] = {
     "transformer": {"vocab_size": 1, "block_size": 2, "mask_token_id": None, "pad_token_id": None},
+    "qwen3_llada": {"vocab_size": 1, "mask_token_id": None},
+    "dfgpt": {"vocab_size": 1, "block_size": 2},
 }
 
 

@@ -26,6 +26,11 @@ from difflm.data.sources import iter_texts
 from difflm.data.tokenizers import Tokenizer, build_tokenizer
 from difflm.errors import DifflmError
 from difflm.models import build_model
+from difflm.systems.forcing import build_forcing
+from difflm.systems.prefix_diffusion import build_poems_ar, build_prefix_diffusion
+from difflm.systems.qwen3_llada import build_pretrain as build_qwen3_llada_pretrain
+from difflm.systems.qwen3_llada import build_sft as build_qwen3_llada_sft
+from difflm.systems.sgdd import build_sgdd
 from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import Run
 
@@ -95,6 +100,13 @@ def build_autoregressive(cfg: RunConfig) -> Run:
 SYSTEMS: dict[str, Callable[[RunConfig], Run]] = {
     "masked_diffusion": build_masked_diffusion,
     "autoregressive": build_autoregressive,
+    "sgdd": build_sgdd,
+    "prefix_diffusion": build_prefix_diffusion,
+    "poems_ar": build_poems_ar,
+    "teacher_forcing": build_forcing,
+    "diffusion_forcing": build_forcing,
+    "qwen3_llada_pretrain": build_qwen3_llada_pretrain,
+    "qwen3_llada_sft": build_qwen3_llada_sft,
 }
 
 

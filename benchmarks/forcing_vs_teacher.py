@@ -6,7 +6,7 @@ Either compare two trained checkpoints:
 
 or train both small in-process first (same size, same steps, same data), then compare:
 
-    python benchmarks/forcing_vs_teacher.py --train-small --data /work/shared/data/tinyshakespeare.txt \
+    python benchmarks/forcing_vs_teacher.py --train-small --data shakespeare \
         --steps 200 --out /tmp/fvt_small
 
 The TF checkpoint judges the continuations of both (gen_ppl).  DF sampling settings default to the

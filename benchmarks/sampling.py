@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from difflm.config import load_config
+from difflm.data.corpora import resolve_corpus
 from difflm.pretrained import load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.unmask import SampleConfig, generate
@@ -33,7 +34,7 @@ from difflm.train.systems import build_run
 from difflm.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = "/work/shared/data/tinyshakespeare.txt"
+DATA = str(resolve_corpus("shakespeare"))  # a verified local copy, or downloaded once
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,10 +1,19 @@
-"""Shared test fixtures: a tiny deterministic mock denoiser for sampler tests."""
+"""Shared test fixtures: a tiny deterministic mock denoiser for sampler tests.
+
+Tests never reach a model hub: offline mode makes a hub name fail at once instead of after retries
+(subprocesses started by tests inherit it).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import Tensor, nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 class MockDenoiser(nn.Module):

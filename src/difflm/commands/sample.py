@@ -8,6 +8,7 @@ HTML page, and replayed live in the terminal.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -23,7 +24,7 @@ from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.trace import Trace, render_gif, render_html, render_live
 from difflm.sampling.unmask import SampleConfig, SampleResult, generate
-from difflm.systems.forcing import sample_diffusion_forcing, sample_teacher_forcing
+from difflm.systems.forcing import sample_diffusion_forcing
 from difflm.systems.qwen3_llada import sample as sample_qwen3_llada
 
 
@@ -68,10 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache within a block"
     )
     parser.add_argument(
-        "--cfg-scale", type=float, default=None, help="classifier-free guidance weight (default 0; SGDD: its system.cfg_scale)"
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance weight (default 0; SGDD: its system.cfg_scale)",
     )
-    parser.add_argument("--text", action="append", default=None, help="SGDD: a text to reconstruct/paraphrase (repeat)")
-    parser.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="SGDD: decode between two texts")
+    parser.add_argument(
+        "--text", action="append", default=None, help="SGDD: a text to reconstruct/paraphrase (repeat)"
+    )
+    parser.add_argument(
+        "--interpolate", nargs=2, metavar=("A", "B"), default=None, help="SGDD: decode between two texts"
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="SGDD: interpolation weight of B in [0, 1]")
     parser.add_argument("--length", type=int, default=None, help="SGDD: output tokens (default: predicted)")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,11 +155,15 @@ def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generato
     )
 
 
-def sample_autoregressive(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
+def sample_autoregressive(
+    pre: Pretrained, args: argparse.Namespace, ids, mask, generator, use_cache: bool = True
+) -> SampleResult:
+    """KV-cached decoding; `use_cache=False` (models without a cache, e.g. DFGPT in teacher-forcing
+    mode) recomputes a sliding window of block_size tokens, so it may run past the model's length."""
     if args.gen_length < 1:
         raise DifflmError(f"--gen-length must be >= 1, got {args.gen_length}")
     limit = pre.model.config.block_size
-    if ids.shape[1] + args.gen_length > limit:
+    if use_cache and ids.shape[1] + args.gen_length > limit:
         raise DifflmError(
             f"prompt of {ids.shape[1]} tokens + gen length {args.gen_length} exceeds the model's length {limit}; "
             "shorten the prompt or lower --gen-length"
@@ -166,6 +178,7 @@ def sample_autoregressive(pre: Pretrained, args: argparse.Namespace, ids, mask, 
         generator=generator,
         attention_mask=mask,
         trace=bool(args.animate or args.live),
+        use_cache=use_cache,
     )
 
 
@@ -178,7 +191,7 @@ SAMPLERS: dict[str, Callable] = {
     "prefix_diffusion": sample_masked,
     "poems_ar": sample_autoregressive,
     "autoregressive": sample_autoregressive,
-    "teacher_forcing": sample_teacher_forcing,
+    "teacher_forcing": functools.partial(sample_autoregressive, use_cache=False),
     "diffusion_forcing": sample_diffusion_forcing,
 }
 

@@ -24,7 +24,6 @@ from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
-from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.forcing import SCHEDULES, sample_forcing
 from difflm.sampling.unmask import SampleResult
 from difflm.train.tasks import AutoregressiveTask
@@ -106,24 +105,6 @@ def build_forcing(cfg: RunConfig) -> Run:
 
 
 # ----------------------------------------------------------------------------- `difflm sample` entries
-
-
-def sample_teacher_forcing(
-    pre: Pretrained, args: argparse.Namespace, ids: Tensor, mask: Tensor, generator: torch.Generator
-) -> SampleResult:
-    """DFGPT with the flag off: ancestral sampling without a KV cache (sliding window past block_size)."""
-    return generate_ar(
-        pre.model,
-        ids,
-        max_new_tokens=args.gen_length,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        generator=generator,
-        attention_mask=mask,
-        trace=bool(args.animate or args.live),
-        use_cache=False,
-    )
 
 
 def sample_diffusion_forcing(

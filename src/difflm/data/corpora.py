@@ -80,7 +80,7 @@ def search_dirs(local: str | None = None) -> list[Path]:
     if repo_dir is not None:
         dirs.append(repo_dir)
     dirs.append(cache_dir())
-    return dirs
+    return list(dict.fromkeys(d.resolve() for d in dirs))  # in order, each folder once
 
 
 def _find_local(corpus: Corpus, local: str | None) -> Path | None:

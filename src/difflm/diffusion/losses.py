@@ -12,7 +12,7 @@ linear schedule (t = p_mask) as LLaDA does; for other schedules call `elbo_loss`
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +90,17 @@ def elbo_loss(
     return (ce * scale).sum()
 
 
-class LossFn(Protocol):
-    """The signature every entry of `LOSSES` has."""
+@dataclass(frozen=True)
+class NamedLoss:
+    """A preset of `elbo_loss` with LLaDA's 1/p_mask weight; every entry of `LOSSES` is one.
+
+    `from_mask_id`: loss positions are `noisy_ids == mask_token_id` (dLLM) instead of `noised`.
+    `normalize="answer"` (SFT) divides each example by its answer length and needs `loss_mask`.
+    """
+
+    from_mask_id: bool = False
+    label_smoothing: float = 0.0
+    normalize: str = "tokens"
 
     def __call__(
         self,
@@ -104,105 +113,31 @@ class LossFn(Protocol):
         mask_token_id: int,
         loss_mask: Tensor | None = None,
         reweight_cap: float | None = None,
-    ) -> Tensor: ...
+    ) -> Tensor:
+        if self.normalize == "answer" and loss_mask is None:
+            raise DifflmError("the sft loss needs loss_mask marking answer positions (non-prompt tokens)")
+        positions = noisy_ids == mask_token_id if self.from_mask_id else noised  # [B, L]
+        return elbo_loss(
+            logits,
+            targets,
+            positions,
+            1.0 / p_mask.float(),
+            reweight_cap=reweight_cap,
+            label_smoothing=self.label_smoothing,
+            normalize=self.normalize,
+            loss_mask=loss_mask,
+        )
 
 
-def guidelines_loss(
-    logits: Tensor,
-    targets: Tensor,
-    noisy_ids: Tensor,
-    noised: Tensor,
-    p_mask: Tensor,
-    *,
-    mask_token_id: int,
-    loss_mask: Tensor | None = None,
-    reweight_cap: float | None = None,
-) -> Tensor:
-    """LLaDA pre-training: CE on noised positions / p_mask, summed and divided by B * L."""
-    return elbo_loss(
-        logits, targets, noised, 1.0 / p_mask.float(), reweight_cap=reweight_cap, loss_mask=loss_mask
-    )
-
-
-def dllm_loss(
-    logits: Tensor,
-    targets: Tensor,
-    noisy_ids: Tensor,
-    noised: Tensor,
-    p_mask: Tensor,
-    *,
-    mask_token_id: int,
-    loss_mask: Tensor | None = None,
-    reweight_cap: float | None = None,
-) -> Tensor:
-    """As `guidelines`, but the loss positions are `noisy_ids == mask_token_id` (`noised` is ignored).
-
-    Differs from `guidelines` only where a clean token already equals the mask id.
-    """
-    is_mask = noisy_ids == mask_token_id  # [B, L]
-    return elbo_loss(
-        logits, targets, is_mask, 1.0 / p_mask.float(), reweight_cap=reweight_cap, loss_mask=loss_mask
-    )
-
-
-def soft_ce_loss(
-    logits: Tensor,
-    targets: Tensor,
-    noisy_ids: Tensor,
-    noised: Tensor,
-    p_mask: Tensor,
-    *,
-    mask_token_id: int,
-    loss_mask: Tensor | None = None,
-    reweight_cap: float | None = None,
-) -> Tensor:
-    """As `guidelines` with label smoothing 0.1."""
-    return elbo_loss(
-        logits,
-        targets,
-        noised,
-        1.0 / p_mask.float(),
-        reweight_cap=reweight_cap,
-        label_smoothing=0.1,
-        loss_mask=loss_mask,
-    )
-
-
-def sft_loss(
-    logits: Tensor,
-    targets: Tensor,
-    noisy_ids: Tensor,
-    noised: Tensor,
-    p_mask: Tensor,
-    *,
-    mask_token_id: int,
-    loss_mask: Tensor | None = None,
-    reweight_cap: float | None = None,
-) -> Tensor:
-    """LLaDA SFT: CE / p_mask on noised answer positions, each example divided by its answer length,
-    then averaged over the batch. `loss_mask` marks the answer positions and is required."""
-    if loss_mask is None:
-        raise DifflmError("the sft loss needs loss_mask marking answer positions (non-prompt tokens)")
-    return elbo_loss(
-        logits,
-        targets,
-        noised,
-        1.0 / p_mask.float(),
-        reweight_cap=reweight_cap,
-        normalize="answer",
-        loss_mask=loss_mask,
-    )
-
-
-LOSSES: dict[str, LossFn] = {
-    "guidelines": guidelines_loss,
-    "dllm": dllm_loss,
-    "soft_ce": soft_ce_loss,
-    "sft": sft_loss,
+LOSSES: dict[str, NamedLoss] = {
+    "guidelines": NamedLoss(),  # LLaDA pre-training: CE on masked / p_mask, divided by B * L
+    "dllm": NamedLoss(from_mask_id=True),  # differs only where a clean token equals the mask id
+    "soft_ce": NamedLoss(label_smoothing=0.1),
+    "sft": NamedLoss(normalize="answer"),  # LLaDA SFT: per-example answer length
 }
 
 
-def get_loss(name: str) -> LossFn:
+def get_loss(name: str) -> NamedLoss:
     """The named loss from `LOSSES`."""
     if name not in LOSSES:
         raise DifflmError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

@@ -152,3 +152,88 @@ def test_cache_errors(mock_denoiser):
         cfg(cache="full")
     with pytest.raises(DifflmError, match="sample.factor must be > 0"):
         cfg(factor=0.0)
+
+
+def tiny_qwen3(attn: str):
+    from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada
+
+    torch.manual_seed(0)
+    spec = Qwen3LLaDASpec(
+        vocab_size=V,
+        mask_token_id=MASK,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
+    model = build_qwen3_llada(spec).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(40)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_qwen3_llada_cached_step_equals_full_forward(attn, mode):
+    """Qwen3-LLaDA's slot cache (GQA: 2 key/value heads for 4 query heads) is exact on an unchanged
+    sequence, with left padding, and holds exactly L slots."""
+    model = tiny_qwen3(attn)
+    x = torch.randint(0, V - 1, (2, L))
+    x[:, 12:] = MASK
+    bias = padding_bias(torch.tensor([[0] * 3 + [1] * (L - 3), [1] * L]))
+    with torch.no_grad():
+        full = model(x, attention_bias=bias)  # [B, L, V]
+        fwd = BlockForward(model, mode, L)
+        first, cached = fwd(x, bias, {}, 12, 16), fwd(x, bias, {}, 12, 16)
+    torch.testing.assert_close(first, full[:, 12:16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, full[:, 12:16], atol=1e-5, rtol=0)
+    cache = fwd.caches["cond"]
+    assert cache.k[0].shape == (2, 2, L, 8) and cache.length == L
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_qwen3_llada_fast_decoding_batched_equals_per_row(mode):
+    model, (ids, mask) = tiny_qwen3("sdpa"), prompts()
+    config = cfg(cache=mode, threshold=0.5)
+    vanilla = generate(model, ids, cfg(threshold=0.5), attention_mask=mask, trace=True)
+    batch = generate(model, ids, config, attention_mask=mask, trace=True)
+    assert torch.equal(batch.trace.steps[0].tokens, vanilla.trace.steps[0].tokens)  # exact first step
+    for r in range(3):
+        solo = generate(model, ids[r][mask[r].bool()][None], config)
+        assert torch.equal(batch.tokens[r, -16:], solo.tokens[0, -16:]), r
+
+
+def test_qwen3_llada_offset_without_cache_is_refused():
+    with pytest.raises(DifflmError, match="need a kv_cache"):
+        tiny_qwen3("eager")(torch.tensor([[1, 2]]), position_offset=3)
+
+
+class WithoutLogitsAt(torch.nn.Module):
+    """The same Transformer behind a forward that cannot take logits_at (full [B, Q, V] logits)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.inner, self.mask_token_id, self.config = model, model.mask_token_id, model.config
+
+    def forward(self, input_ids, *, attention_bias=None, position_offset=0, kv_cache=None, attend_len=None):
+        return self.inner(
+            input_ids,
+            attention_bias=attention_bias,
+            position_offset=position_offset,
+            kv_cache=kv_cache,
+            attend_len=attend_len,
+        )
+
+
+@pytest.mark.parametrize("mode", ["none", "prefix", "dual"])
+def test_block_only_vocabulary_projection_changes_nothing(mode):
+    """The engine asks for logits of the block's columns only (logits_at); same tokens as full logits."""
+    model, (ids, mask) = tiny_model(), prompts()
+    config = cfg(cache=mode, threshold=0.5, cfg_scale=1.0)
+    packed = generate(model, ids, config, attention_mask=mask)
+    full = generate(WithoutLogitsAt(model), ids, config, attention_mask=mask)
+    assert torch.equal(packed.tokens, full.tokens) and packed.forward_passes == full.forward_passes

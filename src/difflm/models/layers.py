@@ -143,7 +143,10 @@ class KVCache:
     def for_model(
         cls, model: nn.Module, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """A cache shaped for `model` (anything with a TransformerConfig-like `model.config`)."""
+        """A cache shaped for `model`: its own `kv_cache(batch, max_len, dtype)` when it has one
+        (Qwen3-LLaDA), else read from a TransformerConfig-like `model.config`."""
+        if hasattr(model, "kv_cache") and max_len is not None:
+            return model.kv_cache(batch, max_len, dtype)
         cfg: Any = model.config
         param = next(model.parameters())
         return cls(

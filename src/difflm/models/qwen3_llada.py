@@ -18,6 +18,12 @@ the adapter's state-dict keys are the HF model's, so a difflm checkpoint folder 
 difflm model family `qwen3_llada`: `Qwen3LLaDASpec` (the `model:` section) and `build_qwen3_llada`
 (a fresh denoiser); `load_qwen3_llada` reads a Qwen3-LLaDA folder for `model.init_from`.
 
+Block-wise KV caching (`sample.cache=prefix|dual`): the denoiser's forward takes difflm's
+`position_offset`, `kv_cache` (a `KVCache` of the whole sequence) and `attend_len`, like difflm's
+Transformer. `_SlotCache` hands it to Qwen3's attention in place of an HF cache object: each layer's
+`update` writes the new rotated keys/values at slots [offset, offset+Q) and reads back [0, attend_len),
+so the sampler can overwrite the block's slots in the middle of the sequence (HF caches only append).
+
 Importing this module registers `qwen3_llada` with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM`,
 so `from_pretrained` needs no `trust_remote_code`. Only "eager" and "sdpa" attention are supported: the
 flash / flex kernels cannot take an arbitrary additive bias.
@@ -38,6 +44,7 @@ from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3PreTrainedModel
 
 from difflm.errors import DifflmError
+from difflm.models.layers import KVCache
 
 
 @strict
@@ -69,22 +76,26 @@ def combine_bias(
     length: int,
     dtype: torch.dtype,
     device: torch.device,
+    queries: int | None = None,
 ) -> torch.Tensor | None:
     """Merge an additive bias [B|1, 1, Q|1, K] and a padding mask [B, K] into one additive mask.
+
+    `length` is the key count K; `queries` the query count Q (default K; fewer with a KV cache).
 
     The result broadcasts to [B, 1, Q, K] (padding alone stays [B, 1, 1, K], no L x L tensor).
     -inf becomes the dtype's minimum so a query that sees no key at all (e.g. a padded query under
     block attention) gets a uniform softmax instead of NaN. Returns None for full attention.
     """
     parts = []
+    queries = length if queries is None else queries
     if attention_bias is not None:
         if (
             attention_bias.dim() != 4
             or attention_bias.shape[-1] != length
-            or attention_bias.shape[-2] not in (1, length)
+            or attention_bias.shape[-2] not in (1, queries)
         ):
             raise DifflmError(
-                f"attention_bias has shape {tuple(attention_bias.shape)}, expected [B, 1, {length} or 1, {length}]"
+                f"attention_bias has shape {tuple(attention_bias.shape)}, expected [B, 1, {queries} or 1, {length}]"
             )
         parts.append(attention_bias.to(device, torch.float32))  # [B, 1, Q, K]
     if attention_mask is not None:
@@ -98,6 +109,18 @@ def combine_bias(
         return None
     bias = parts[0] if len(parts) == 1 else parts[0] + parts[1]  # [B, 1, Q | 1, K]
     return bias.clamp(min=torch.finfo(dtype).min).to(dtype)
+
+
+class _SlotCache:
+    """Duck-types the one method of an HF cache that Qwen3's attention calls, over a difflm KVCache."""
+
+    def __init__(self, cache: KVCache, start: int, attend_len: int) -> None:
+        self.cache, self.start, self.attend_len = cache, start, attend_len
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(layer_idx, self.start, k, v, self.attend_len)  # [B, H_kv, K, D] each
 
 
 class Qwen3LLaDAPreTrainedModel(Qwen3PreTrainedModel):
@@ -121,17 +144,35 @@ class Qwen3LLaDAModel(Qwen3LLaDAPreTrainedModel, Qwen3Model):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_offset: int = 0,
+        kv_cache: KVCache | None = None,
+        attend_len: int | None = None,
         **kwargs,
     ):
-        embeds = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)  # [B, L, D]
-        batch, length = embeds.shape[:2]
-        mask = combine_bias(attention_bias, attention_mask, batch, length, embeds.dtype, embeds.device)
+        """With `kv_cache`, the Q inputs sit at positions position_offset..+Q, their keys/values are
+        written there and attention runs over slots [0, attend_len) (default offset + Q); the bias
+        and padding mask then cover attend_len keys."""
+        embeds = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)  # [B, Q, D]
+        batch, queries = embeds.shape[:2]
+        slots = None
+        if kv_cache is not None:
+            attend_len = position_offset + queries if attend_len is None else attend_len
+            kv_cache.check(batch, position_offset, queries, attend_len)
+            slots = _SlotCache(kv_cache, position_offset, attend_len)
+        elif attend_len is not None or position_offset:
+            raise DifflmError(
+                "position_offset / attend_len need a kv_cache (see difflm.models.layers.KVCache)"
+            )
+        if position_ids is None and slots is not None:
+            position_ids = torch.arange(queries, device=embeds.device)[None] + position_offset  # [1, Q]
+        keys = queries if slots is None else attend_len
+        mask = combine_bias(attention_bias, attention_mask, batch, keys, embeds.dtype, embeds.device, queries)
         mask_mapping = dict.fromkeys(set(self.config.layer_types), mask)
         return super().forward(
             inputs_embeds=embeds,
             attention_mask=mask_mapping,
             position_ids=position_ids,
-            past_key_values=None,
+            past_key_values=slots,
             use_cache=False,
             **kwargs,
         )
@@ -198,8 +239,32 @@ class Qwen3LLaDADenoiser(nn.Module):
         attention_mask: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
+        position_offset: int = 0,
+        kv_cache: KVCache | None = None,
+        attend_len: int | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.hf(input_ids, attention_bias=attention_bias, attention_mask=attention_mask).logits
+        """Logits [B, Q, V], or packed [N, V] at the true positions of `logits_at` [B, Q]."""
+        cache_args = {}
+        if kv_cache is not None or position_offset or attend_len is not None:
+            cache_args = {"position_offset": position_offset, "kv_cache": kv_cache, "attend_len": attend_len}
+        hidden = self.model(
+            input_ids=input_ids, attention_bias=attention_bias, attention_mask=attention_mask, **cache_args
+        ).last_hidden_state  # [B, Q, D]
+        return self.lm_head(hidden if logits_at is None else hidden[logits_at.bool()])
+
+    def kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache of max_len slots per layer for this model (GQA: key/value heads only)."""
+        cfg, param = self.config, next(self.parameters())
+        return KVCache(
+            cfg.num_hidden_layers,
+            batch,
+            cfg.num_key_value_heads,
+            max_len,
+            cfg.head_dim,
+            device=param.device,
+            dtype=param.dtype if dtype is None else dtype,
+        )
 
 
 def as_denoiser(model: Qwen3LLaDAForMaskedLM) -> Qwen3LLaDADenoiser:

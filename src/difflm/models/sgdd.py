@@ -21,9 +21,7 @@ What is here, and what is not:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -115,17 +113,6 @@ class SGDDConfig:
         )
 
 
-@contextlib.contextmanager
-def _project_only_at(head: nn.Module, positions: Tensor) -> Iterator[None]:
-    """Make `head` (the decoder's lm_head, called once on [B, L, C]) see only [N, C] = the rows at
-    `positions` [B, L], so the vocabulary projection is skipped everywhere else."""
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][positions],))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class SGDD(nn.Module):
     """Denoiser conditioned on a sentence vector: (ids [B, L], vector [B, encoder_dim]) -> logits."""
 
@@ -198,11 +185,7 @@ class SGDD(nn.Module):
                 c = torch.where(cond_drop.bool()[:, None], null, c)  # [B, K]
         if t is None and self.config.time_conditioning:
             t = self.mask_fraction(input_ids)  # [B]
-        kwargs = {"attention_bias": attention_bias, "t": t, "cond": c}
-        if logits_at is None:
-            return self.decoder(input_ids, **kwargs)  # [B, L, V]
-        with _project_only_at(self.decoder.lm_head, logits_at.bool()):
-            return self.decoder(input_ids, **kwargs)  # [N, V]
+        return self.decoder(input_ids, attention_bias=attention_bias, t=t, cond=c, logits_at=logits_at)
 
     def length_logits(self, z: Tensor) -> Tensor:
         """[B, block_size] scores of lengths 1..block_size, from the mean conditioning vector."""

@@ -211,8 +211,12 @@ class Transformer(nn.Module):
         position_offset: int = 0,
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
-        """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q.
+        """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q, or
+        packed [N, V] at the N true positions of `logits_at` [B, Q] (the vocabulary projection is
+        the largest matmul with a big vocabulary: training scores masked positions only, the
+        sampler one block).
 
         attention_bias: additive, broadcastable to [B, 1, Q, K] (K = Q, or attend_len with a cache);
         the causal bias is added automatically when config.causal.
@@ -234,7 +238,8 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, ctx, layer, c, memory)
         shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)
-        return self.lm_head(modulate(self.norm_f(x), shift, scale))  # [B, Q, V]
+        h = modulate(self.norm_f(x), shift, scale)  # [B, Q, C]
+        return self.lm_head(h if logits_at is None else h[logits_at.bool()])  # [B, Q, V] or [N, V]
 
     def _attention_context(
         self,

@@ -17,9 +17,13 @@ needed afterwards, so a step over a subset of rows (rows whose block is finished
 may run on a gathered copy of the cache; a refresh over a subset writes its rows back.
 
 A model supports the cache when its forward takes `position_offset`, `kv_cache` and `attend_len`
-as difflm's `Transformer` does; the cache is a `KVCache` of exactly the sequence length L.
-Qwen3-LLaDA (Hugging Face) is not supported: its bidirectional path drops `past_key_values`, and
-HF's append-only caches cannot overwrite the block's slots in the middle of the sequence.
+as difflm's `Transformer` and the Qwen3-LLaDA denoiser do; the cache is a `KVCache` of exactly the
+sequence length L. Hugging Face masked LMs (BERT, RoBERTa) have no such path: they run with
+cache=none (threshold / factor decoding still apply). SGDD decodes one block, so a cache has
+nothing to reuse there.
+
+Under every policy, a model whose forward takes `logits_at` (difflm's Transformer, SGDD,
+Qwen3-LLaDA) projects only the block's columns onto the vocabulary instead of all L.
 """
 
 from __future__ import annotations
@@ -38,13 +42,19 @@ CACHE_MODES = ("none", "prefix", "dual")
 CACHE_KWARGS = ("position_offset", "kv_cache", "attend_len")
 
 
-def supports_cache(model: Any) -> bool:
-    """True when model.forward takes position_offset, kv_cache and attend_len (difflm Transformer)."""
+def takes(model: Any, *names: str) -> bool:
+    """True when model.forward accepts every keyword in `names`."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return all(name in params for name in CACHE_KWARGS) and hasattr(model, "config")
+    return all(name in params for name in names)
+
+
+def supports_cache(model: Any) -> bool:
+    """True when model.forward takes position_offset, kv_cache and attend_len (difflm Transformer,
+    Qwen3-LLaDA)."""
+    return takes(model, *CACHE_KWARGS) and hasattr(model, "config")
 
 
 def check_cache(model: Any, mode: str) -> None:
@@ -88,6 +98,7 @@ class BlockForward:
     def __init__(self, model: Any, mode: str, length: int) -> None:
         check_cache(model, mode)
         self.model, self.mode, self.length = model, mode, length
+        self.packed = takes(model, "logits_at")
         self.caches: dict[str, KVCache] = {}
         self.fresh: set[str] = set()  # streams refreshed since the current block started
 
@@ -111,26 +122,38 @@ class BlockForward:
         rows: which rows of the stream's full batch (`batch` rows) x holds; None = all of them.
         """
         if self.mode == "none":
-            return self.model(x, attention_bias=bias, **kwargs)[:, lo:hi]
+            return self._logits(x, lo, hi, attention_bias=bias, **kwargs)
         cache = self._cache(stream, len(x) if batch is None else batch)
         if stream not in self.fresh:  # block start: one exact pass over [0, L) fills the cache
             self.fresh.add(stream)
             target = cache if rows is None else _gathered(cache, rows)
-            out = self.model(x, attention_bias=bias, kv_cache=target, attend_len=self.length, **kwargs)
+            out = self._logits(
+                x, lo, hi, attention_bias=bias, kv_cache=target, attend_len=self.length, **kwargs
+            )
             if rows is not None:
                 for layer in range(cache.n_layer):
                     cache.k[layer][rows], cache.v[layer][rows] = target.k[layer], target.v[layer]
-            return out[:, lo:hi]
+            return out
         end = self.length if self.mode == "prefix" else hi
-        out = self.model(
+        return self._logits(
             x[:, lo:end],
+            0,
+            hi - lo,
             attention_bias=query_rows(bias, lo, end),
             position_offset=lo,
             kv_cache=cache if rows is None else _gathered(cache, rows),
             attend_len=self.length,
             **kwargs,
-        )  # [b, end-lo, V]
-        return out[:, : hi - lo]
+        )
+
+    def _logits(self, x: Tensor, lo: int, hi: int, **kwargs) -> Tensor:
+        """The model's logits [b, hi-lo, V] at columns [lo, hi) of its input x [b, Q]; only those
+        columns go through the vocabulary projection when the model takes `logits_at`."""
+        if not self.packed:
+            return self.model(x, **kwargs)[:, lo:hi]
+        at = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        at[:, lo:hi] = True
+        return self.model(x, logits_at=at, **kwargs).view(len(x), hi - lo, -1)  # [N, V] -> [b, S, V]
 
     def _cache(self, stream: str, batch: int) -> KVCache:
         if stream not in self.caches:

@@ -83,12 +83,22 @@ def draw_tokens(
     distribution softmax(logits), or the tempered and filtered one when `tempered_probs`.
     """
     logits = logits.float()
+    if temperature == 0 and not top_k and (top_p is None or top_p >= 1.0):  # plain argmax: no filter
+        return logits.argmax(dim=-1), logits.softmax(dim=-1)
     tempered = logits / temperature if temperature > 0 else logits
     kept = apply_top_p(apply_top_k(tempered, top_k), top_p)  # [..., V]
     filtered = logits.masked_fill(kept.isneginf(), float("-inf"))
     chosen = gumbel_argmax(filtered, temperature, generator)
     probs = (kept if tempered_probs else logits).softmax(dim=-1)
     return chosen, probs
+
+
+def greedy_confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Argmax tokens [...] and their probability [...] from logits [..., V] in one max and one
+    logsumexp pass, without materialising the softmax (the engine's greedy low-confidence path:
+    with a large vocabulary the draw is a sizeable share of a cached step)."""
+    best, chosen = logits.float().max(dim=-1)
+    return chosen, (best - logits.float().logsumexp(dim=-1)).exp()
 
 
 def _probability(probs: Tensor, chosen: Tensor) -> Tensor:

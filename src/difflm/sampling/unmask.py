@@ -33,6 +33,7 @@ from difflm.sampling.draw import (
     confidence,
     draw_tokens,
     factor_count,
+    greedy_confidence,
     reveal_counts,
     threshold_count,
     uniform,
@@ -312,6 +313,9 @@ def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators
         )
     logits = logits.clone()
     logits[..., banned] = float("-inf")
+    plain = not cfg.top_k and (cfg.top_p is None or cfg.top_p >= 1.0)
+    if cfg.temperature == 0 and plain and cfg.remasking not in ("margin", "entropy"):
+        return greedy_confidence(logits)
     chosen, probs = draw_tokens(
         logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, cfg.confidence_from_tempered
     )

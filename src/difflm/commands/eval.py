@@ -8,6 +8,8 @@ import math
 import time
 from collections.abc import Callable
 
+import torch
+
 from difflm.errors import DifflmError
 from difflm.evaluate import poem_completion
 from difflm.evaluate.forcing import eval_forcing
@@ -16,6 +18,7 @@ from difflm.evaluate.sgdd import eval_sgdd
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.systems.prefix_diffusion import eval_prefix_system
 from difflm.train.systems import text_blocks
+from difflm.train.trainer import autocast
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N val batches")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast for the model's forwards (bf16: ~2.5x faster on CPUs with AVX-512 BF16)",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument(
         "--judge", default=None, help="teacher_forcing checkpoint scoring generations (gen_ppl)"
@@ -81,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
     if pre.config.task not in EVALUATORS:
         raise DifflmError(f"no evaluator for task '{pre.config.task}'; known: {', '.join(EVALUATORS)}")
     start = time.perf_counter()
-    metrics = {"checkpoint": str(pre.path), "task": pre.config.task, **EVALUATORS[pre.config.task](pre, args)}
+    with autocast(torch.device(args.device), args.precision):
+        metrics = {
+            "checkpoint": str(pre.path),
+            "task": pre.config.task,
+            **EVALUATORS[pre.config.task](pre, args),
+        }
+    metrics["precision"] = args.precision
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     if args.json:
         print(json.dumps(metrics))

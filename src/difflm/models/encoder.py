@@ -183,8 +183,13 @@ class SemanticEncoder(nn.Module):
 
     @torch.no_grad()
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
-        """Run the encoder on tokenized inputs and pool: [B, L] ids -> [B, D] float32."""
-        hidden = self.model(**batch).last_hidden_state  # [B, L, D]
+        """Run the encoder on tokenized inputs and pool: [B, L] ids -> [B, D] float32.
+
+        Always in float32, even under a caller's autocast: vectors are cached on disk and reused
+        by training, so they must not depend on the precision of whoever computed them first."""
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, enabled=False):
+            hidden = self.model(**batch).last_hidden_state  # [B, L, D]
         if self.config.pooling == "cls":
             pooled = hidden[:, 0]  # [B, D]
         else:

@@ -113,7 +113,7 @@ class TrainConfig:
     eval_every: int = opt(250, "Evaluate the val loss every N steps (0 = only at the end).")
     eval_batches: int = opt(20, "Val batches per evaluation.")
     log_every: int = opt(10, "Log train metrics every N steps.")
-    save_every: int = opt(500, "Checkpoint every N steps (and at the end).")
+    save_every: int = opt(500, "Checkpoint every N steps and at the end (0 = only at the end).")
     keep_last: int = opt(3, "Checkpoints to keep (0 = keep all).")
     resume: str | None = opt(None, "'latest', a step folder name like 'step-500', or a checkpoint path.")
     stop_at_step: int | None = opt(

@@ -269,7 +269,7 @@ def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop) -
     if (tc.eval_every and state.step % tc.eval_every == 0) or last:
         state.val_loss = evaluate_loss(model, run.task, run.val_data, tc)
         logger.log({"step": state.step, "val_loss": state.val_loss})
-    if state.step % tc.save_every == 0 or last:
+    if (tc.save_every and state.step % tc.save_every == 0) or last:
         if rank == 0:
             ckpt.save_checkpoint(
                 tc.output_dir,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflm.config import opt
 from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.errors import DifflmError
 from difflm.models.layers import GeluMLP, timestep_embedding
@@ -32,25 +33,19 @@ from difflm.models.layers import GeluMLP, timestep_embedding
 FUSIONS = ("add", "concat")
 
 
-def _opt(help: str, default: object, **meta: object) -> object:
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
 class DFGPTConfig:
-    vocab_size: int = _opt("Vocabulary size (set from the tokenizer).", 256)
-    block_size: int = _opt("Longest sequence the model sees (learned positions).", 256)
-    n_layer: int = _opt("Transformer blocks.", 6)
-    n_head: int = _opt("Attention heads.", 6)
-    n_embd: int = _opt("Model width, also the embedding space diffusion runs in.", 384)
-    dropout: float = _opt("Dropout on embeddings, attention and residual branches.", 0.0)
-    bias: bool = _opt("Biases in Linear and LayerNorm layers.", False)
-    use_diffusion_forcing: bool = _opt(
-        "False: plain GPT (next-token loss). True: Diffusion Forcing denoiser in embedding space.", False
+    vocab_size: int = opt(256, "Vocabulary size (set from the tokenizer).")
+    block_size: int = opt(256, "Longest sequence the model sees (learned positions).")
+    n_layer: int = opt(6, "Transformer blocks.")
+    n_head: int = opt(6, "Attention heads.")
+    n_embd: int = opt(384, "Model width, also the embedding space diffusion runs in.")
+    dropout: float = opt(0.0, "Dropout on embeddings, attention and residual branches.")
+    bias: bool = opt(False, "Biases in Linear and LayerNorm layers.")
+    use_diffusion_forcing: bool = opt(
+        False, "False: plain GPT (next-token loss). True: Diffusion Forcing denoiser in embedding space."
     )
-    fusion: str = _opt(
-        "How the noise-level embedding joins the token: add, or concat + MLP.", "add", choices=FUSIONS
-    )
+    fusion: str = opt("add", "How the noise-level embedding joins the token: add, or concat + MLP.", FUSIONS)
     gaussian: GaussianConfig = field(
         default_factory=GaussianConfig,
         metadata={"help": "Gaussian diffusion (used when use_diffusion_forcing)."},

@@ -211,3 +211,19 @@ def test_flash_attention_refuses_bias() -> None:
     hf.config._attn_implementation = "flash_attention_2"  # set after init: flash is not installed
     with pytest.raises(DifflmError, match=r"attention 'flash_attention_2'\) only takes padding masks"):
         MLMDenoiser(hf, mask_token_id=4)(ids(), attention_bias=torch.zeros(1, 1, 12, 12))
+
+
+def test_max_length_is_the_position_table_less_robertas_offset():
+    torch.manual_seed(0)
+    bert = MLMDenoiser(BertForMaskedLM(tiny_bert_config()).eval(), mask_token_id=4)
+    assert bert.max_length == 32
+    roberta_cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=34,
+        pad_token_id=1,
+    )
+    assert MLMDenoiser(RobertaForMaskedLM(roberta_cfg), mask_token_id=4).max_length == 32  # 34 - (1 + 1)

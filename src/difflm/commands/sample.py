@@ -143,7 +143,12 @@ def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generato
     if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
     cfg = sample_config(args, pre.tokenizer)
-    max_length = getattr(getattr(pre.model, "config", None), "block_size", None)
+    config = getattr(pre.model, "config", None)
+    max_length = (
+        getattr(config, "block_size", None)  # difflm transformer, SGDD
+        or getattr(config, "max_position_embeddings", None)  # Qwen3-LLaDA
+        or getattr(pre.model, "max_length", None)  # HF masked LMs
+    )
     return generate(
         pre.model,
         ids,

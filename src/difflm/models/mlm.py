@@ -67,6 +67,13 @@ class MLMDenoiser(nn.Module):
         self.mlm = mlm
         self.mask_token_id = mask_token_id
 
+    @property
+    def max_length(self) -> int:
+        """Longest input: the position table, less RoBERTa-style offsets (positions start at pad + 1)."""
+        cfg = self.mlm.config
+        offset = cfg.pad_token_id + 1 if cfg.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        return cfg.max_position_embeddings - offset
+
     def forward(
         self,
         input_ids: Tensor,

@@ -50,19 +50,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-length", type=int, default=32)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--low-threshold", type=float, default=0.7)
+    p.add_argument("--factor", type=float, default=1.0)
     p.add_argument("--vanilla-blocks", type=int, default=None, help="run vanilla on this many blocks only")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--train-steps", type=int, default=None)
+    p.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument(
+        "--train-only",
+        choices=("masked_diffusion", "autoregressive"),
+        default=None,
+        help="train (or find) this model and exit: lets the two models train in parallel processes",
+    )
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 
 
 def train_model(task: str, args: argparse.Namespace, block_size: int, size: dict) -> str:
     """Train one char-level model on Tiny Shakespeare; returns the run folder."""
-    out = Path(args.work_dir) / f"{task}-{block_size}-{size['n_embd']}"
+    out = Path(args.work_dir) / f"{task}-{block_size}-{size['n_layer']}x{size['n_embd']}"
     if (out / "checkpoints" / "latest").exists():
         return str(out)
-    steps = args.train_steps or (120 if args.quick else 300)
+    steps = args.train_steps or (120 if args.quick else 1500)
     overrides = [
         f"task={task}",
         *(f"model.{k}={v}" for k, v in size.items()),
@@ -72,7 +83,7 @@ def train_model(task: str, args: argparse.Namespace, block_size: int, size: dict
         f"data.cache_dir={Path(args.work_dir) / 'cache'}",
         f"train.output_dir={out}",
         f"train.max_steps={steps}",
-        "train.batch_size=8",
+        f"train.batch_size={args.train_batch}",
         "train.warmup_steps=20",
         "train.eval_every=0",
         "train.eval_batches=1",
@@ -109,14 +120,18 @@ def timed(fn):
 
 
 def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
+    """The issue's rows, plus a looser threshold and the factor rule with the dual cache."""
     base = {"gen_length": G, "steps": G, "block_length": args.block_length}
-    tau = args.threshold
+    tau, low, f = args.threshold, args.low_threshold, args.factor
     return {
         "vanilla": base,
         "prefix cache": {**base, "cache": "prefix"},
         "dual cache": {**base, "cache": "dual"},
         f"threshold {tau}": {**base, "threshold": tau},
+        f"prefix cache + threshold {tau}": {**base, "cache": "prefix", "threshold": tau},
         f"dual cache + threshold {tau}": {**base, "cache": "dual", "threshold": tau},
+        f"dual cache + threshold {low}": {**base, "cache": "dual", "threshold": low},
+        f"dual cache + factor {f}": {**base, "cache": "dual", "factor": f},
     }
 
 
@@ -182,9 +197,14 @@ def main() -> int:
     )
     batches = args.batches or ([1, 4] if args.quick else [1, 16])
     size = (
-        {"n_layer": 2, "n_head": 4, "n_embd": 64} if args.quick else {"n_layer": 4, "n_head": 4, "n_embd": 64}
+        {"n_layer": 2, "n_head": 4, "n_embd": 64}
+        if args.quick
+        else {"n_layer": args.n_layer, "n_head": 4, "n_embd": args.n_embd}
     )
     block = args.prompt_length + max(lengths)
+    if args.train_only:
+        print(train_model(args.train_only, args, block, size))
+        return 0
     diff_path = args.diffusion or train_model("masked_diffusion", args, block, size)
     ar_path = args.ar or train_model("autoregressive", args, block, size)
     diff, ar = load_pretrained(diff_path), load_pretrained(ar_path)
@@ -195,7 +215,7 @@ def main() -> int:
         for G in lengths:
             for B in batches:
                 rows += bench_setting(diff.model, ar.model, tok, args, G, B, args.vanilla_only)
-                print(table(rows[-(2 if args.vanilla_only else 6) :]), flush=True)
+                print(table(rows[-(2 if args.vanilla_only else 9) :]), flush=True)
     n_params = sum(p.numel() for p in diff.model.parameters())
     head = (
         f"difflm sampling benchmark: CPU ({args.threads} threads), {args.precision} autocast; diffusion and AR "

@@ -319,3 +319,14 @@ def test_gumbel_argmax_samples_the_softmax():
     assert torch.allclose(freq, logits[0].double().softmax(-1), atol=0.015)
     chosen, _ = draw_tokens(logits, 1.0, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(chosen, torch.zeros(20000, dtype=torch.long))
+
+
+def test_greedy_confidence_equals_argmax_and_softmax_probability():
+    from difflm.sampling.draw import greedy_confidence
+
+    logits = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0)) * 4
+    logits[0, 0, 7] = float("-inf")  # banned ids arrive as -inf
+    chosen, conf = greedy_confidence(logits)
+    probs = logits.softmax(-1)
+    assert torch.equal(chosen, logits.argmax(-1))
+    torch.testing.assert_close(conf, probs.gather(-1, chosen[..., None]).squeeze(-1), atol=1e-6, rtol=0)

@@ -176,3 +176,11 @@ def test_empty_and_non_utf8_data_files(tmp_path):
 def test_unknown_recipe_is_a_clear_error():
     result = run_cli(["train", "no_such_recipe"])
     assert result.returncode == 2 and "unknown recipe 'no_such_recipe'" in result.stderr
+
+
+def test_save_every_zero_saves_only_at_the_end(tmp_path):
+    cfg = load_config(
+        "recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "r", "train.max_steps=3", "train.save_every=0")
+    )
+    train(cfg, build_run(cfg))
+    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["latest", "step-3"]

@@ -266,3 +266,17 @@ def test_whitening_errors():
         Whitening.fit(torch.randn(10, 4), method="pcaa")
     with pytest.raises(DifflmError, match="N >= 2"):
         Whitening.fit(torch.randn(1, 4))
+
+
+def test_whitening_fitted_on_fewer_vectors_than_dims_drops_unseen_directions():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(5, 16, generator=g)  # rank <= 4 after centring
+    with pytest.warns(UserWarning, match="singular"):
+        white = Whitening.fit(train)
+    new = torch.randn(3, 16, generator=g)
+    assert white(new).abs().max() < 10  # not blown up by 1/sqrt(eps) along unseen directions
+    out = white(train).double()
+    cov = (out - out.mean(0)).T @ (out - out.mean(0)) / 4
+    eig = torch.linalg.eigvalsh(cov)
+    torch.testing.assert_close(eig[-4:], torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)  # seen: unit
+    assert eig[:-4].abs().max() < 1e-6  # unseen: zero

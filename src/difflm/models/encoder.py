@@ -269,7 +269,9 @@ class Whitening(nn.Module):
         """Fit on [N, D] embeddings; `eps` is added to the covariance eigenvalues for stability.
 
         ZCA (U diag(1/sqrt(l)) U^T) whitens while staying closest to the original axes; PCA
-        (diag(1/sqrt(l)) U^T) rotates onto the principal axes. Computed in float64.
+        (diag(1/sqrt(l)) U^T) rotates onto the principal axes. Computed in float64. Directions
+        with (numerically) no variance in the fit, e.g. when N <= D, are dropped (scale 0) rather
+        than blown up: a new vector's component there was never seen and would dominate.
         """
         if method not in WHITENING_METHODS:
             raise DifflmError(f"whitening method {method!r} is unknown: use one of {WHITENING_METHODS}")
@@ -285,7 +287,9 @@ class Whitening(nn.Module):
         centred = x - mean  # [N, D]
         cov = centred.T @ centred / (n - 1)  # [D, D]
         eigvals, eigvecs = torch.linalg.eigh(cov)  # [D], [D, D]
-        scaled = eigvecs.T / torch.sqrt(eigvals.clamp_min(0) + eps).unsqueeze(1)  # [D, D]
+        seen = eigvals > 1e-9 * eigvals.max()  # [D]
+        inv_sqrt = torch.where(seen, 1 / torch.sqrt(eigvals.clamp_min(0) + eps), 0.0)  # [D]
+        scaled = eigvecs.T * inv_sqrt.unsqueeze(1)  # [D, D]
         matrix = eigvecs @ scaled if method == "zca" else scaled
         out = cls(d).to(embs.device)
         out.mean.copy_(mean)

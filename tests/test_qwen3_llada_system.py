@@ -211,6 +211,19 @@ def test_block_attention_sampling_keeps_prompt_and_first_block(tmp_path):
         sample(pre, sample_args("--gen-length", "4", "--block-attention"), ids, mask, None)
 
 
+def test_block_attention_makes_the_kv_caches_exact(tmp_path):
+    """Under block attention no block sees a later one, so prefix and dual caches change nothing."""
+    cfg = load_config(None, pretrain_overrides(tmp_path, "out", "system.block_length=4"))
+    run = build_run(cfg)
+    pre = Pretrained(run.model.eval(), run.tokenizer, cfg, tmp_path)
+    ids, mask = sample_command.encode_batch(run.tokenizer, ["w1 w2 w3", "w4"])
+    common = ("--gen-length", "12", "--steps", "12", "--block-length", "4", "--block-attention")
+    plain = sample(pre, sample_args(*common), ids, mask, None)
+    for mode in ("prefix", "dual"):
+        cached = sample(pre, sample_args(*common, "--cache", mode), ids, mask, None)
+        assert torch.equal(cached.tokens, plain.tokens) and cached.forward_passes == 12, mode
+
+
 def test_chat_prompts_are_encoded_as_in_sft(tokenizer):
     ids, mask = sample_command.encode_batch(tokenizer, ["w1 w2", "w3"], chat=True)
     assert ids.tolist() == [[BOS, w(1), w(2)], [PAD, BOS, w(3)]]

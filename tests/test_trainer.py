@@ -44,11 +44,19 @@ def make_corpus(path: Path, n_words: int = 3000) -> Path:
 
 def tiny_overrides(tmp_path: Path, out: str, *extra: str) -> list[str]:
     corpus = make_corpus(tmp_path / "corpus.txt")
-    return [*TINY, f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / out}", *extra]
+    return [
+        *TINY,
+        f"data.path={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.output_dir={tmp_path / out}",
+        *extra,
+    ]
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "difflm.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "difflm.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -58,12 +66,30 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
     recipe = "shakespeare_char"
-    full = run_cli(["train", recipe, *tiny_overrides(tmp_path, "full", "train.max_steps=20", "train.save_every=10")])
+    full = run_cli(
+        ["train", recipe, *tiny_overrides(tmp_path, "full", "train.max_steps=20", "train.save_every=10")]
+    )
     assert full.returncode == 0, full.stderr
-    part = run_cli(["train", recipe, *tiny_overrides(tmp_path, "part", "train.max_steps=20", "train.save_every=10", "train.stop_at_step=10")])
+    part = run_cli(
+        [
+            "train",
+            recipe,
+            *tiny_overrides(
+                tmp_path, "part", "train.max_steps=20", "train.save_every=10", "train.stop_at_step=10"
+            ),
+        ]
+    )
     assert part.returncode == 0, part.stderr
     assert (tmp_path / "part/checkpoints/latest").read_text().strip() == "step-10"
-    resumed = run_cli(["train", recipe, *tiny_overrides(tmp_path, "part", "train.max_steps=20", "train.save_every=10", "train.resume=latest")])
+    resumed = run_cli(
+        [
+            "train",
+            recipe,
+            *tiny_overrides(
+                tmp_path, "part", "train.max_steps=20", "train.save_every=10", "train.resume=latest"
+            ),
+        ]
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     a = load_file(str(tmp_path / "full/checkpoints/step-20/model.safetensors"))
@@ -78,7 +104,10 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
 
 def test_crash_while_saving_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    cfg = load_config("recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "run", "train.max_steps=4", "train.save_every=2"))
+    cfg = load_config(
+        "recipes/shakespeare_char.yaml",
+        tiny_overrides(tmp_path, "run", "train.max_steps=4", "train.save_every=2"),
+    )
     train(cfg, build_run(cfg))
     good = ckpt.resolve_checkpoint("latest", cfg.train.output_dir)
     before = (good / "model.safetensors").read_bytes()
@@ -87,7 +116,10 @@ def test_crash_while_saving_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "_write_manifest", explode)
-    cfg2 = load_config("recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "run", "train.max_steps=6", "train.save_every=2", "train.resume=latest"))
+    cfg2 = load_config(
+        "recipes/shakespeare_char.yaml",
+        tiny_overrides(tmp_path, "run", "train.max_steps=6", "train.save_every=2", "train.resume=latest"),
+    )
     with pytest.raises(OSError):
         train(cfg2, build_run(cfg2))
     assert ckpt.resolve_checkpoint("latest", cfg.train.output_dir) == good
@@ -115,7 +147,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     cfg = load_config("recipes/shakespeare_char.yaml", overrides)
     train(cfg, build_run(cfg))
@@ -138,7 +172,10 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     base = load_config("recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "a", "train.max_steps=3"))
     train(base, build_run(base))
-    accum = load_config("recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "b", "train.max_steps=3", "train.grad_accum=4"))
+    accum = load_config(
+        "recipes/shakespeare_char.yaml",
+        tiny_overrides(tmp_path, "b", "train.max_steps=3", "train.grad_accum=4"),
+    )
     train(accum, build_run(accum))
     a = load_file(str(tmp_path / "a/checkpoints/step-3/model.safetensors"))
     b = load_file(str(tmp_path / "b/checkpoints/step-3/model.safetensors"))
@@ -155,7 +192,9 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(tmp_path, overrides, message):
-    result = run_cli(["train", "shakespeare_char", *tiny_overrides(tmp_path, "bad", "train.max_steps=2"), *overrides])
+    result = run_cli(
+        ["train", "shakespeare_char", *tiny_overrides(tmp_path, "bad", "train.max_steps=2"), *overrides]
+    )
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -180,7 +219,8 @@ def test_unknown_recipe_is_a_clear_error():
 
 def test_save_every_zero_saves_only_at_the_end(tmp_path):
     cfg = load_config(
-        "recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "r", "train.max_steps=3", "train.save_every=0")
+        "recipes/shakespeare_char.yaml",
+        tiny_overrides(tmp_path, "r", "train.max_steps=3", "train.save_every=0"),
     )
     train(cfg, build_run(cfg))
     assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["latest", "step-3"]

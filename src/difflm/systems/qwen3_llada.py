@@ -30,6 +30,7 @@ from difflm.data.conversations import conversation_splits
 from difflm.data.tokenizers import Tokenizer, build_tokenizer
 from difflm.errors import DifflmError
 from difflm.models.block_attention import block_attention_bias
+from difflm.models.layers import KVCache
 from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada, load_qwen3_llada
 from difflm.pretrained import Pretrained
 from difflm.sampling.unmask import SampleResult, generate
@@ -160,17 +161,40 @@ def build_sft(cfg: RunConfig) -> Run:
 
 
 class WithAttentionBias(nn.Module):
-    """A denoiser that adds a fixed bias [1, 1, L, L] to the one the sampler passes (padding)."""
+    """A denoiser that adds a fixed bias [1, 1, L, L] to the one the sampler passes (padding).
+
+    It passes the KV-cache and `logits_at` keywords through, slicing the fixed bias to the queries
+    and keys of a cached step. Under block attention the caches are exact: a block never sees a
+    later one, so neither the cached prefix nor the cached suffix depends on the block in flight.
+    """
 
     def __init__(self, model: nn.Module, bias: Tensor) -> None:
         super().__init__()
         self.model = model
         self.bias = bias
         self.mask_token_id = model.mask_token_id
+        self.config = model.config
 
-    def forward(self, input_ids: Tensor, attention_bias: Tensor | None = None, **kwargs) -> Tensor:
-        bias = self.bias if attention_bias is None else attention_bias + self.bias  # [B, 1, L, L]
-        return self.model(input_ids, attention_bias=bias, **kwargs)
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_bias: Tensor | None = None,
+        position_offset: int = 0,
+        kv_cache: KVCache | None = None,
+        attend_len: int | None = None,
+        logits_at: Tensor | None = None,
+    ) -> Tensor:
+        queries = input_ids.shape[1]
+        keys = queries if kv_cache is None else attend_len or position_offset + queries
+        fixed = self.bias[:, :, position_offset : position_offset + queries, :keys]  # [1, 1, Q, K]
+        bias = fixed if attention_bias is None else attention_bias + fixed
+        extra = {"logits_at": logits_at} if logits_at is not None else {}
+        if kv_cache is not None:
+            extra.update(position_offset=position_offset, kv_cache=kv_cache, attend_len=attend_len)
+        return self.model(input_ids, attention_bias=bias, **extra)
+
+    def kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        return self.model.kv_cache(batch, max_len, dtype)
 
 
 def sample(

@@ -22,7 +22,7 @@ from difflm.evaluate.sgdd import decode_vectors, eval_sgdd, sample_sgdd
 from difflm.models.sgdd import project_table
 from difflm.pretrained import load_pretrained
 from difflm.sampling.unmask import SampleConfig, infill
-from difflm.systems.sgdd import load_encoder, tokenize_targets
+from difflm.systems.sgdd import load_encoder, split_examples, tokenize_targets
 from difflm.train.optim import build_optimizer
 from difflm.train.systems import build_run
 from difflm.train.trainer import collate, step_generator, train
@@ -91,7 +91,11 @@ def args(**kw) -> argparse.Namespace:
 def test_eval_and_sample_after_training(trained, capsys):
     pre = load_pretrained(trained)
     metrics = eval_sgdd(pre, args())
-    assert metrics["examples"] == 4 and metrics["val_loss"] > 0
+    assert metrics["examples"] == 4 and metrics["loss"] > 0 and metrics["split"] == "val"
+    train_metrics = eval_sgdd(pre, args(split="train", max_batches=1))
+    assert train_metrics["examples"] == 4 and train_metrics["split"] == "train"
+    held = {s for s, _ in split_examples(pre.config, "val")}
+    assert not held & {s for s, _ in split_examples(pre.config, "train")}  # disjoint splits
     for name in ("cfg0", "cfg2", "cfg2_oracle_len"):
         assert 0 <= metrics[f"{name}_exact_match"] <= 1 and 0 <= metrics[f"{name}_token_acc"] <= 1
         assert 0 <= metrics[f"{name}_bleu"] <= 100 and -1 <= metrics[f"{name}_cosine"] <= 1

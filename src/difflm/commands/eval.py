@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--split",
+        default="val",
+        choices=("val", "train"),
+        help="sgdd: score the held-out examples, or as many training ones (a memorisation check)",
+    )
+    parser.add_argument(
         "--precision",
         default="fp32",
         choices=("fp32", "bf16", "fp16"),
@@ -87,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise DifflmError(f"--samples must be >= 1, got {args.samples}")
     pre = load_pretrained(args.checkpoint, args.device)
+    if args.split != "val" and pre.config.task != "sgdd":
+        raise DifflmError(
+            f"--split {args.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
+        )
     if pre.config.task not in EVALUATORS:
         raise DifflmError(f"no evaluator for task '{pre.config.task}'; known: {', '.join(EVALUATORS)}")
     start = time.perf_counter()

@@ -29,8 +29,8 @@ from difflm.systems.sgdd import (
     SGDDSystemConfig,
     build_examples,
     build_task,
-    heldout_examples,
     load_encoder,
+    split_examples,
     tokenize_targets,
 )
 from difflm.train.trainer import collate, step_generator
@@ -120,15 +120,25 @@ def score(pre: Pretrained, encoder, source_vectors: Tensor, data, outputs: list[
 
 
 def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
-    """Held-out reconstruction / paraphrase metrics with and without guidance, and the val loss."""
+    """Held-out reconstruction / paraphrase metrics with and without guidance, and the val loss.
+
+    With `args.split == "train"` the same metrics on the first training examples instead (as many
+    as there are held-out ones): a memorisation check, to tell a data-limited decoder from a
+    broken one."""
     cfg, scfg = pre.config, system_config(pre.config, SGDDSystemConfig)
-    pairs = heldout_examples(cfg)
+    split = getattr(args, "split", "val")
+    pairs = split_examples(cfg, split)[: scfg.holdout]
     if args.max_batches:
         pairs = pairs[: args.max_batches * args.batch_size]
     encoder = load_encoder(cfg.model.encoder)
     data = build_examples(pairs, encoder, pre.tokenizer, cfg, scfg.encode_batch_size)
     sources = [s for s, _ in pairs]
-    out = {"phase": scfg.phase, "examples": len(pairs), "val_loss": val_loss(pre, data, args)}
+    out = {
+        "phase": scfg.phase,
+        "split": split,
+        "examples": len(pairs),
+        "loss": diffusion_loss(pre, data, args),
+    }
     out["length_acc"] = float((pre.model.predict_length(data.vectors) == data.lengths).float().mean())
     settings = [("cfg0", 0.0, False), (f"cfg{scfg.cfg_scale:g}", scfg.cfg_scale, False)]
     settings += [(f"cfg{scfg.cfg_scale:g}_oracle_len", scfg.cfg_scale, True)]
@@ -148,8 +158,8 @@ def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def val_loss(pre: Pretrained, data, args: argparse.Namespace) -> float:
-    """Mean diffusion loss (ELBO, per token) on the held-out set, vectors never dropped."""
+def diffusion_loss(pre: Pretrained, data, args: argparse.Namespace) -> float:
+    """Mean diffusion loss (ELBO, per token) on `data`, vectors never dropped."""
     scfg = system_config(pre.config, SGDDSystemConfig)
     task = build_task(pre.config, SGDDSystemConfig(**{**vars(scfg), "uncond_prob": 0.0}), pre.tokenizer)
     losses = []

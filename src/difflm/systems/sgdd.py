@@ -147,11 +147,12 @@ def split_holdout(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]
     return sorted(order[holdout:]), sorted(order[:holdout])
 
 
-def heldout_examples(cfg: RunConfig) -> list[tuple[str, str]]:
-    """The held-out (source, target) pairs of a run, rebuilt from its config."""
+def split_examples(cfg: RunConfig, split: str = "val") -> list[tuple[str, str]]:
+    """The held-out ("val") or training ("train", one direction) pairs of a run, from its config."""
     scfg = system_config(cfg, SGDDSystemConfig)
     examples = read_examples(cfg, scfg)
-    return [examples[i] for i in split_holdout(len(examples), scfg.holdout, scfg.split_seed)[1]]
+    train, held = split_holdout(len(examples), scfg.holdout, scfg.split_seed)
+    return [examples[i] for i in (held if split == "val" else train)]
 
 
 def tokenize_targets(tokenizer: HFTokenizer, texts: list[str], max_len: int) -> tuple[Tensor, Tensor]:

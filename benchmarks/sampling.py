@@ -217,6 +217,8 @@ def main() -> int:
                 rows += bench_setting(diff.model, ar.model, tok, args, G, B, args.vanilla_only)
                 print(table(rows[-(2 if args.vanilla_only else 9) :]), flush=True)
     n_params = sum(p.numel() for p in diff.model.parameters())
+    mc = diff.model.config
+    size = {"n_layer": mc.n_layer, "n_head": mc.n_head, "n_embd": mc.n_embd}  # of the model benchmarked
     head = (
         f"difflm sampling benchmark: CPU ({args.threads} threads), {args.precision} autocast; diffusion and AR "
         f"transformers of {n_params / 1e6:.2f}M params each ({size}), char-level Tiny Shakespeare; "

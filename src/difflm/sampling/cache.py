@@ -116,19 +116,21 @@ class BlockForward:
         stream: str = "cond",
         rows: Tensor | None = None,
         batch: int | None = None,
+        want: Tensor | None = None,
     ) -> Tensor:
-        """Logits [b, hi-lo, V] of columns [lo, hi) for x [b, L].
+        """Logits [b, hi-lo, V] of columns [lo, hi) for x [b, L], or packed [N, V] at the true
+        positions of `want` [b, hi-lo].
 
         rows: which rows of the stream's full batch (`batch` rows) x holds; None = all of them.
         """
         if self.mode == "none":
-            return self._logits(x, lo, hi, attention_bias=bias, **kwargs)
+            return self._logits(x, lo, hi, want, attention_bias=bias, **kwargs)
         cache = self._cache(stream, len(x) if batch is None else batch)
         if stream not in self.fresh:  # block start: one exact pass over [0, L) fills the cache
             self.fresh.add(stream)
             target = cache if rows is None else _gathered(cache, rows)
             out = self._logits(
-                x, lo, hi, attention_bias=bias, kv_cache=target, attend_len=self.length, **kwargs
+                x, lo, hi, want, attention_bias=bias, kv_cache=target, attend_len=self.length, **kwargs
             )
             if rows is not None:
                 for layer in range(cache.n_layer):
@@ -139,6 +141,7 @@ class BlockForward:
             x[:, lo:end],
             0,
             hi - lo,
+            want,
             attention_bias=query_rows(bias, lo, end),
             position_offset=lo,
             kv_cache=cache if rows is None else _gathered(cache, rows),
@@ -146,14 +149,17 @@ class BlockForward:
             **kwargs,
         )
 
-    def _logits(self, x: Tensor, lo: int, hi: int, **kwargs) -> Tensor:
-        """The model's logits [b, hi-lo, V] at columns [lo, hi) of its input x [b, Q]; only those
-        columns go through the vocabulary projection when the model takes `logits_at`."""
+    def _logits(self, x: Tensor, lo: int, hi: int, want: Tensor | None, **kwargs) -> Tensor:
+        """The model's logits [b, hi-lo, V] at columns [lo, hi) of its input x [b, Q] (packed
+        [N, V] at `want` [b, hi-lo] when given); only those positions go through the vocabulary
+        projection when the model takes `logits_at`."""
         if not self.packed:
-            return self.model(x, **kwargs)[:, lo:hi]
+            out = self.model(x, **kwargs)[:, lo:hi]  # [b, S, V]
+            return out if want is None else out[want]
         at = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-        at[:, lo:hi] = True
-        return self.model(x, logits_at=at, **kwargs).view(len(x), hi - lo, -1)  # [N, V] -> [b, S, V]
+        at[:, lo:hi] = True if want is None else want
+        out = self.model(x, logits_at=at, **kwargs)  # [N, V]
+        return out if want is not None else out.view(len(x), hi - lo, -1)
 
     def _cache(self, stream: str, batch: int) -> KVCache:
         if stream not in self.caches:

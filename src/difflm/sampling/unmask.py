@@ -236,10 +236,13 @@ class _Denoiser:
 
     def _forward(self, x: Tensor, bias: Tensor | None, kwargs: dict, *where: Any) -> Tensor:
         self.calls += 1
-        return self.forward(x, bias, kwargs, *where).float()  # [b, S, V]
+        return self.forward(x, bias, kwargs, *where).float()  # [b, S, V] or [N, V]
 
-    def __call__(self, x: Tensor, lo: int, hi: int, rows: Tensor | None = None) -> Tensor:
-        """Logits [b, hi-lo, V] of the block's columns for the given rows of x [B, L] (None = all)."""
+    def __call__(
+        self, x: Tensor, lo: int, hi: int, rows: Tensor | None = None, want: Tensor | None = None
+    ) -> Tensor:
+        """Logits [b, hi-lo, V] of the block's columns for the given rows of x [B, L] (None = all),
+        or packed [N, V] at the true positions of `want` [b, hi-lo]."""
         B = len(x)
 
         def sub(v: Any) -> Any:
@@ -247,20 +250,21 @@ class _Denoiser:
 
         xs, bias, kw = sub(x), sub(self.bias), {k: sub(v) for k, v in self.kwargs.items()}
         if self.scale == 0:
-            return self._forward(xs, bias, kw, lo, hi, "cond", rows, B)
+            return self._forward(xs, bias, kw, lo, hi, "cond", rows, B, want)
         if self.uncond_kwargs is None:  # masked LM: hide the prompt
             x_u, kw_u = xs.masked_fill(sub(self.prompt), self.mask_id), kw
         else:
             x_u, kw_u = xs, {**kw, **{k: sub(v) for k, v in self.uncond_kwargs.items()}}
         stacked = _batch_kwargs(kw, kw_u, len(xs))
         if stacked is None:
-            cond = self._forward(xs, bias, kw, lo, hi, "cond", rows, B)
-            uncond = self._forward(x_u, bias, kw_u, lo, hi, "uncond", rows, B)
+            cond = self._forward(xs, bias, kw, lo, hi, "cond", rows, B, want)
+            uncond = self._forward(x_u, bias, kw_u, lo, hi, "uncond", rows, B, want)
         else:
             both = None if bias is None else torch.cat([bias, bias])
             rows2 = None if rows is None else torch.cat([rows, rows + B])
-            x2 = torch.cat([xs, x_u])
-            cond, uncond = self._forward(x2, both, stacked, lo, hi, "stacked", rows2, 2 * B).chunk(2)
+            x2, want2 = torch.cat([xs, x_u]), None if want is None else torch.cat([want, want])
+            both_logits = self._forward(x2, both, stacked, lo, hi, "stacked", rows2, 2 * B, want2)
+            cond, uncond = both_logits.chunk(2)  # rows (or packed positions) of cond come first
         return cfg_combine(cond, uncond, self.scale)
 
 
@@ -313,14 +317,30 @@ def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators
         )
     logits = logits.clone()
     logits[..., banned] = float("-inf")
-    plain = not cfg.top_k and (cfg.top_p is None or cfg.top_p >= 1.0)
-    if cfg.temperature == 0 and plain and cfg.remasking not in ("margin", "entropy"):
+    if _greedy(cfg):
         return greedy_confidence(logits)
     chosen, probs = draw_tokens(
         logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, cfg.confidence_from_tempered
     )
     kind = cfg.remasking if cfg.remasking in CONFIDENCES else "low_confidence"
     return chosen, confidence(probs, chosen, kind)
+
+
+def _greedy(cfg: SampleConfig) -> bool:
+    """Argmax drawing ranked by the drawn token's probability: no noise, no filter."""
+    plain = not cfg.top_k and (cfg.top_p is None or cfg.top_p >= 1.0)
+    return cfg.temperature == 0 and plain and cfg.remasking not in ("margin", "entropy")
+
+
+def _draw_packed(
+    logits: Tensor, cand: Tensor, current: Tensor, cfg: SampleConfig, mask_id: int
+) -> tuple[Tensor, Tensor]:
+    """Greedy draw from packed logits [N, V] of the candidates cand [b, S]: tokens [b, S] (the
+    current token elsewhere) and confidence [b, S] (0 elsewhere)."""
+    chosen_n, conf_n = _draw(logits[None], cfg, mask_id, None)  # [1, N] each
+    chosen = current.masked_scatter(cand, chosen_n[0])
+    conf = torch.zeros(cand.shape, device=cand.device).masked_scatter(cand, conf_n[0].float())
+    return chosen, conf
 
 
 def _reveal_count(n: Tensor, conf: Tensor, cand: Tensor, cfg: SampleConfig) -> Tensor:
@@ -376,10 +396,13 @@ def _run_block(
             break
         rows = active.nonzero().flatten()  # [b]
         gen = _rows_of(generator, rows, len(x))
-        logits = denoise(x, lo, hi, None if len(rows) == len(x) else rows)  # [b, S, V]
-        chosen, conf = _draw(logits, cfg, mask_id, gen)  # [b, S] each
         current, w = x[rows, lo:hi], win[rows]  # [b, S]
         cand = w & (current == mask_id) if keep else w
+        subset = None if len(rows) == len(x) else rows
+        if keep and _greedy(cfg):  # only masked positions are drawn: project just those
+            chosen, conf = _draw_packed(denoise(x, lo, hi, subset, cand), cand, current, cfg, mask_id)
+        else:
+            chosen, conf = _draw(denoise(x, lo, hi, subset), cfg, mask_id, gen)  # [b, S] each
         n = targets[rows, i] - (start_masked[rows] - cand.sum(1)) if keep else targets[rows, i]
         n = _reveal_count(n, conf, cand, cfg)
         reveal = _top_n(_scores(conf, cand, n, cfg, gen), cand, n)

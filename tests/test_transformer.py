@@ -299,3 +299,16 @@ def test_autocast_bfloat16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         steps = [ar(x[:, p : p + 1], position_offset=p, kv_cache=cache) for p in range(4)]
     torch.testing.assert_close(torch.cat(steps, 1).float(), ar(x[:, :4]), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_all_mask_input_needs_learned_positions_to_tell_positions_apart(learned):
+    """RoPE only sees relative offsets: identical inputs give identical outputs at every position,
+    so a decoder that starts from all masks (SGDD) needs absolute positions."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(
+        vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, learned_positions=learned
+    )
+    out = Transformer(cfg).eval()(torch.full((1, 8), 15))[0]  # [8, V]
+    spread = float((out - out[0]).abs().max())
+    assert (spread > 1e-4) if learned else (spread < 1e-5)

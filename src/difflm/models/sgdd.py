@@ -58,6 +58,13 @@ class SGDDConfig:
     cond_tokens: int = field(
         default=0, metadata={"help": "also cross-attend to the vector as this many memory tokens (0 = off)"}
     )
+    learned_positions: bool = field(
+        default=True,
+        metadata={
+            "help": "learned absolute positions besides RoPE: decoding starts from all masks, where RoPE "
+            "alone cannot tell positions apart"
+        },
+    )
     tie_embeddings: bool = field(
         default=True, metadata={"help": "share the output head with the input embedding"}
     )
@@ -107,6 +114,7 @@ class SGDDConfig:
             time_conditioning=self.time_conditioning,
             cond_dim=self.semantic_dim,
             cond_tokens=self.cond_tokens,
+            learned_positions=self.learned_positions,
             tie_embeddings=self.tie_embeddings,
             mask_token_id=self.mask_token_id,
             pad_token_id=self.pad_token_id,

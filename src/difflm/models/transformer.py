@@ -64,6 +64,14 @@ class TransformerConfig:
         metadata={"help": "also cross-attend to the semantic vector as this many memory tokens (0 = off)"},
     )
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    learned_positions: bool = field(
+        default=False,
+        metadata={
+            "help": "also add a learned absolute position embedding: with RoPE alone an all-mask input "
+            "gives every position the same output, so a decoder with no prompt to anchor it (SGDD) "
+            "predicts the same token everywhere"
+        },
+    )
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
     bias: bool = field(default=False, metadata={"help": "use biases in linear layers"})
     tie_embeddings: bool = field(
@@ -159,6 +167,7 @@ class Transformer(nn.Module):
         self.mask_token_id = config.mask_token_id
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Embedding(config.block_size, C) if config.learned_positions else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = RMSNorm(C, config.norm_eps, affine=not config.conditioned)
@@ -234,7 +243,10 @@ class Transformer(nn.Module):
         )
         c = self._conditioning(B, t, cond, input_ids.device)  # [B, C] or None
         memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
-        x = self.drop(self.tok_emb(input_ids))  # [B, Q, C]
+        x = self.tok_emb(input_ids)  # [B, Q, C]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[position_offset : position_offset + Q]
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, ctx, layer, c, memory)
         shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)

@@ -155,22 +155,12 @@ def test_cache_errors(mock_denoiser):
 
 
 def tiny_qwen3(attn: str):
-    from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada
+    from difflm.models.qwen3_llada import Qwen3LLaDAConfig, Qwen3LLaDAForMaskedLM, as_denoiser
+    from tests.test_qwen3_llada import TINY
 
     torch.manual_seed(0)
-    spec = Qwen3LLaDASpec(
-        vocab_size=V,
-        mask_token_id=MASK,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        attn_implementation=attn,
-    )
-    model = build_qwen3_llada(spec).eval()
+    config = Qwen3LLaDAConfig(**TINY, mask_token_id=MASK, attn_implementation=attn)
+    model = as_denoiser(Qwen3LLaDAForMaskedLM(config).eval())
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(40)
     return model

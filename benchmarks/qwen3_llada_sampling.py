@@ -40,7 +40,7 @@ class FullLogits(nn.Module):
             attend_len=attend_len,
         )
 
-    def kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None):
+    def kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None):
         return self.inner.kv_cache(batch, max_len, dtype)
 
 

@@ -227,3 +227,10 @@ def test_block_only_vocabulary_projection_changes_nothing(mode):
     packed = generate(model, ids, config, attention_mask=mask)
     full = generate(WithoutLogitsAt(model), ids, config, attention_mask=mask)
     assert torch.equal(packed.tokens, full.tokens) and packed.forward_passes == full.forward_passes
+
+
+def test_qwen3_llada_cache_for_model_holds_kv_heads_only():
+    from difflm.models.layers import KVCache
+
+    cache = KVCache.for_model(tiny_qwen3("eager"), batch=3)
+    assert cache.k[0].shape == (3, 2, 64, 8) and cache.n_layer == 2  # GQA: 2 kv heads, all 64 positions

@@ -145,7 +145,7 @@ class KVCache:
     ) -> KVCache:
         """A cache shaped for `model`: its own `kv_cache(batch, max_len, dtype)` when it has one
         (Qwen3-LLaDA), else read from a TransformerConfig-like `model.config`."""
-        if hasattr(model, "kv_cache") and max_len is not None:
+        if hasattr(model, "kv_cache"):
             return model.kv_cache(batch, max_len, dtype)
         cfg: Any = model.config
         param = next(model.parameters())

@@ -245,22 +245,25 @@ class Qwen3LLaDADenoiser(nn.Module):
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, Q, V], or packed [N, V] at the true positions of `logits_at` [B, Q]."""
-        cache_args = {}
-        if kv_cache is not None or position_offset or attend_len is not None:
-            cache_args = {"position_offset": position_offset, "kv_cache": kv_cache, "attend_len": attend_len}
         hidden = self.model(
-            input_ids=input_ids, attention_bias=attention_bias, attention_mask=attention_mask, **cache_args
+            input_ids=input_ids,
+            attention_bias=attention_bias,
+            attention_mask=attention_mask,
+            position_offset=position_offset,
+            kv_cache=kv_cache,
+            attend_len=attend_len,
         ).last_hidden_state  # [B, Q, D]
         return self.lm_head(hidden if logits_at is None else hidden[logits_at.bool()])
 
-    def kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache of max_len slots per layer for this model (GQA: key/value heads only)."""
+    def kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache of max_len slots per layer (default: every position) for this model
+        (GQA: key/value heads only)."""
         cfg, param = self.config, next(self.parameters())
         return KVCache(
             cfg.num_hidden_layers,
             batch,
             cfg.num_key_value_heads,
-            max_len,
+            cfg.max_position_embeddings if max_len is None else max_len,
             cfg.head_dim,
             device=param.device,
             dtype=param.dtype if dtype is None else dtype,

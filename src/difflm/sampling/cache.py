@@ -23,7 +23,8 @@ cache=none (threshold / factor decoding still apply). SGDD decodes one block, so
 nothing to reuse there.
 
 Under every policy, a model whose forward takes `logits_at` (difflm's Transformer, SGDD,
-Qwen3-LLaDA) projects only the block's columns onto the vocabulary instead of all L.
+Qwen3-LLaDA) projects only the block's columns onto the vocabulary instead of all L (greedy
+keep-mode steps ask for the block's still-masked positions only, through `want`).
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class WithAttentionBias(nn.Module):
             extra.update(position_offset=position_offset, kv_cache=kv_cache, attend_len=attend_len)
         return self.model(input_ids, attention_bias=bias, **extra)
 
-    def kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         return self.model.kv_cache(batch, max_len, dtype)
 
 

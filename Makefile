@@ -1,19 +1,22 @@
 # difflm developer targets. `make test` and `make quickstart` work on a fresh machine (they create .venv).
+# Installs go through requirements.lock (the exact versions the suite passed with); `make lock`
+# regenerates it from a clean venv, `make test-latest` tries the newest versions pyproject allows.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
 # The CPU wheel of torch; on a GPU machine install the CUDA build of torch first and skip the pin.
 TORCH ?= torch==2.13.0
 QUICK := model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.1 data.block_size=128 \
 	train.batch_size=32 train.max_steps=1000 train.eval_every=250 train.eval_batches=10 train.save_every=250 \
 	train.precision=bf16 train.output_dir=runs/quickstart
 
-.PHONY: install test test-slow quickstart bench lint
+.PHONY: install test test-slow test-latest lock quickstart bench lint
 
-$(BIN)/difflm: pyproject.toml
+$(BIN)/difflm: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q -c $(LOCK) "$(TORCH)"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[all]"
 	touch $(BIN)/difflm
 
 install: $(BIN)/difflm
@@ -35,3 +38,21 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+
+# Regenerate the lock: newest versions pyproject allows, in a clean venv (run `make test` after it).
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "$(TORCH)"
+	.venv-lock/bin/pip install -q -e ".[all]"
+	.venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' > $(LOCK)
+	rm -rf .venv-lock
+
+# The suite on the newest versions pyproject allows (ignores the lock): drift shows here first.
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install -q "$(TORCH)"
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[all]"
+	.venv-latest/bin/pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|numpy|safetensors)=='
+	.venv-latest/bin/python -m pytest

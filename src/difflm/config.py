@@ -80,12 +80,28 @@ class DiffusionConfig:
     reweight_cap: float | None = opt(None, "Cap on the 1/t-type ELBO weight (null = no cap).")
     antithetic: bool = opt(True, "Stratified (antithetic) draw of t across the batch.")
     t_eps: float = opt(1e-3, "Smallest t drawn, keeping the 1/t weight finite.")
+    t_max: float = opt(
+        1.0, "Largest t drawn in training; with t_eps, BD3-LM's clipped schedule (eval always uses t_max=1)."
+    )
+    block_length: int | None = opt(
+        None,
+        "Block diffusion (BD3-LM): denoise blocks of this many tokens given the clean earlier blocks, "
+        "noisy and clean copies in one forward (null = full-sequence masked diffusion; 1 = next-token-like).",
+    )
 
     def __post_init__(self) -> None:
         for key in ("min_rate", "span_prob", "random_length_prob"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise DifflmError(f"diffusion.{key} must be in [0, 1], got {value}")
+        if not 0.0 <= self.t_eps < self.t_max <= 1.0:
+            raise DifflmError(
+                f"need 0 <= diffusion.t_eps < diffusion.t_max <= 1, got {self.t_eps} and {self.t_max}"
+            )
+        if self.block_length is not None and self.block_length < 1:
+            raise DifflmError(f"diffusion.block_length must be >= 1 or null, got {self.block_length}")
+        if self.block_length is not None and self.span_prob > 0:
+            raise DifflmError("diffusion.block_length (block diffusion) needs diffusion.span_prob=0")
 
 
 @dataclass

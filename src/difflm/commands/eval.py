@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N val batches")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="ELBO of block diffusion with blocks of K tokens (default: the checkpoint's diffusion.block_length)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--split",
@@ -55,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
     _, _, val = text_blocks(pre.config.data, pre.tokenizer)
+    block_length = args.block_length or pre.config.diffusion.block_length
     nll = elbo_nll(
         pre.model,
         val,
@@ -65,8 +72,14 @@ def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
         samples=args.samples,
         seed=args.seed,
         max_batches=args.max_batches,
+        block_length=block_length,
     )
-    return {"val_elbo_nll": nll, "val_ppl_bound": math.exp(nll), "samples": args.samples}
+    return {
+        "val_elbo_nll": nll,
+        "val_ppl_bound": math.exp(nll),
+        "samples": args.samples,
+        "block_length": block_length,
+    }
 
 
 def eval_autoregressive(pre: Pretrained, args: argparse.Namespace) -> dict:

@@ -120,11 +120,14 @@ def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[tor
     return ids, mask
 
 
-def sample_config(args: argparse.Namespace, tokenizer) -> SampleConfig:
+def sample_config(args: argparse.Namespace, tokenizer, bd3_block: int | None = None) -> SampleConfig:
+    """The engine's settings from the flags; a block-diffusion checkpoint (`bd3_block` K) decodes
+    block-causally in blocks of K unless --block-length says otherwise."""
     return SampleConfig(
         gen_length=args.gen_length,
         steps=args.steps or args.gen_length,
-        block_length=args.block_length,
+        block_length=args.block_length or bd3_block,
+        block_causal=bd3_block is not None,
         reveal_schedule=args.reveal_schedule,
         remasking=args.remasking,
         threshold=args.threshold,
@@ -142,7 +145,7 @@ def sample_config(args: argparse.Namespace, tokenizer) -> SampleConfig:
 def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
     if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
-    cfg = sample_config(args, pre.tokenizer)
+    cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
     config = getattr(pre.model, "config", None)
     max_length = (
         getattr(config, "block_size", None)  # difflm transformer, SGDD

@@ -32,8 +32,10 @@ def _check_shapes(logits: Tensor, targets: Tensor, noised: Tensor, weight: Tenso
             raise DifflmError(
                 f"{name} shape {tuple(tensor.shape)} must be ({batch}, {length}) to match logits"
             )
-    if weight.shape != (batch,):
-        raise DifflmError(f"weight shape {tuple(weight.shape)} must be ({batch},), one weight per example")
+    if weight.shape not in ((batch,), (batch, length)):
+        raise DifflmError(
+            f"weight shape {tuple(weight.shape)} must be ({batch},) or ({batch}, {length}): per example or per position"
+        )
 
 
 def elbo_loss(
@@ -49,7 +51,8 @@ def elbo_loss(
 ) -> Tensor:
     """Weighted CE over noised positions, a float32 scalar.
 
-    logits [B, L, V], targets [B, L], noised [B, L] bool, weight [B] (capped at `reweight_cap`).
+    logits [B, L, V], targets [B, L], noised [B, L] bool, weight [B] or per position [B, L] (block
+    diffusion: each block has its own t), capped at `reweight_cap`.
     Positions counted: noised, and inside `loss_mask` [B, L] when given. `logits` may instead be
     packed [N, V]: the rows of the N counted positions in row-major order (a model that skips the
     vocabulary projection elsewhere; see MaskedDiffusionTask's packed_logits).
@@ -68,14 +71,15 @@ def elbo_loss(
     batch, length = targets.shape
 
     positions = noised.bool() if loss_mask is None else noised.bool() & loss_mask.bool()  # [B, L]
-    w = weight.to(device=logits.device, dtype=torch.float32)  # [B]
+    w = weight.to(device=logits.device, dtype=torch.float32)  # [B] or [B, L]
     if reweight_cap is not None:
         w = w.clamp(max=reweight_cap)
     if normalize == "tokens":
-        denom = torch.full_like(w, float(batch * length))  # [B]
+        denom = torch.full((batch,), float(batch * length), device=w.device)  # [B]
     else:
         denom = loss_mask.sum(dim=1).clamp(min=1).to(torch.float32) * batch  # [B]
-    scale = (w / denom)[:, None].expand(batch, length)[positions]  # [N]
+    w = w[:, None] if w.dim() == 1 else w  # [B, 1] or [B, L]
+    scale = (w / denom[:, None]).expand(batch, length)[positions]  # [N]
 
     if logits.dim() == 2 and logits.shape[0] != positions.sum():
         raise DifflmError(

@@ -63,14 +63,17 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.d
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
-def _check_rate(rate: Tensor, batch_size: int) -> Tensor:
-    """Rate as float32 [B]; a 0-d rate is broadcast. Raises on values outside [0, 1] or NaN."""
+def _check_rate(rate: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Rate as float32 [B, 1] (one per example) or [B, L] (one per position, e.g. per block);
+    a 0-d rate is broadcast. Raises on other shapes and on values outside [0, 1] or NaN."""
     rate = torch.as_tensor(rate, dtype=torch.float32)
     if rate.dim() == 0:
-        rate = rate.expand(batch_size)
-    if rate.shape != (batch_size,):
+        rate = rate.expand(shape[0])
+    if rate.shape == shape[:1]:
+        rate = rate[:, None]
+    elif rate.shape != shape:
         raise DifflmError(
-            f"mask rate shape {tuple(rate.shape)} must be ({batch_size},), one rate per example"
+            f"mask rate shape {tuple(rate.shape)} must be ({shape[0]},) or {shape}: one rate per example or per position"
         )
     bad = ~((rate >= 0.0) & (rate <= 1.0))  # NaN fails both comparisons
     if bad.any():
@@ -124,7 +127,8 @@ def corrupt(
     vocab_size: int | None = None,
     exclude_ids: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor]:
-    """Noise `input_ids` [B, L] at per-example `rate` [B]; returns (noisy_ids, noised), both [B, L].
+    """Noise `input_ids` [B, L] at `rate` [B] (per example) or [B, L] (per position, as block
+    diffusion's per-block times give); returns (noisy_ids, noised), both [B, L].
 
     `noised` marks the chosen positions (for kind='random' a replacement may equal the original
     token, as in BERT; it is still marked). Positions where `protected` is True are never touched.
@@ -139,11 +143,14 @@ def corrupt(
         )
     if cfg.kind == "random" and vocab_size is None:
         raise DifflmError("noise kind 'random' needs vocab_size; pass the tokenizer's vocabulary size")
-    rate = _check_rate(rate, batch).to(device).clamp(min=cfg.min_rate)  # [B]
+    rate = _check_rate(rate, (batch, length)).to(device).clamp(min=cfg.min_rate)  # [B, 1] or [B, L]
     eligible = torch.ones_like(input_ids, dtype=torch.bool) if protected is None else ~protected.bool()
 
-    noised = eligible & (_uniform((batch, length), generator, device) < rate[:, None])  # [B, L]
+    noised = eligible & (_uniform((batch, length), generator, device) < rate)  # [B, L]
     if cfg.span_prob > 0:
+        if rate.shape[1] != 1:
+            raise DifflmError("span noise needs one rate per example; set diffusion.span_prob=0")
+        rate = rate[:, 0]
         use_span = _uniform((batch,), generator, device) < cfg.span_prob  # [B]
         noised = torch.where(use_span[:, None], _span_positions(eligible, rate, generator), noised)
 

@@ -215,8 +215,9 @@ def sample_t(
     antithetic: bool = True,
     eps: float = 1e-3,
     device: torch.device | str | None = None,
+    t_max: float = 1.0,
 ) -> Tensor:
-    """Diffusion times in [eps, 1], float32 [batch_size].
+    """Diffusion times in [eps, t_max], float32 [batch_size] (t_max < 1: BD3-LM's clipped schedule).
 
     antithetic=True draws one uniform u and sets u_i = (u + i / B) mod 1, so the batch holds exactly
     one time per 1/B-wide stratum of [eps, 1] (MDLM's low-discrepancy sampler): lower-variance
@@ -226,11 +227,13 @@ def sample_t(
         raise DifflmError(f"batch_size {batch_size} must be >= 1")
     if not 0.0 <= eps < 1.0:
         raise DifflmError(f"eps {eps} must be in [0, 1); the usual value is 1e-3")
+    if not eps < t_max <= 1.0:
+        raise DifflmError(f"t_max {t_max} must be in (eps={eps}, 1]")
     if antithetic:
         u0 = torch.rand(1, generator=generator, device=generator.device)  # [1]
         offsets = torch.arange(batch_size, device=generator.device) / batch_size  # [B]
         u = (u0 + offsets) % 1.0  # [B]
     else:
         u = torch.rand(batch_size, generator=generator, device=generator.device)  # [B]
-    t = eps + (1.0 - eps) * u
+    t = eps + (t_max - eps) * u
     return t.to(torch.float32).to(device or generator.device)

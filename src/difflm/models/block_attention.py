@@ -77,3 +77,57 @@ def block_attention_bias(
         visible = visible & attention_mask.to(blocks.device).bool()[:, None, :]  # [B, L, L]
     bias = torch.zeros(visible.shape, dtype=dtype, device=blocks.device)  # [B, L, L]
     return bias.masked_fill(~visible, float("-inf"))[:, None]  # [B, 1, L, L]
+
+
+# ---------------------------------------------------------------------------------------------
+# Block diffusion (BD3-LM): blocks aligned at multiples of K from position 0
+
+
+def _blocks(length: int, block_length: int, device: torch.device | str | None) -> torch.Tensor:
+    if block_length < 1:
+        raise DifflmError(f"block_length must be >= 1, got {block_length}")
+    return torch.div(torch.arange(length, device=device), block_length, rounding_mode="floor")  # [L]
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill(~visible, float("-inf"))[None, None]  # [1, 1, Q, K]
+
+
+def block_causal_bias(
+    length: int,
+    block_length: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[1, 1, L, L]: position i sees position j when block(j) <= block(i) (block = position // K).
+
+    The sampling-time pattern of a block-diffusion model: earlier blocks are final (clean), the
+    current block sees itself, nothing sees a later block, so cached keys of earlier blocks are exact.
+    """
+    blocks = _blocks(length, block_length, device)
+    return _additive(blocks[None, :] <= blocks[:, None], dtype)
+
+
+def bd3_training_bias(
+    length: int,
+    block_length: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[1, 1, 2L, 2L] for the training input [x_t ; x_0] (noisy copy first, both at positions 0..L-1).
+
+    - noisy query in block b: the noisy keys of block b (block-diagonal) and the clean keys of
+      blocks < b (offset block-causal) -- exactly what it sees when sampled block after block;
+    - clean query in block b: the clean keys of blocks <= b (block-causal), never a noisy key, so
+      the clean stream computes the states the sampler caches for finished blocks.
+    K = 1 leaves each noisy token its own mask plus the clean prefix (next-token prediction);
+    K = L is one block: full bidirectional masked diffusion on the noisy copy.
+    """
+    blocks = _blocks(length, block_length, device)
+    query, key = blocks[:, None], blocks[None, :]  # [L, 1], [1, L]
+    top = torch.cat([key == query, key < query], dim=1)  # noisy queries: [L, 2L]
+    bottom = torch.cat([torch.zeros_like(top[:, :length]), key <= query], dim=1)  # clean queries
+    return _additive(torch.cat([top, bottom], dim=0), dtype)  # [1, 1, 2L, 2L]

@@ -82,8 +82,15 @@ def rope_cos_sin(
     Computed on the fly (cheap) rather than stored as buffers, so `model.to(bfloat16)` cannot
     degrade them and any position offset works.
     """
+    return rope_tables(torch.arange(start, start + length, device=device), head_dim, theta)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [Q, head_dim] (float32) for any absolute positions [Q] (e.g. the two copies
+    of a block-diffusion input, both at 0..L-1)."""
+    device = positions.device
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    pos = positions.to(torch.float32)
     freqs = torch.outer(pos, inv_freq)  # [Q, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [Q, D]
     return emb.cos(), emb.sin()

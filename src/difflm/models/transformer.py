@@ -29,6 +29,7 @@ from difflm.models.layers import (
     gated,
     modulate,
     rope_cos_sin,
+    rope_tables,
     timestep_embedding,
 )
 
@@ -221,6 +222,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
         logits_at: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q, or
         packed [N, V] at the N true positions of `logits_at` [B, Q] (the vocabulary projection is
@@ -234,17 +236,21 @@ class Transformer(nn.Module):
         cond: [B, cond_dim] semantic vectors; None means unconditional (the learned null vector).
         kv_cache: write this input's keys/values at slots [position_offset, +Q) and attend over
         slots [0, attend_len) (default position_offset + Q).
+        position_ids: [Q] explicit positions instead of position_offset..+Q (no cache): block
+        diffusion feeds the noisy and the clean copy of a sequence, both at positions 0..L-1.
         """
         if input_ids.dim() != 2:
             raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         B, Q = input_ids.shape
         ctx = self._attention_context(
-            B, Q, attention_bias, position_offset, kv_cache, attend_len, input_ids.device
+            B, Q, attention_bias, position_offset, kv_cache, attend_len, input_ids.device, position_ids
         )
         c = self._conditioning(B, t, cond, input_ids.device)  # [B, C] or None
         memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
         x = self.tok_emb(input_ids)  # [B, Q, C]
-        if self.pos_emb is not None:
+        if self.pos_emb is not None and position_ids is not None:
+            x = x + self.pos_emb(position_ids)
+        elif self.pos_emb is not None:
             x = x + self.pos_emb.weight[position_offset : position_offset + Q]
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
@@ -262,9 +268,12 @@ class Transformer(nn.Module):
         cache: KVCache | None,
         attend_len: int | None,
         device: torch.device,
+        positions: Tensor | None = None,
     ) -> AttentionContext:
         """Validate positions / cache / bias once and build what every layer's attention needs."""
         cfg = self.config
+        if positions is not None:
+            return self._explicit_positions_context(B, Q, bias, cache, positions)
         if start < 0 or start + Q > cfg.block_size:
             raise DifflmError(
                 f"positions [{start}, {start + Q}) exceed block_size {cfg.block_size}; "
@@ -293,6 +302,25 @@ class Transformer(nn.Module):
             bias = combine_bias(bias, causal)  # [., 1, Q, K]
         cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device)  # [Q, D]
         return AttentionContext(cos, sin, bias, is_causal, cache, start, attend_len or 0)
+
+    def _explicit_positions_context(
+        self, B: int, Q: int, bias: Tensor | None, cache: KVCache | None, positions: Tensor
+    ) -> AttentionContext:
+        """The attention context for explicit position_ids [Q] (training-time layouts, no cache)."""
+        cfg = self.config
+        if cache is not None or cfg.causal:
+            raise DifflmError("position_ids is for non-causal training layouts without a kv_cache")
+        if positions.shape != (Q,) or int(positions.min()) < 0 or int(positions.max()) >= cfg.block_size:
+            raise DifflmError(
+                f"position_ids must be [{Q}] with values in [0, block_size={cfg.block_size}), "
+                f"got shape {tuple(positions.shape)}"
+            )
+        if bias is not None and not _broadcasts(bias, (B, 1, Q, Q)):
+            raise DifflmError(
+                f"attention_bias of shape {tuple(bias.shape)} does not broadcast to [B, 1, Q, Q] = {[B, 1, Q, Q]}"
+            )
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # [Q, D]
+        return AttentionContext(cos, sin, bias)
 
     def _conditioning(
         self, B: int, t: Tensor | None, cond: Tensor | None, device: torch.device

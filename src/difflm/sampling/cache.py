@@ -12,7 +12,12 @@ engine under one of three policies:
           reusing the prefix AND the suffix keys of the refresh pass (stale for the suffix).
 
 The first step of every block is therefore exact; later steps are approximations (the cached
-keys were computed when the block held more masks). Nothing written by a non-refresh step is
+keys were computed when the block held more masks).
+
+Block-causal decoding (`block_causal=True`, block diffusion / BD3): no position sees a later block,
+so prefix and dual caches coincide and are exact. The first call of a block feeds the blocks that
+finished since the last refresh plus the current one ([clean_until, hi)), writing the finished
+blocks' keys once, as the training's clean stream computes them; later calls feed the block only. Nothing written by a non-refresh step is
 needed afterwards, so a step over a subset of rows (rows whose block is finished wait, frozen)
 may run on a gathered copy of the cache; a refresh over a subset writes its rows back.
 
@@ -96,12 +101,13 @@ def _gathered(cache: KVCache, rows: Tensor) -> KVCache:
 class BlockForward:
     """The denoiser's forward under a cache policy; one KVCache per stream (cond / uncond / stacked)."""
 
-    def __init__(self, model: Any, mode: str, length: int) -> None:
+    def __init__(self, model: Any, mode: str, length: int, block_causal: bool = False) -> None:
         check_cache(model, mode)
-        self.model, self.mode, self.length = model, mode, length
+        self.model, self.mode, self.length, self.block_causal = model, mode, length, block_causal
         self.packed = takes(model, "logits_at")
         self.caches: dict[str, KVCache] = {}
         self.fresh: set[str] = set()  # streams refreshed since the current block started
+        self.clean_until: dict[str, int] = {}  # block-causal: slots [0, n) hold final keys
 
     def new_block(self) -> None:
         """The next call of every stream is a full refresh pass."""
@@ -127,6 +133,8 @@ class BlockForward:
         if self.mode == "none":
             return self._logits(x, lo, hi, want, attention_bias=bias, **kwargs)
         cache = self._cache(stream, len(x) if batch is None else batch)
+        if self.block_causal:
+            return self._block_causal(x, bias, kwargs, lo, hi, stream, cache, rows, want)
         if stream not in self.fresh:  # block start: one exact pass over [0, L) fills the cache
             self.fresh.add(stream)
             target = cache if rows is None else _gathered(cache, rows)
@@ -149,6 +157,41 @@ class BlockForward:
             attend_len=self.length,
             **kwargs,
         )
+
+    def _block_causal(
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        kwargs: dict,
+        lo: int,
+        hi: int,
+        stream: str,
+        cache: KVCache,
+        rows: Tensor | None,
+        want: Tensor | None,
+    ) -> Tensor:
+        """One exact cached call: keys of finished blocks are final, later blocks are never seen."""
+        refresh = stream not in self.fresh
+        start = self.clean_until.get(stream, 0) if refresh else lo
+        target = cache if rows is None else _gathered(cache, rows)
+        out = self._logits(
+            x[:, start:hi],
+            lo - start,
+            hi - start,
+            want,
+            attention_bias=None if bias is None else bias[:, :, start:hi, :hi],
+            position_offset=start,
+            kv_cache=target,
+            attend_len=hi,
+            **kwargs,
+        )
+        if refresh:
+            self.fresh.add(stream)
+            self.clean_until[stream] = lo
+            if rows is not None:
+                for layer in range(cache.n_layer):
+                    cache.k[layer][rows], cache.v[layer][rows] = target.k[layer], target.v[layer]
+        return out
 
     def _logits(self, x: Tensor, lo: int, hi: int, want: Tensor | None, **kwargs) -> Tensor:
         """The model's logits [b, hi-lo, V] at columns [lo, hi) of its input x [b, Q] (packed

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from difflm.config import opt
 from difflm.errors import DifflmError
+from difflm.models.block_attention import block_causal_bias
 from difflm.models.layers import padding_bias
 from difflm.sampling.cache import CACHE_MODES, BlockForward
 from difflm.sampling.draw import (
@@ -85,6 +86,12 @@ class SampleConfig:
         ("none", "stop", "fill"),
     )
     suppress_tokens: list[int] = opt([], "Token ids never generated (the mask token always is).")
+    block_causal: bool = opt(
+        False,
+        "Block diffusion (BD3) decoding: blocks of block_length aligned at multiples of it from position 0 "
+        "(the prompt is left padded to a multiple), each attending to itself and earlier blocks only, "
+        "so a cache (prefix or dual) holds finished blocks exactly and is written once per block.",
+    )
 
     def __post_init__(self) -> None:
         if self.gen_length < 1:
@@ -95,7 +102,7 @@ class SampleConfig:
             )
         if self.block_length is not None and self.block_length < 1:
             raise DifflmError(f"sample.block_length must be >= 1 or null, got {self.block_length}")
-        if self.block_length is not None and self.block_length > self.gen_length:
+        if self.block_length is not None and self.block_length > self.gen_length and not self.block_causal:
             raise DifflmError(
                 f"block length {self.block_length} larger than the generation length {self.gen_length}; "
                 "lower sample.block_length or set it to null"
@@ -130,6 +137,8 @@ class SampleConfig:
             raise DifflmError(f"sample.topk_pool must be >= 1, got {self.topk_pool}")
         if self.eos_mode != "none" and self.eos_token_id is None:
             raise DifflmError(f"sample.eos_mode={self.eos_mode} needs sample.eos_token_id")
+        if self.block_causal and self.block_length is None:
+            raise DifflmError("sample.block_causal needs sample.block_length (the model's training block)")
 
     def block_sizes(self, n: int) -> list[int]:
         """Sizes of the blocks covering n positions (the last one may be shorter)."""
@@ -228,7 +237,7 @@ class _Denoiser:
         self.kwargs = model_kwargs or {}
         self.uncond_kwargs = uncond_kwargs
         self.mask_id = mask_token_of(model)
-        self.forward = BlockForward(model, cfg.cache, length)
+        self.forward = BlockForward(model, cfg.cache, length, block_causal=cfg.block_causal)
         self.calls = 0
 
     def new_block(self) -> None:
@@ -432,11 +441,13 @@ def infill(
     model_kwargs: dict | None = None,
     uncond_kwargs: dict | None = None,
     trace: bool = False,
+    attention_bias: Tensor | None = None,
 ) -> SampleResult:
     """Generate the positions where fill_mask [B, L] is true; the rest is fixed context.
 
     Blocks are the fill positions in left-to-right order, block_length at a time (gen_length is
-    not used: the count comes from fill_mask). Padding (attention_mask 0) is hidden from the model.
+    not used: the count comes from fill_mask). Padding (attention_mask 0) is hidden from the model;
+    `attention_bias` [B|1, 1, L, L] is added to that (e.g. the block-causal bias of BD3 decoding).
     """
     mask_id = mask_token_of(model)
     if ids.dim() != 2 or fill_mask.shape != ids.shape:
@@ -452,6 +463,8 @@ def infill(
     n_steps = split_steps(sizes, min(cfg.steps, n_max))  # infill may hold fewer than gen_length
     x = ids.masked_fill(fill, mask_id)
     bias = None if bool(real.all()) else padding_bias(real)
+    if attention_bias is not None:
+        bias = _self_visible(attention_bias if bias is None else attention_bias + bias)
     denoise = _Denoiser(model, bias, ~fill & real.bool(), cfg, model_kwargs, uncond_kwargs, ids.shape[1])
     record = Trace(x.cpu().clone(), fill.cpu(), real.cpu(), mask_id) if trace else None
     block_of = torch.where(fill, (fill.long().cumsum(1) - 1) // sizes[0], -1)  # [B, L]
@@ -479,22 +492,29 @@ def generate(
 
     `generator` may be one torch.Generator or one per row (then a row's sample does not depend
     on the rest of the batch). `max_length`: the model's context, checked against P + G.
+    With cfg.block_causal the prompt is left padded to a multiple of block_length first (padding
+    is hidden), so generated blocks sit where training put blocks; the padding is dropped again.
     """
     if prompt_ids.dim() != 2:
         raise DifflmError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
     B, P = prompt_ids.shape
     G = cfg.gen_length
-    if max_length is not None and P + G > max_length:
+    align = (-P) % cfg.block_length if cfg.block_causal else 0
+    if max_length is not None and align + P + G > max_length:
         raise DifflmError(
-            f"prompt of {P} tokens + gen_length {G} exceeds the model's max length {max_length}; "
-            "shorten the prompt or lower sample.gen_length"
+            f"prompt of {P} tokens (+{align} alignment) + gen_length {G} exceeds the model's max length "
+            f"{max_length}; shorten the prompt or lower sample.gen_length"
         )
     ids, real = left_pad(prompt_ids, attention_mask)
+    ids = torch.cat([ids.new_zeros(B, align), ids], dim=1)  # [B, align + P]
+    real = torch.cat([real.new_zeros(B, align), real], dim=1)
+    P += align
     gen = torch.full((B, G), mask_token_of(model), dtype=ids.dtype, device=ids.device)
     fill = torch.zeros(B, P + G, dtype=torch.bool, device=ids.device)
     fill[:, P:] = True
     mask = torch.cat([real, torch.ones_like(gen)], dim=1)  # [B, P+G]
-    return infill(
+    bias = block_causal_bias(P + G, cfg.block_length, device=ids.device) if cfg.block_causal else None
+    result = infill(
         model,
         torch.cat([ids, gen], dim=1),
         fill,
@@ -504,4 +524,15 @@ def generate(
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
         trace=trace,
+        attention_bias=bias,
     )
+    result.tokens, result.attention_mask = result.tokens[:, align:], result.attention_mask[:, align:]
+    return result
+
+
+def _self_visible(bias: Tensor) -> Tensor:
+    """The bias with every query seeing at least its own key: a padding query whose keys are all
+    hidden would give NaN states, and NaN values leak through zero attention weights."""
+    L = bias.shape[-1]
+    eye = torch.eye(L, dtype=torch.bool, device=bias.device)
+    return bias.masked_fill(eye, 0.0) if bias.shape[-2] == L else bias

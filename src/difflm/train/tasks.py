@@ -6,6 +6,7 @@ not depend on how the batch is split across processes or micro-batches; `loss` r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,6 +17,8 @@ from difflm.config import DiffusionConfig
 from difflm.diffusion.losses import get_loss
 from difflm.diffusion.masking import NoiseConfig, corrupt, protected_mask, random_truncate
 from difflm.diffusion.schedules import build_schedule, sample_t
+from difflm.errors import DifflmError
+from difflm.models.block_attention import bd3_training_bias
 from difflm.models.layers import padding_bias
 
 Batch = dict[str, Tensor]
@@ -35,6 +38,11 @@ class MaskedDiffusionTask:
     model as keyword arguments. `packed_logits` asks the model for logits at the loss positions
     only (`model(..., logits_at=positions)` -> [N, V]): with a large vocabulary and short, padded
     sequences the vocabulary projection of the other positions is most of the step's cost.
+
+    Block diffusion (`cfg.block_length = K`, BD3-LM): every block of K tokens draws its own t, and
+    the model sees the noisy and the clean copy of the sequence in one forward of length 2L (both at
+    positions 0..L-1) under `bd3_training_bias`, so each block is denoised given the clean earlier
+    blocks; the loss is read off the noisy copy. The model must take `position_ids`.
     """
 
     def __init__(
@@ -70,9 +78,7 @@ class MaskedDiffusionTask:
         if self.cfg.random_length_prob > 0:
             batch = random_truncate(batch, self.cfg.random_length_prob, generator)
         ids = batch["input_ids"]  # [B, L]
-        t = sample_t(ids.shape[0], generator, antithetic=self.cfg.antithetic, eps=self.cfg.t_eps)  # [B]
-        if self.num_steps:
-            t = torch.ceil(t * self.num_steps) / self.num_steps  # [B] on the grid k / num_steps
+        t = self._times(ids, generator)  # [B], or [B, L] with blocks
         protected = protected_mask(
             ids,
             prompt_lengths=batch.get("prompt_lengths"),
@@ -98,16 +104,29 @@ class MaskedDiffusionTask:
             out["attention_bias"] = self.attention_bias_fn(batch)  # [B, 1, L, L]
         return {**out, **{key: batch[key] for key in self.model_inputs}}
 
+    def _times(self, ids: Tensor, generator: torch.Generator) -> Tensor:
+        """t per example [B], or per position [B, L] (constant within a block) with blocks."""
+        B, L = ids.shape
+        K = self.cfg.block_length
+        n = B if K is None else B * math.ceil(L / K)
+        t = sample_t(n, generator, antithetic=self.cfg.antithetic, eps=self.cfg.t_eps, t_max=self.cfg.t_max)
+        if self.num_steps:
+            t = torch.ceil(t * self.num_steps) / self.num_steps  # on the grid k / num_steps
+        return t if K is None else t.view(B, -1).repeat_interleave(K, dim=1)[:, :L]  # [B, L]
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         bias = batch.get("attention_bias")
         if "attention_mask" in batch:
             padding = padding_bias(batch["attention_mask"])  # [B, 1, 1, L]
             bias = padding if bias is None else bias + padding
         kwargs = {key: batch[key] for key in self.model_inputs}
+        positions = batch["noised"] if "loss_mask" not in batch else batch["noised"] & batch["loss_mask"]
         if self.packed_logits:
-            loss_mask = batch.get("loss_mask")
-            kwargs["logits_at"] = batch["noised"] if loss_mask is None else batch["noised"] & loss_mask
-        logits = model(batch["noisy"], attention_bias=bias, **kwargs)  # [B, L, V] or packed [N, V]
+            kwargs["logits_at"] = positions
+        if self.cfg.block_length is not None:
+            logits = self._block_forward(model, batch["noisy"], batch["input_ids"], bias, positions, kwargs)
+        else:
+            logits = model(batch["noisy"], attention_bias=bias, **kwargs)  # [B, L, V] or packed [N, V]
         loss = self.loss_fn(
             logits,
             batch["input_ids"],
@@ -119,6 +138,32 @@ class MaskedDiffusionTask:
             reweight_cap=self.cfg.reweight_cap,
         )
         return loss, {"mask_rate": batch["noised"].float().mean().item()}
+
+    def _block_forward(
+        self,
+        model: nn.Module,
+        noisy: Tensor,
+        clean: Tensor,
+        bias: Tensor | None,
+        positions: Tensor,
+        kwargs: dict,
+    ) -> Tensor:
+        """Logits of the noisy copy ([B, L, V], or packed [N, V]) from one forward over [x_t ; x_0]."""
+        L = noisy.shape[1]
+        both = bd3_training_bias(L, self.cfg.block_length, device=noisy.device)  # [1, 1, 2L, 2L]
+        if bias is not None:  # padding [B, 1, 1, L]: keys hidden in both copies
+            if bias.shape[2] != 1:
+                raise DifflmError(
+                    "diffusion.block_length does not combine with another attention bias (block attention)"
+                )
+            both = both + torch.cat([bias, bias], dim=-1)  # [B, 1, 2L, 2L]
+        if "logits_at" in kwargs:
+            kwargs = {**kwargs, "logits_at": torch.cat([positions, torch.zeros_like(positions)], dim=1)}
+        position_ids = torch.arange(L, device=noisy.device).repeat(2)  # [2L]: both copies at 0..L-1
+        logits = model(
+            torch.cat([noisy, clean], dim=1), attention_bias=both, position_ids=position_ids, **kwargs
+        )
+        return logits if "logits_at" in kwargs else logits[:, :L]
 
 
 class AutoregressiveTask:

@@ -1,0 +1,162 @@
+"""Block diffusion (BD3-LM): the two-stream training mask, its K = 1 and K = L limits, and exact
+block-causal sampling with a KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflm.config import DiffusionConfig
+from difflm.models.block_attention import bd3_training_bias, block_causal_bias
+from difflm.models.layers import causal_bias
+from difflm.models.transformer import Transformer, TransformerConfig
+from difflm.sampling.unmask import SampleConfig, generate
+from difflm.train.tasks import MaskedDiffusionTask
+
+V, L = 17, 12
+MASK = V - 1
+
+
+def tiny(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16, mask_token_id=MASK)
+    return Transformer(cfg).eval()
+
+
+def visible(bias: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(bias)[0, 0]
+
+
+def test_bd3_training_mask_by_hand():
+    # L = 4, K = 2: blocks [0, 0, 1, 1]; rows/cols are [noisy 0..3 ; clean 0..3]
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0, 0, 0],  # noisy block 0: own noisy block, no clean block before it
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0],  # noisy block 1: own noisy block + clean block 0
+            [0, 0, 1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 1, 0, 0],  # clean block 0: clean blocks <= 0, never a noisy key
+            [0, 0, 0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 1, 1, 1],  # clean block 1: clean blocks <= 1
+            [0, 0, 0, 0, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(visible(bd3_training_bias(4, 2)), expected)
+    assert torch.equal(visible(block_causal_bias(4, 2)), expected[4:, 4:])
+
+
+def task(K: int | None) -> MaskedDiffusionTask:
+    return MaskedDiffusionTask(DiffusionConfig(block_length=K), mask_token_id=MASK, vocab_size=V)
+
+
+def batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, V - 1, (3, L), generator=g)}
+
+
+def test_block_length_L_is_full_masked_diffusion():
+    model = tiny()
+    prepared_bd3 = task(L).prepare(batch(), torch.Generator().manual_seed(5))
+    prepared_mdm = task(None).prepare(batch(), torch.Generator().manual_seed(5))
+    assert torch.equal(prepared_bd3["noisy"], prepared_mdm["noisy"])  # same t, same masks
+    with torch.no_grad():
+        loss_bd3, _ = task(L).loss(model, prepared_bd3)
+        loss_mdm, _ = task(None).loss(model, prepared_mdm)
+    torch.testing.assert_close(loss_bd3, loss_mdm, rtol=1e-5, atol=1e-6)
+
+
+def test_block_length_1_predicts_each_token_from_the_clean_prefix():
+    model = tiny(1)
+    x0 = batch(1)["input_ids"][:1]  # [1, L]
+    noisy = torch.full_like(x0, MASK)
+    both = torch.cat([noisy, x0], dim=1)
+    with torch.no_grad():
+        logits = model(both, attention_bias=bd3_training_bias(L, 1), position_ids=torch.arange(L).repeat(2))
+        for i in range(L):  # clean x_<i then the mask at position i, causally: next-token prediction
+            ref = model(torch.cat([x0[:, :i], noisy[:, i : i + 1]], dim=1), attention_bias=causal_bias(i + 1))
+            torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_never_see_later_blocks_and_clean_never_sees_noisy():
+    model, K = tiny(2), 4
+    x0 = batch(2)["input_ids"][:1]
+    noisy = x0.masked_fill(torch.rand(x0.shape, generator=torch.Generator().manual_seed(0)) < 0.5, MASK)
+    pos, bias = torch.arange(L).repeat(2), bd3_training_bias(L, K)
+    with torch.no_grad():
+        base = model(torch.cat([noisy, x0], 1), attention_bias=bias, position_ids=pos)
+        later = x0.clone()
+        later[:, 8:] = (later[:, 8:] + 1) % (V - 1)  # change the last block, clean copy
+        changed = model(torch.cat([noisy, later], 1), attention_bias=bias, position_ids=pos)
+        other = noisy.clone()
+        other[:, 4:8] = MASK - 1  # change the noisy copy of block 1
+        changed_noisy = model(torch.cat([other, x0], 1), attention_bias=bias, position_ids=pos)
+    torch.testing.assert_close(changed[:, :L], base[:, :L])  # no noisy block sees clean block 2
+    assert not torch.allclose(changed[:, 8 + L :], base[:, 8 + L :])  # (the clean stream does)
+    untouched = torch.cat([torch.arange(0, 4), torch.arange(8, 2 * L)])  # every row but noisy block 1
+    torch.testing.assert_close(changed_noisy[:, untouched], base[:, untouched])
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("extra", [{}, {"threshold": 0.3}])
+def test_block_causal_cached_sampling_equals_uncached(cache, extra):
+    model = tiny(3)
+    prompt = torch.tensor([[3, 4, 5, 6, 7], [0, 0, 8, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    base = dict(gen_length=10, steps=10, block_length=4, block_causal=True, **extra)
+    plain = generate(model, prompt, SampleConfig(**base), attention_mask=mask)
+    fast = generate(model, prompt, SampleConfig(**base, cache=cache), attention_mask=mask)
+    assert torch.equal(plain.tokens, fast.tokens)
+    assert plain.tokens.shape == (2, 15)  # the alignment padding is dropped again
+    assert (plain.tokens[:, 5:] != MASK).all()
+
+
+def test_block_causal_cache_feeds_each_finished_block_once():
+    model = tiny(4)
+    seen: list[tuple[int, int]] = []
+    forward = model.forward
+
+    def spy(ids, *, position_offset=0, kv_cache=None, attend_len=None, logits_at=None, **kw):
+        seen.append((position_offset, ids.shape[1]))
+        return forward(
+            ids,
+            position_offset=position_offset,
+            kv_cache=kv_cache,
+            attend_len=attend_len,
+            logits_at=logits_at,
+            **kw,
+        )
+
+    model.forward = spy
+    cfg = SampleConfig(gen_length=8, steps=8, block_length=4, block_causal=True, cache="prefix")
+    generate(model, torch.tensor([[1, 2, 3, 4]]), cfg)
+    # block 1 = [4, 8): refresh over prompt + block (offset 0, 8 slots), then 3 steps of the block;
+    # block 2 = [8, 12): refresh over finished block 1 + block 2 (offset 4), then 3 steps
+    assert seen == [(0, 8), (4, 4), (4, 4), (4, 4), (4, 8), (8, 4), (8, 4), (8, 4)]
+
+
+def test_block_causal_prompt_alignment_keeps_training_blocks():
+    """A 5-token prompt with K = 4 is left padded to 8, so generation starts where training's
+    block 2 starts; the first forward sees exactly the hand-built aligned input and bias."""
+    model = tiny(5)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward = model.forward
+
+    def spy(ids, *, attention_bias=None, logits_at=None, **kw):
+        calls.append((ids.clone(), attention_bias))
+        return forward(ids, attention_bias=attention_bias, logits_at=logits_at, **kw)
+
+    model.forward = spy
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    out = generate(model, prompt, SampleConfig(gen_length=3, steps=3, block_length=4, block_causal=True))
+    assert torch.equal(out.tokens[:, :5], prompt) and out.tokens.shape == (1, 8)
+    x = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5, MASK, MASK, MASK]])
+    real = torch.tensor([0, 0, 0] + [1] * 8, dtype=torch.bool)
+    hand = (
+        block_causal_bias(11, 4)
+        .masked_fill(~real, float("-inf"))
+        .masked_fill(torch.eye(11, dtype=torch.bool), 0)
+    )
+    ids, bias = calls[0]
+    assert torch.equal(ids, x)
+    assert torch.equal(torch.isfinite(bias[0, 0]), torch.isfinite(hand[0, 0]))

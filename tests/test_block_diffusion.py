@@ -57,13 +57,19 @@ def batch(seed: int = 0) -> dict:
 
 def test_block_length_L_is_full_masked_diffusion():
     model = tiny()
-    prepared_bd3 = task(L).prepare(batch(), torch.Generator().manual_seed(5))
-    prepared_mdm = task(None).prepare(batch(), torch.Generator().manual_seed(5))
-    assert torch.equal(prepared_bd3["noisy"], prepared_mdm["noisy"])  # same t, same masks
-    with torch.no_grad():
-        loss_bd3, _ = task(L).loss(model, prepared_bd3)
-        loss_mdm, _ = task(None).loss(model, prepared_mdm)
+    prepared = task(L).prepare(batch(), torch.Generator().manual_seed(5))
+    assert prepared["p_mask"].shape == (3, L) and (prepared["p_mask"] == prepared["p_mask"][:, :1]).all()
+    with torch.no_grad():  # one block: the noisy copy sees only itself, as full masked diffusion
+        loss_bd3, _ = task(L).loss(model, prepared)
+        loss_mdm, _ = task(None).loss(model, prepared)
     torch.testing.assert_close(loss_bd3, loss_mdm, rtol=1e-5, atol=1e-6)
+
+
+def test_each_block_draws_its_own_time():
+    prepared = task(4).prepare(batch(), torch.Generator().manual_seed(6))
+    per_block = prepared["p_mask"].view(3, 3, 4)  # [B, blocks, K]
+    assert (per_block == per_block[..., :1]).all()  # constant within a block
+    assert len(per_block[..., 0].unique()) == 9  # one stratum per block
 
 
 def test_block_length_1_predicts_each_token_from_the_clean_prefix():

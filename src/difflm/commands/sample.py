@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from difflm.data.conversations import chat_prompt_ids
+from difflm.data.corpora import resolve_corpus
 from difflm.errors import DifflmError
+from difflm.evaluate.metrics import word_quality, words
 from difflm.evaluate.sgdd import sample_sgdd
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
@@ -85,7 +87,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1, help="samples per prompt")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per sample, then one for the run (tokens, seconds, forwards)",
+    )
+    parser.add_argument(
+        "--word-check",
+        default=None,
+        metavar="CORPUS",
+        help="score each sample's words against a corpus (name or file): share found there, longest repeat",
+    )
     parser.add_argument(
         "--animate", default=None, help="write an animation of the first sample (.gif or .html)"
     )
@@ -204,6 +216,11 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
+def corpus_words(name_or_path: str) -> set[str]:
+    """The set of words of a corpus (a name from `difflm data list` or a text file)."""
+    return set(words(resolve_corpus(name_or_path).read_text(encoding="utf-8")))
+
+
 def token_strings(tokenizer) -> Callable[[list[int]], list[str]]:
     return lambda ids: [tokenizer.decode([i]) for i in ids]
 
@@ -231,13 +248,27 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = SAMPLERS[pre.config.task](pre, args, ids.to(args.device), mask.to(args.device), generator)
     seconds = time.perf_counter() - start
+    vocabulary = corpus_words(args.word_check) if args.word_check else None
     for row, prompt in enumerate(prompts):
         text = pre.tokenizer.decode(result.tokens[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        quality = word_quality(text, vocabulary) if vocabulary is not None else {}
         if args.json:
-            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, "completion": text, **quality}, ensure_ascii=False))
         else:
             print(f"--- sample {row} ---\n{prompt}{text}")
+            if quality:
+                print(
+                    f"[words in corpus: {100 * quality['in_corpus']:.1f}%, longest repeat: {quality['max_repeat']}]"
+                )
     generated = len(prompts) * args.gen_length
+    stats = {
+        "tokens": generated,
+        "seconds": round(seconds, 4),
+        "tokens_per_second": round(generated / seconds, 2),
+        "forward_passes": result.forward_passes,
+    }
+    if args.json:
+        print(json.dumps({"run": stats}))
     print(
         f"[{generated} tokens in {seconds:.2f}s, {generated / seconds:.1f} tok/s, {result.forward_passes} forward passes]",
         file=sys.stderr,

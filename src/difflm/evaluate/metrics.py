@@ -7,6 +7,7 @@ standard implementations, so numbers are comparable with published ones.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from difflm.errors import DifflmError
@@ -65,3 +66,21 @@ def exact_match(predictions: Sequence[Sequence], references: Sequence[Sequence])
             f"need one prediction per reference and at least one pair, got {len(predictions)} and {len(references)}"
         )
     return sum(list(p) == list(r) for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words: maximal runs of letters and apostrophes."""
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def word_quality(text: str, vocabulary: set[str]) -> dict[str, float]:
+    """How much a sample reads like its corpus: the fraction of its words that occur in the corpus
+    (`vocabulary`, e.g. `set(words(corpus))`) and the longest run of one word repeated in a row."""
+    ws = words(text)
+    if not ws:
+        return {"words": 0, "in_corpus": 0.0, "max_repeat": 0}
+    longest = run = 1
+    for prev, word in zip(ws, ws[1:], strict=False):
+        run = run + 1 if word == prev else 1
+        longest = max(longest, run)
+    return {"words": len(ws), "in_corpus": sum(w in vocabulary for w in ws) / len(ws), "max_repeat": longest}

@@ -112,7 +112,12 @@ class MaskedDiffusionTask:
         t = sample_t(n, generator, antithetic=self.cfg.antithetic, eps=self.cfg.t_eps, t_max=self.cfg.t_max)
         if self.num_steps:
             t = torch.ceil(t * self.num_steps) / self.num_steps  # on the grid k / num_steps
-        return t if K is None else t.view(B, -1).repeat_interleave(K, dim=1)[:, :L]  # [B, L]
+        if K is None:
+            return t
+        # the antithetic strata go to blocks in random order: in row-major order one row's blocks
+        # would all hold neighbouring strata (one sequence nearly clean, another nearly all masks)
+        t = t[torch.randperm(n, generator=generator, device=generator.device).to(t.device)]
+        return t.view(B, -1).repeat_interleave(K, dim=1)[:, :L]  # [B, L]
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         bias = batch.get("attention_bias")

@@ -117,6 +117,21 @@ def _ensure_mask_token(tokenizer, mask_token: str, rows: int) -> tuple[int, bool
     return tokenizer.convert_tokens_to_ids(mask_token), added
 
 
+def _check_destination(dst: Path) -> None:
+    """A new or empty folder whose parent can be written: checked before any weight is read."""
+    if dst.exists() and not dst.is_dir():
+        raise DifflmError(f"{dst} is a file; give a new output folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise DifflmError(f"{dst} already exists and is not empty; choose a new output folder")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent)).rmdir()
+    except OSError as err:
+        raise DifflmError(
+            f"cannot write into {dst.parent} ({err.strerror}); choose a writable folder"
+        ) from None
+
+
 def _save(model: Qwen3LLaDAForMaskedLM, tokenizer, dst: Path) -> None:
     """Write into a temporary sibling folder, then rename, so a failed save leaves no half folder."""
     if dst.exists() and not dst.is_dir():
@@ -142,8 +157,7 @@ def convert_qwen3(src: str, dst: str, *, mask_token: str = "<|mask|>") -> Conver
     src_path, dst_path = Path(src), Path(dst)
     if not mask_token.strip():
         raise DifflmError("the mask token is empty; give its text, e.g. <|mask|>")
-    if dst_path.exists() and not dst_path.is_dir():
-        raise DifflmError(f"{dst_path} is a file; give a new output folder")
+    _check_destination(dst_path)
     config_dict = _read_config(src_path)
     tokenizer = _load_tokenizer(src_path)
     model = _load_model(src_path, config_dict)

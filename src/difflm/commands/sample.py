@@ -285,6 +285,16 @@ def check_output_file(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
         raise DifflmError(f"{flag} {path} is a folder; give a file name ending in {' or '.join(suffixes)}")
     if not out.parent.is_dir():
         raise DifflmError(f"{flag} {path}: folder '{out.parent}' does not exist; create it first")
+    existed = out.exists()
+    try:
+        with open(out, "ab"):  # a probe: fail now, not after minutes of sampling
+            pass
+    except OSError as err:
+        raise DifflmError(
+            f"{flag} {path} cannot be written ({err.strerror}); choose a writable folder"
+        ) from None
+    if not existed:
+        out.unlink()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,7 +61,6 @@ def copy_step(base: Path, bad: Path) -> None:
 def rehash(folder: Path) -> None:
     """Rewrite the manifest after a tampering, as a careless (or hostile) editor would."""
     tied = json.loads((folder / ckpt.MANIFEST_FILE).read_text())["tied"]
-    (folder / ckpt.MANIFEST_FILE).unlink()
     ckpt._write_manifest(folder, tied)
 
 

@@ -3,9 +3,9 @@
 A config read from a checkpoint or typed on the command line can ask for a billion layers; building
 it would grow the process until the machine swaps. `check_fits` estimates the parameter count from
 the few fields that drive it (layers, width, MLP width, vocabulary, positions) and refuses a model
-whose float32 weights exceed the memory available now. The estimate is an upper-leaning
-approximation (within ~25% of the real count for every family, see tests/test_checkpoint_safety.py);
-it is a guard, not a budget.
+whose float32 weights exceed the memory available now. The estimate counts a gated MLP and an
+untied head, so it is never below the real count and at most about twice it (checked per family in
+tests/test_checkpoint_safety.py): a guard against absurd sizes, not a memory budget.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def file_sha256(path: Path) -> str:
 def _write_manifest(folder: Path, tied: dict[str, str]) -> None:
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file():
+        if path.is_file() and path.name != MANIFEST_FILE:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}

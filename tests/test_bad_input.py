@@ -203,7 +203,9 @@ CASES = [
     Case("missing-tensors", SAMPLE_BAD, "missing", drop_layer),
     Case("extra-tensor", SAMPLE_BAD, "unexpected 1 tensor(s): extra.weight", add_tensor),
     Case("nan-weights-rehashed", SAMPLE_BAD, "NaN", nan_weights),
-    Case("cut-tokenizer", SAMPLE_BAD, "tokenizer.json", lambda b, d: cut_tokenizer(b, d, manifest_fixed=False)),
+    Case(
+        "cut-tokenizer", SAMPLE_BAD, "tokenizer.json", lambda b, d: cut_tokenizer(b, d, manifest_fixed=False)
+    ),
     Case("cut-tokenizer-rehashed", SAMPLE_BAD, "tokenizer", cut_tokenizer),
     Case("huge-config", SAMPLE_BAD, "parameters", edit_config(lambda c: c["model"].update(n_layer=10**9))),
     Case(

@@ -268,7 +268,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
     The tied names the manifest declares are the only keys allowed to be absent from the file, and
     each must be tied to its declared source in `model`. (Format 1 manifests declare none: the
-    model's own ties are used.) Non-finite weights are refused.
+    model's own ties are used.) Non-finite parameters are refused (buffers may hold -inf masks).
     """
     file = path / MODEL_FILE
     try:
@@ -287,7 +287,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             raise DifflmError(
                 f"weights in '{path}' declare '{alias}' tied to '{source}', but the model does not tie them"
             )
-    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise DifflmError(f"weights in '{path}' hold NaN or inf ({_names(bad)}): use an earlier checkpoint")
 

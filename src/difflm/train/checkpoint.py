@@ -141,9 +141,12 @@ def _tied_names(model: torch.nn.Module, weights: Path) -> dict[str, str]:
     return tied
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_manifest(folder: Path, tied: dict[str, str]) -> None:

@@ -23,7 +23,10 @@ def test_sample_diffusion_json_and_animation(checkpoints, capsys):
                  "--gen-length", "8", "--steps", "4", "--batch-size", "2", "--json", "--animate", str(gif)])
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [row["prompt"] for row in lines] == ["the king", "the king", "a", "a"]
+    assert [row["prompt"] for row in lines[:-1]] == ["the king", "the king", "a", "a"]
+    run = lines[-1]["run"]  # the run's own figures close the JSON output
+    assert run["tokens"] == 4 * 8 and run["forward_passes"] == 4
+    assert run["tokens_per_second"] == pytest.approx(run["tokens"] / run["seconds"], rel=1e-2)
     with Image.open(gif) as image:
         assert image.n_frames >= 4
 

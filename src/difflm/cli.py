@@ -1,13 +1,19 @@
 """`difflm` command line: a dict of sub-commands, each a module with `add_arguments` and `run`.
 
 The CLI is thin on purpose: every sub-command parses its arguments and calls one library
-function. A `DifflmError` (bad input the user can fix) is printed on one line and exits 2.
+function. Only the module of the command being run is imported, and command modules import torch
+and transformers inside `run`, so `difflm --help` and `difflm sample --help` stay fast.
+
+Errors: a `DifflmError` (bad input the user can fix) or an `OSError` (a path that cannot be read or
+written) is printed on one line and exits 2. Any other exception is a bug: one line naming it and a
+hint to rerun with `--debug` (anywhere on the command line), which shows the traceback; exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from difflm.errors import DifflmError
@@ -22,29 +28,78 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),
     "inspect": ("inspect", "Compare key names and shapes of two checkpoints."),
 }
+DEBUG_FLAG = "--debug"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="difflm", description="Diffusion language models.")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (none for the top-level help)."""
+    parser = argparse.ArgumentParser(
+        prog="difflm",
+        description="Diffusion language models.",
+        epilog=f"{DEBUG_FLAG} (anywhere): show the traceback of an unexpected error.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(f"difflm.commands.{module_name}")
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run)
+        if name == command:
+            module = importlib.import_module(f"difflm.commands.{module_name}")
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_run=module.run)
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    if overrides is not None and args.recipe is not None and all(_is_override(a) for a in extra):
+        args.overrides = overrides + extra  # `train R --print-config model.n_layer=2`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("DIFFLM_DEBUG") == "1"
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    args = parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except DifflmError as err:
-        print(f"difflm {args.command}: error: {err}", file=sys.stderr)
+        _error(args.command, str(err))
         return 2
-    except KeyboardInterrupt:
-        print(f"difflm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"difflm {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
+    except OSError as err:
+        if debug:
+            raise
+        _error(args.command, f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        _error(
+            args.command,
+            f"unexpected {type(err).__name__}: {_first_line(err)} "
+            f"(a bug: rerun with {DEBUG_FLAG} for the traceback and report it)",
+        )
+        return 1
+
+
+def _error(command: str, message: str) -> None:
+    print(f"difflm {command}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ The `model` section is polymorphic: `model.family` picks the dataclass from
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,30 @@ from typing import Any
 import yaml
 
 from difflm.errors import DifflmError
+
+DEVICE_NAMES = r"auto|cpu|mps|cuda(:\d+)?"
+MAX_INT = 2**63 - 1  # every int in a config fits a C int64 (seeds, steps, sizes)
+
+
+def check_range(
+    key: str,
+    value: float | None,
+    low: float,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """Raise unless `low <= value <= high` (strict where `open_*`); None passes (optional fields)."""
+    if value is None:
+        return
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = (
+            f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+        )
+        raise DifflmError(f"{key} must be in {interval}, got {value}")
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -91,15 +117,11 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         for key in ("min_rate", "span_prob", "random_length_prob"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise DifflmError(f"diffusion.{key} must be in [0, 1], got {value}")
-        if not 0.0 <= self.t_eps < self.t_max <= 1.0:
-            raise DifflmError(
-                f"need 0 <= diffusion.t_eps < diffusion.t_max <= 1, got {self.t_eps} and {self.t_max}"
-            )
-        if self.block_length is not None and self.block_length < 1:
-            raise DifflmError(f"diffusion.block_length must be >= 1 or null, got {self.block_length}")
+            check_range(f"diffusion.{key}", getattr(self, key), 0.0, 1.0)
+        check_range("diffusion.t_eps", self.t_eps, 0.0, 1.0, open_low=True, open_high=True)
+        check_range("diffusion.reweight_cap", self.reweight_cap, 0.0, open_low=True)
+        check_range("diffusion.t_max", self.t_max, self.t_eps, 1.0, open_low=True)
+        check_range("diffusion.block_length", self.block_length, 1)
         if self.block_length is not None and self.span_prob > 0:
             raise DifflmError("diffusion.block_length (block diffusion) needs diffusion.span_prob=0")
 
@@ -132,6 +154,10 @@ class TrainConfig:
     save_every: int = opt(500, "Checkpoint every N steps and at the end (0 = only at the end).")
     keep_last: int = opt(3, "Checkpoints to keep (0 = keep all).")
     resume: str | None = opt(None, "'latest', a step folder name like 'step-500', or a checkpoint path.")
+    overwrite: bool = opt(
+        False,
+        "Train into an output_dir that holds another run, moving that run aside to {output_dir}.old-TIME.",
+    )
     stop_at_step: int | None = opt(
         None, "Exit cleanly after this step with a checkpoint, leaving the schedule as for max_steps."
     )
@@ -144,6 +170,26 @@ class TrainConfig:
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise DifflmError(
                 f"train.batch_size ({self.batch_size}) must be a positive multiple of train.grad_accum ({self.grad_accum})"
+            )
+        check_range("train.lr", self.lr, 0.0, open_low=True)
+        for key in (
+            "min_lr",
+            "weight_decay",
+            "grad_clip",
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "keep_last",
+        ):
+            check_range(f"train.{key}", getattr(self, key), 0)
+        for key in ("beta1", "beta2"):
+            check_range(f"train.{key}", getattr(self, key), 0.0, 1.0, open_high=True)
+        for key in ("log_every", "eval_batches", "stop_at_step"):
+            check_range(f"train.{key}", getattr(self, key), 1)
+        check_range("train.seed", self.seed, 0)
+        if not re.fullmatch(DEVICE_NAMES, self.device):
+            raise DifflmError(
+                f"train.device={self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
             )
         for name in self.log_to:
             if name not in ("tensorboard", "wandb"):
@@ -204,13 +250,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     expected = origin or tp
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if expected is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise DifflmError(f"config key '{key}' must be a finite number, got {value}")
+        return float(value)
+    if expected is int and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise DifflmError(f"config key '{key}' is {value}, beyond the int64 range; use a smaller value")
     if expected is tuple and isinstance(value, list):
         return tuple(value)
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
@@ -249,7 +299,9 @@ def build_model_config(data: dict) -> Any:
     """Pick the model config dataclass by `family` (see difflm.models.MODEL_CONFIGS)."""
     from difflm.models import DERIVED, MODEL_CONFIGS
 
-    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise DifflmError(f"config section 'model' must be a mapping (family: ..., ...), got {data!r}")
+    data = dict(data)
     family = data.pop("family", "transformer")
     if family not in MODEL_CONFIGS:
         raise DifflmError(
@@ -269,8 +321,11 @@ def model_family(model_cfg: Any) -> str:
 
 
 def config_from_dict(data: dict) -> RunConfig:
+    if not isinstance(data, dict):
+        raise DifflmError(f"a run config must be a mapping of sections, got {type(data).__name__}")
     data = dict(data)
-    model = build_model_config(data.pop("model", None) or {})
+    model = data.pop("model", None)
+    model = build_model_config({} if model is None else model)
     cfg = from_dict(RunConfig, data)
     cfg.model = model
     return cfg

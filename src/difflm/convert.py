@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 from rich.table import Table
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from difflm.errors import DifflmError
 from difflm.models.qwen3_llada import Qwen3LLaDAConfig, Qwen3LLaDAForMaskedLM
@@ -47,7 +47,14 @@ def _read_config(src: Path) -> dict:
     config_path = src / "config.json"
     if not config_path.is_file():
         raise DifflmError(f"{src} has no config.json; point convert at a Hugging Face checkpoint folder")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DifflmError(
+            f"{config_path} is not valid JSON ({err}); restore the checkpoint's config"
+        ) from None
+    if not isinstance(config, dict):
+        raise DifflmError(f"{config_path} must hold a JSON object; restore the checkpoint's config")
     model_type = config.get("model_type", "unknown")
     if model_type != "qwen3":
         raise DifflmError(
@@ -66,11 +73,21 @@ def _load_tokenizer(src: Path):
 
 
 def _load_model(src: Path, config_dict: dict) -> Qwen3LLaDAForMaskedLM:
+    if not any(src.glob("*.safetensors")):
+        raise DifflmError(
+            f"{src} has no .safetensors weights; convert reads safetensors only (re-save a .bin "
+            "checkpoint with save_pretrained(safe_serialization=True) in a trusted environment)"
+        )
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
-    config = Qwen3LLaDAConfig.from_dict({**fields, "use_cache": False})
-    model, info = Qwen3LLaDAForMaskedLM.from_pretrained(
-        src, config=config, dtype="auto", output_loading_info=True
-    )
+    try:
+        config = Qwen3LLaDAConfig.from_dict({**fields, "use_cache": False})
+        model, info = Qwen3LLaDAForMaskedLM.from_pretrained(
+            src, config=config, dtype="auto", output_loading_info=True, use_safetensors=True
+        )
+    except (OSError, ValueError, TypeError, SafetensorError) as err:
+        raise DifflmError(
+            f"cannot load {src} as a Qwen3 checkpoint: {str(err).strip().splitlines()[0]}"
+        ) from None
     problems = {
         k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
     }
@@ -100,8 +117,25 @@ def _ensure_mask_token(tokenizer, mask_token: str, rows: int) -> tuple[int, bool
     return tokenizer.convert_tokens_to_ids(mask_token), added
 
 
+def _check_destination(dst: Path) -> None:
+    """A new or empty folder whose parent can be written: checked before any weight is read."""
+    if dst.exists() and not dst.is_dir():
+        raise DifflmError(f"{dst} is a file; give a new output folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise DifflmError(f"{dst} already exists and is not empty; choose a new output folder")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent)).rmdir()
+    except OSError as err:
+        raise DifflmError(
+            f"cannot write into {dst.parent} ({err.strerror}); choose a writable folder"
+        ) from None
+
+
 def _save(model: Qwen3LLaDAForMaskedLM, tokenizer, dst: Path) -> None:
     """Write into a temporary sibling folder, then rename, so a failed save leaves no half folder."""
+    if dst.exists() and not dst.is_dir():
+        raise DifflmError(f"{dst} is a file; give a new output folder")
     if dst.exists() and any(dst.iterdir()):
         raise DifflmError(f"{dst} already exists and is not empty; choose a new output folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +155,9 @@ def _save(model: Qwen3LLaDAForMaskedLM, tokenizer, dst: Path) -> None:
 def convert_qwen3(src: str, dst: str, *, mask_token: str = "<|mask|>") -> ConvertReport:
     """Convert the Qwen3 checkpoint folder `src` into a Qwen3-LLaDA checkpoint folder `dst`."""
     src_path, dst_path = Path(src), Path(dst)
+    if not mask_token.strip():
+        raise DifflmError("the mask token is empty; give its text, e.g. <|mask|>")
+    _check_destination(dst_path)
     config_dict = _read_config(src_path)
     tokenizer = _load_tokenizer(src_path)
     model = _load_model(src_path, config_dict)
@@ -173,9 +210,12 @@ def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, read from the safetensors headers only (no tensor is loaded)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for file in _safetensors_files(Path(path)):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise DifflmError(f"{file} is not a readable safetensors file ({err})") from None
     return shapes
 
 

@@ -11,19 +11,19 @@ settings.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from difflm.commands.sample import check_output_file
 from difflm.errors import DifflmError
-from difflm.pretrained import load_pretrained
-from difflm.sampling.autoregressive import generate_ar
-from difflm.sampling.trace import render_side_by_side_gif
-from difflm.sampling.unmask import SampleConfig, SampleResult, generate
-from difflm.train.checkpoint import MANIFEST_FILE
+
+if TYPE_CHECKING:  # imported when the command runs: torch and transformers take seconds
+    import torch
+
+    from difflm.sampling.unmask import SampleResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,8 @@ class Side:
 
 
 def load_diffusion(where: str, device: str) -> Side:
+    from difflm.pretrained import load_pretrained
+
     pre = load_pretrained(where, device)
     if getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"'{where}' is not a masked-diffusion checkpoint (its model has no mask token)")
@@ -70,6 +72,9 @@ def load_diffusion(where: str, device: str) -> Side:
 
 def load_ar(where: str, device: str) -> Side:
     """A difflm checkpoint when the folder has one, else a Hugging Face causal LM."""
+    from difflm.pretrained import load_pretrained
+    from difflm.train.checkpoint import MANIFEST_FILE
+
     path = Path(where)
     if (path / MANIFEST_FILE).is_file() or (path / "checkpoints" / "latest").is_file():
         pre = load_pretrained(where, device)
@@ -88,7 +93,7 @@ def load_ar(where: str, device: str) -> Side:
 
     try:
         tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True).to(device).eval()
     except (OSError, ValueError) as err:
         raise DifflmError(f"'{where}' is neither a difflm checkpoint nor an HF causal LM: {err}") from None
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -103,6 +108,8 @@ def load_ar(where: str, device: str) -> Side:
 
 
 def _ids(side: Side, prompt: str, gen_length: int, device: str) -> torch.Tensor:
+    import torch
+
     ids = side.encode(prompt)
     if not ids:
         raise DifflmError("the prompt encodes to no tokens; pass a non-empty --prompt")
@@ -115,6 +122,8 @@ def _ids(side: Side, prompt: str, gen_length: int, device: str) -> torch.Tensor:
 
 
 def _timed(fn) -> tuple[SampleResult, float]:
+    import torch
+
     start = time.perf_counter()
     with torch.no_grad():
         result = fn()
@@ -122,6 +131,20 @@ def _timed(fn) -> tuple[SampleResult, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflm.sampling.autoregressive import generate_ar
+    from difflm.sampling.trace import render_side_by_side_gif
+    from difflm.sampling.unmask import SampleConfig, generate
+    from difflm.train.trainer import resolve_device
+
+    check_output_file(args.out, "--out", (".gif",))
+    resolve_device(args.device, "--device")
+    for flag in ("temperature", "top_p"):
+        if not math.isfinite(getattr(args, flag)):
+            raise DifflmError(
+                f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}"
+            )
     if args.gen_length < 1 or not 1 <= args.steps <= args.gen_length:
         raise DifflmError(
             f"need --gen-length >= 1 and 1 <= --steps <= gen length, got {args.gen_length}, {args.steps}"

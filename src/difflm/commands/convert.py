@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import pkgutil
 
-from difflm.convert import convert_qwen3
+from difflm.errors import DifflmError
 
-CONVERTERS = {"qwen3": convert_qwen3}
+CONVERTERS = {"qwen3": "difflm.convert:convert_qwen3"}  # imported when used (transformers is slow)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = CONVERTERS[args.source_family](args.src, args.dst, mask_token=args.mask_token)
+    if not args.mask_token.strip():
+        raise DifflmError("--mask-token is empty; give the mask token's text, e.g. <|mask|>")
+    convert = pkgutil.resolve_name(CONVERTERS[args.source_family])
+    report = convert(args.src, args.dst, mask_token=args.mask_token)
     print(f"wrote {report.dst}")
     if report.has_tokenizer:
         added = "added to the tokenizer" if report.token_added else "already in the tokenizer"

@@ -4,9 +4,10 @@ checksums, and the seeded disjoint train/dev/test split of a poem JSONL corpus."
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from difflm.data.corpora import CORPORA, fetch_corpus, search_dirs
-from difflm.data.poems import build_poems
+from difflm.errors import DifflmError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
         print("looked for in: " + ", ".join(str(p) for p in search_dirs()))
         return 0
     if args.action == "build-poems":
+        from difflm.data.poems import build_poems
+
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise DifflmError(f"build-poems output '{args.out}' is a file; give a folder")
         counts = build_poems(args.src, args.out, args.seed)
         print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return 0

@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pkgutil
 import time
-from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from difflm.errors import DifflmError
 from difflm.evaluate import poem_completion
-from difflm.evaluate.forcing import eval_forcing
-from difflm.evaluate.likelihood import ar_nll, elbo_nll
-from difflm.evaluate.sgdd import eval_sgdd
-from difflm.pretrained import Pretrained, load_pretrained
-from difflm.systems.prefix_diffusion import eval_prefix_system
-from difflm.train.systems import text_blocks
-from difflm.train.trainer import autocast
+
+if TYPE_CHECKING:
+    from difflm.pretrained import Pretrained
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the checkpoint's files (sizes only)",
+    )
+    parser.add_argument(
         "--judge", default=None, help="teacher_forcing checkpoint scoring generations (gen_ppl)"
     )
     parser.add_argument("--continuations", type=int, default=8, help="held-out prompts continued (forcing)")
@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
+    from difflm.evaluate.likelihood import elbo_nll
+    from difflm.train.systems import text_blocks
+
     _, _, val = text_blocks(pre.config.data, pre.tokenizer)
     block_length = args.block_length or pre.config.diffusion.block_length
     nll = elbo_nll(
@@ -83,29 +86,46 @@ def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
 
 
 def eval_autoregressive(pre: Pretrained, args: argparse.Namespace) -> dict:
+    from difflm.evaluate.likelihood import ar_nll
+    from difflm.train.systems import text_blocks
+
     _, _, val = text_blocks(pre.config.data, pre.tokenizer)
     nll = ar_nll(pre.model, val, batch_size=args.batch_size, max_batches=args.max_batches)
     return {"val_loss": nll, "val_ppl": math.exp(nll)}
 
 
-EVALUATORS: dict[str, Callable[[Pretrained, argparse.Namespace], dict]] = {
-    "masked_diffusion": eval_masked_diffusion,
-    "qwen3_llada_pretrain": eval_masked_diffusion,  # full attention (no block bias)
-    "autoregressive": eval_autoregressive,
-    "sgdd": eval_sgdd,
-    "prefix_diffusion": eval_prefix_system,
-    "poems_ar": eval_prefix_system,
-    "teacher_forcing": eval_forcing,
-    "diffusion_forcing": eval_forcing,
+# task -> "module:function" (imported when used)
+EVALUATORS: dict[str, str] = {
+    "masked_diffusion": f"{__name__}:eval_masked_diffusion",
+    "qwen3_llada_pretrain": f"{__name__}:eval_masked_diffusion",  # full attention (no block bias)
+    "autoregressive": f"{__name__}:eval_autoregressive",
+    "sgdd": "difflm.evaluate.sgdd:eval_sgdd",
+    "prefix_diffusion": "difflm.systems.prefix_diffusion:eval_prefix_system",
+    "poems_ar": "difflm.systems.prefix_diffusion:eval_prefix_system",
+    "teacher_forcing": "difflm.evaluate.forcing:eval_forcing",
+    "diffusion_forcing": "difflm.evaluate.forcing:eval_forcing",
 }
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Counts checked before anything is loaded (`--max-batches 0` would otherwise mean 'all')."""
+    for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint == "poem-completion":
         return poem_completion.main(args)
-    if args.samples < 1:
-        raise DifflmError(f"--samples must be >= 1, got {args.samples}")
-    pre = load_pretrained(args.checkpoint, args.device)
+    import torch
+
+    from difflm.pretrained import load_pretrained
+    from difflm.train.trainer import autocast, resolve_device
+
+    check_args(args)
+    resolve_device(args.device, "--device")
+    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
     if args.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
             f"--split {args.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
@@ -117,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = {
             "checkpoint": str(pre.path),
             "task": pre.config.task,
-            **EVALUATORS[pre.config.task](pre, args),
+            **pkgutil.resolve_name(EVALUATORS[pre.config.task])(pre, args),
         }
     metrics["precision"] = args.precision
     metrics["seconds"] = round(time.perf_counter() - start, 2)

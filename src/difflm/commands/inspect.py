@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
-from difflm.convert import inspect_checkpoints, render_inspect_table
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="first checkpoint folder or .safetensors file (column A)")
@@ -16,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from difflm.convert import inspect_checkpoints, render_inspect_table
+
     rows = inspect_checkpoints(args.src, args.dst)
     Console().print(render_inspect_table(rows, only_differences=args.diff_only))
     return 0

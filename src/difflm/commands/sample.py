@@ -2,32 +2,30 @@
 
 Masked-diffusion checkpoints go through the one unmasking engine (`difflm.sampling.unmask`),
 autoregressive ones through the KV-cached AR decoder; both can be traced, animated to a GIF or
-HTML page, and replayed live in the terminal.
+HTML page, and replayed live in the terminal. torch and the samplers are imported when a command
+runs (`SAMPLERS` names them), so `difflm sample --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import math
+import pkgutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from difflm.data.conversations import chat_prompt_ids
-from difflm.data.corpora import resolve_corpus
 from difflm.errors import DifflmError
-from difflm.evaluate.metrics import word_quality, words
-from difflm.evaluate.sgdd import sample_sgdd
-from difflm.pretrained import Pretrained, load_pretrained
-from difflm.sampling.autoregressive import generate_ar
-from difflm.sampling.trace import Trace, render_gif, render_html, render_live
-from difflm.sampling.unmask import SampleConfig, SampleResult, generate
-from difflm.systems.forcing import sample_diffusion_forcing
-from difflm.systems.qwen3_llada import sample as sample_qwen3_llada
+
+if TYPE_CHECKING:
+    import torch
+
+    from difflm.pretrained import Pretrained
+    from difflm.sampling.trace import Trace
+    from difflm.sampling.unmask import SampleConfig, SampleResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--live", action="store_true", help="replay the denoising of the first sample in the terminal"
     )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the checkpoint's files (sizes only)",
+    )
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -112,7 +115,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise DifflmError(f"prompt file '{path}' not found")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DifflmError(
+                f"prompt file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DifflmError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
     return [p for p in prompts for _ in range(args.batch_size)]
@@ -120,6 +129,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids [B, P] and attention mask [B, P]; `chat` formats each prompt as a user turn."""
+    import torch
+
+    from difflm.data.conversations import chat_prompt_ids
+
     encoded = [chat_prompt_ids(tokenizer, p) if chat else tokenizer.encode(p) for p in prompts]
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -135,6 +148,8 @@ def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[tor
 def sample_config(args: argparse.Namespace, tokenizer, bd3_block: int | None = None) -> SampleConfig:
     """The engine's settings from the flags; a block-diffusion checkpoint (`bd3_block` K) decodes
     block-causally in blocks of K unless --block-length says otherwise."""
+    from difflm.sampling.unmask import SampleConfig
+
     return SampleConfig(
         gen_length=args.gen_length,
         steps=args.steps or args.gen_length,
@@ -157,6 +172,8 @@ def sample_config(args: argparse.Namespace, tokenizer, bd3_block: int | None = N
 def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
     if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
+    from difflm.sampling.unmask import generate
+
     cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
     config = getattr(pre.model, "config", None)
     max_length = (
@@ -180,6 +197,8 @@ def sample_autoregressive(
 ) -> SampleResult:
     """KV-cached decoding; `use_cache=False` (models without a cache, e.g. DFGPT in teacher-forcing
     mode) recomputes a sliding window of block_size tokens, so it may run past the model's length."""
+    from difflm.sampling.autoregressive import generate_ar
+
     if args.gen_length < 1:
         raise DifflmError(f"--gen-length must be >= 1, got {args.gen_length}")
     limit = pre.model.config.block_size
@@ -202,22 +221,29 @@ def sample_autoregressive(
     )
 
 
-TEXT_SAMPLERS: dict[str, Callable[[Pretrained, argparse.Namespace], int]] = {"sgdd": sample_sgdd}
+def sample_uncached(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
+    return sample_autoregressive(pre, args, ids, mask, generator, use_cache=False)
 
-SAMPLERS: dict[str, Callable] = {
-    "qwen3_llada_pretrain": sample_qwen3_llada,
-    "qwen3_llada_sft": sample_qwen3_llada,
-    "masked_diffusion": sample_masked,
-    "prefix_diffusion": sample_masked,
-    "poems_ar": sample_autoregressive,
-    "autoregressive": sample_autoregressive,
-    "teacher_forcing": functools.partial(sample_autoregressive, use_cache=False),
-    "diffusion_forcing": sample_diffusion_forcing,
+
+# task -> "module:function" (imported when used): samplers of whole texts, and of prompts to continue
+TEXT_SAMPLERS: dict[str, str] = {"sgdd": "difflm.evaluate.sgdd:sample_sgdd"}
+SAMPLERS: dict[str, str] = {
+    "qwen3_llada_pretrain": "difflm.systems.qwen3_llada:sample",
+    "qwen3_llada_sft": "difflm.systems.qwen3_llada:sample",
+    "masked_diffusion": f"{__name__}:sample_masked",
+    "prefix_diffusion": f"{__name__}:sample_masked",
+    "poems_ar": f"{__name__}:sample_autoregressive",
+    "autoregressive": f"{__name__}:sample_autoregressive",
+    "teacher_forcing": f"{__name__}:sample_uncached",
+    "diffusion_forcing": "difflm.systems.forcing:sample_diffusion_forcing",
 }
 
 
 def corpus_words(name_or_path: str) -> set[str]:
     """The set of words of a corpus (a name from `difflm data list` or a text file)."""
+    from difflm.data.corpora import resolve_corpus
+    from difflm.evaluate.metrics import words
+
     return set(words(resolve_corpus(name_or_path).read_text(encoding="utf-8")))
 
 
@@ -226,6 +252,8 @@ def token_strings(tokenizer) -> Callable[[list[int]], list[str]]:
 
 
 def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
+    from difflm.sampling.trace import render_gif, render_html, render_live
+
     if args.live:
         render_live(trace, token_strings(tokenizer))
     if args.animate:
@@ -233,12 +261,76 @@ def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
         print(f"animation: {render(trace, token_strings(tokenizer), args.animate)}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags checked before any model is loaded: counts, finite numbers, a writable --animate path."""
+    for flag in ("steps", "block_length", "gen_length", "length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.batch_size < 1:
+        raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {args.batch_size}")
+    for flag in ("temperature", "top_p", "threshold", "factor", "cfg_scale", "alpha"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            raise DifflmError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if args.block_attention and args.block_length is None:
+        raise DifflmError("--block-attention needs --block-length (the block the bias is built from)")
+    if args.animate:
+        check_output_file(args.animate, "--animate", (".gif", ".html"))
+
+
+# flags only some tasks read -> those tasks (elsewhere they would be silently ignored)
+TASK_FLAGS: dict[str, tuple[str, ...]] = {
+    "schedule": ("diffusion_forcing",),
+    "horizon": ("diffusion_forcing",),
+    "block_attention": ("qwen3_llada_pretrain", "qwen3_llada_sft"),
+    "text": ("sgdd",),
+    "interpolate": ("sgdd",),
+}
+
+
+def check_task_flags(task: str, args: argparse.Namespace) -> None:
+    for flag, tasks in TASK_FLAGS.items():
+        if getattr(args, flag, None) not in (None, False) and task not in tasks:
+            raise DifflmError(
+                f"--{flag.replace('_', '-')} is for {' / '.join(tasks)} checkpoints; this one's task is '{task}'"
+            )
+
+
+def check_output_file(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
+    """An output file: a known extension, in an existing folder, not a folder itself."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise DifflmError(f"{flag} {path}: the file must end in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise DifflmError(f"{flag} {path} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise DifflmError(f"{flag} {path}: folder '{out.parent}' does not exist; create it first")
+    existed = out.exists()
+    try:
+        with open(out, "ab"):  # a probe: fail now, not after minutes of sampling
+            pass
+    except OSError as err:
+        raise DifflmError(
+            f"{flag} {path} cannot be written ({err.strerror}); choose a writable folder"
+        ) from None
+    if not existed:
+        out.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.steps is not None and args.steps < 1:
-        raise DifflmError(f"--steps must be >= 1, got {args.steps}")
-    pre = load_pretrained(args.checkpoint, args.device)
+    import torch
+
+    from difflm.evaluate.metrics import word_quality
+    from difflm.pretrained import load_pretrained
+    from difflm.train.trainer import resolve_device
+
+    check_args(args)
+    resolve_device(args.device, "--device")
+    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
+    check_task_flags(pre.config.task, args)
     if pre.config.task in TEXT_SAMPLERS:  # conditioned on whole texts, not prompts to continue
-        return TEXT_SAMPLERS[pre.config.task](pre, args)
+        return pkgutil.resolve_name(TEXT_SAMPLERS[pre.config.task])(pre, args)
     if pre.config.task not in SAMPLERS:
         raise DifflmError(f"no sampler for task '{pre.config.task}'; known: {', '.join(SAMPLERS)}")
     prompts = read_prompts(args)
@@ -246,12 +338,13 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     with torch.no_grad():
-        result = SAMPLERS[pre.config.task](pre, args, ids.to(args.device), mask.to(args.device), generator)
+        sampler = pkgutil.resolve_name(SAMPLERS[pre.config.task])
+        result = sampler(pre, args, ids.to(args.device), mask.to(args.device), generator)
     seconds = time.perf_counter() - start
     vocabulary = corpus_words(args.word_check) if args.word_check else None
     for row, prompt in enumerate(prompts):
         text = pre.tokenizer.decode(result.tokens[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
-        quality = word_quality(text, vocabulary) if vocabulary is not None else {}
+        quality = {} if vocabulary is None else word_quality(text, vocabulary)
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, **quality}, ensure_ascii=False))
         else:

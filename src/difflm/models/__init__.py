@@ -15,6 +15,7 @@ from difflm.models.dfgpt import DFGPT, DFGPTConfig
 from difflm.models.mlm import MLMConfig, build_mlm
 from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada
 from difflm.models.sgdd import SGDD, SGDDConfig
+from difflm.models.size import check_fits
 from difflm.models.transformer import Transformer, TransformerConfig
 
 MODEL_CONFIGS: dict[str, type] = {
@@ -41,4 +42,6 @@ DERIVED: dict[str, dict[str, Any]] = {
 
 
 def build_model(family: str, cfg: Any) -> nn.Module:
+    """A fresh model of `family`; a config too large for the memory available is refused first."""
+    check_fits(family, cfg)
     return BUILDERS[family](cfg)

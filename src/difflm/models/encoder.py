@@ -140,7 +140,9 @@ class SemanticEncoder(nn.Module):
         try:
             hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             _check_is_encoder(config.name_or_path, hf_config)
-            self.model = AutoModel.from_pretrained(path, config=hf_config, trust_remote_code=False)
+            self.model = AutoModel.from_pretrained(
+                path, config=hf_config, trust_remote_code=False, use_safetensors=True
+            )
             self._tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise DifflmError(

@@ -219,7 +219,9 @@ def _load_masked_lm(source: str) -> PreTrainedModel:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # our own one-line report replaces HF's key table
     try:
-        mlm, info = AutoModelForMaskedLM.from_pretrained(source, output_loading_info=True)
+        mlm, info = AutoModelForMaskedLM.from_pretrained(
+            source, output_loading_info=True, use_safetensors=True
+        )
     except (OSError, ValueError) as err:
         raise DifflmError(
             f"cannot load '{source}' as a masked LM: {_first_line(err)}; pass a local folder, "

@@ -1,29 +1,34 @@
 """Checkpoints: one folder per step, written atomically, verified on load.
 
 Layout of `{output_dir}/checkpoints/step-{N}/`:
-  model.safetensors      weights (shared/tied tensors stored once)
+  model.safetensors      weights (a tied tensor stored once; its other names listed in the manifest)
   optimizer.safetensors  optimizer tensors; param groups and scalars in the metadata
   difflm.json            the whole run config, so `sample`/`eval` need only this path
   trainer_state.json     step, epoch, batch in epoch, tokens seen, last val loss
   config.json            (HF families only) the HF config, so `from_pretrained(path)` works
   tokenizer files
-  manifest.json          file sizes, written last: a folder without it, or whose files differ
-                         from it, is an interrupted or truncated write and is refused.
+  manifest.json          written last: each file's size and sha256 (hashed as the folder is
+                         written), and the tied weight names. A folder without it, or whose files
+                         differ from it, is an interrupted, truncated or corrupted write: refused.
 The folder is written under a temporary name and renamed into place; `checkpoints/latest`
 (a one-line text file naming the step folder) is replaced after the rename. A crash at any moment
-leaves the last good checkpoint, and `latest`, untouched.
+leaves the last good checkpoint, and `latest`, untouched. Old checkpoints are pruned by renaming
+them to `.trash-step-N` first, so a kill while pruning never leaves a half-deleted step folder;
+leftover `.trash-*` / `.old-*` folders are removed by the next save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from difflm.errors import DifflmError
@@ -33,10 +38,17 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RUN_CONFIG_FILE = "difflm.json"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 2  # 1: sizes only (still read); 2: sizes, sha256 and tied names
+STEP_NAME = re.compile(r"step-(\d+)")
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def step_number(path: Path) -> int | None:
+    match = STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(
@@ -52,11 +64,13 @@ def save_checkpoint(
 ) -> Path:
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root, (".trash-", ".old-"))  # finish a prune or swap a kill interrupted
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
+    tied = _tied_names(model, tmp / MODEL_FILE)
     if hasattr(getattr(model, "config", None), "save_pretrained"):
         model.config.save_pretrained(tmp)  # HF families: config.json for from_pretrained
     if optimizer is not None:
@@ -65,12 +79,20 @@ def save_checkpoint(
         tokenizer.save(tmp)
     _write_json(tmp / RUN_CONFIG_FILE, run_config)
     _write_json(tmp / STATE_FILE, trainer_state)
-    _write_manifest(tmp)
+    _write_manifest(tmp, tied)
     _swap_into_place(tmp, final)
     _write_latest(root, final.name)
     if keep_last > 0:
-        _prune(root, keep_last)
+        _prune(root, keep_last, step)
     return final
+
+
+def remove_leftovers(root: Path, prefixes: tuple[str, ...]) -> list[Path]:
+    """Delete the hidden folders a killed save or prune left behind (`.tmp-*`, `.trash-*`, `.old-*`)."""
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefixes)] if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -88,95 +110,228 @@ def _write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / "latest")
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(_step_folders(root), key=lambda p: int(p.name.split("-")[1]))
-    for path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _step_folders(root: Path) -> list[Path]:
-    return [p for p in root.glob("step-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the `keep_last` newest checkpoints up to `step`; never touch a later step's folder."""
+    ours = sorted(
+        (n, p) for p in root.iterdir() if p.is_dir() and (n := step_number(p)) is not None and n <= step
+    )
+    for _, path in ours[:-keep_last]:
+        trash = path.with_name(f".trash-{path.name}")
+        path.rename(trash)  # atomic: the step folder is either whole or gone
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _write_manifest(folder: Path) -> None:
-    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    for path in folder.iterdir():
-        if path.is_file():
+def _tied_names(model: torch.nn.Module, weights: Path) -> dict[str, str]:
+    """{name not stored: stored name sharing its storage}: save_model keeps one name per tied tensor."""
+    with safe_open(str(weights), "pt") as f:
+        stored = set(f.keys())
+    state = model.state_dict()
+    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if k in stored}
+    tied = {}
+    for key, tensor in state.items():
+        if key not in stored:
+            source = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
+            if source is None:
+                raise RuntimeError(f"save_model dropped '{key}', which shares no storage with a saved tensor")
+            tied[key] = source
+    return tied
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path, tied: dict[str, str]) -> None:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST_FILE:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _write_json(folder / MANIFEST_FILE, {"files": sizes})
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    _write_json(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "files": files, "tied": tied})
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def resolve_checkpoint(where: str | Path, output_dir: str | Path | None = None) -> Path:
-    """'latest' or 'step-N' (inside `output_dir`), a run folder, or a checkpoint folder -> verified path."""
+def resolve_checkpoint(where: str | Path, output_dir: str | Path | None = None, verify: bool = True) -> Path:
+    """'latest' or 'step-N' (inside `output_dir`), a run folder, or a checkpoint folder -> checked path.
+
+    `verify=False` checks file sizes only, skipping the sha256 of every file (large models).
+    """
     where = str(where)
-    if where in ("latest",) or (where.startswith("step-") and not Path(where).exists()):
+    if where == "latest" or (STEP_NAME.fullmatch(where) and not Path(where).exists()):
         if output_dir is None:
             raise DifflmError(f"cannot resolve checkpoint '{where}' without an output_dir")
         root = checkpoints_dir(output_dir)
-        name = where
-        if where == "latest":
-            latest = root / "latest"
-            if not latest.is_file():
-                raise DifflmError(f"no checkpoint to resume in {root}: train first, or set train.resume=null")
-            name = latest.read_text().strip()
-        path = root / name
+        path = root / (read_latest(root) if where == "latest" else where)
     else:
         path = Path(where)
         if (path / "checkpoints" / "latest").is_file():  # a run folder: take its latest
-            return resolve_checkpoint("latest", path)
-    verify_checkpoint(path)
+            return resolve_checkpoint("latest", path, verify)
+    verify_checkpoint(path, verify)
     return path
 
 
-def verify_checkpoint(path: Path) -> None:
+def read_latest(root: Path) -> str:
+    """The step folder `root/latest` names; anything but `step-N` of an existing folder is refused."""
+    latest = root / "latest"
+    if not latest.is_file():
+        raise DifflmError(f"no checkpoint to resume in {root}: train first, or set train.resume=null")
+    try:
+        name = latest.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = "<binary data>"
+    if not STEP_NAME.fullmatch(name):
+        raise DifflmError(
+            f"{latest} names {name[:40]!r}, not a step folder of {root} (step-N): "
+            "write the step to use into it, or pass a step folder"
+        )
+    return name
+
+
+def verify_checkpoint(path: Path, hashes: bool = True) -> None:
     if not path.is_dir():
         raise DifflmError(f"checkpoint '{path}' not found: pass a step folder, a run folder, or 'latest'")
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        raise DifflmError(
-            f"checkpoint '{path}' is incomplete (no {MANIFEST_FILE}): resume from an earlier step"
-        )
-    expected = json.loads(manifest.read_text())["files"]
-    for name, size in expected.items():
+    for name, size, digest in _manifest_entries(path):
         file = path / name
         if not file.is_file() or file.stat().st_size != size:
             raise DifflmError(
                 f"checkpoint '{path}' is truncated or corrupt ({name} differs from its manifest): "
                 "resume from an earlier step"
             )
+        if hashes and digest is not None and file_sha256(file) != digest:
+            raise DifflmError(
+                f"checkpoint '{path}' is corrupt ({name} fails its sha256 check): "
+                "use an earlier step or a backup copy"
+            )
+
+
+def read_manifest(path: Path) -> dict:
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        raise DifflmError(
+            f"checkpoint '{path}' is incomplete (no {MANIFEST_FILE}): resume from an earlier step"
+        )
+    data = read_json(manifest)
+    if not isinstance(data.get("files"), dict) or not isinstance(data.get("tied", {}), dict):
+        raise DifflmError(f"{manifest} is malformed (no 'files' mapping): the checkpoint cannot be checked")
+    return data
+
+
+def _manifest_entries(path: Path) -> list[tuple[str, int, str | None]]:
+    """(file name, size, sha256 or None) per file; format 1 manifests hold sizes only."""
+    entries = []
+    for name, entry in read_manifest(path)["files"].items():
+        size, digest = (
+            (entry, None) if isinstance(entry, int) else (_get(entry, "bytes"), _get(entry, "sha256"))
+        )
+        if (
+            not isinstance(size, int)
+            or "/" in name
+            or name.startswith(".")
+            or digest is not None
+            and not isinstance(digest, str)
+        ):
+            raise DifflmError(
+                f"{path / MANIFEST_FILE} is malformed (entry {name!r}): the checkpoint cannot be checked"
+            )
+        entries.append((name, size, digest))
+    return entries
+
+
+def _get(entry: Any, key: str) -> Any:
+    return entry.get(key) if isinstance(entry, dict) else None
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise DifflmError(f"{path} not found: the checkpoint is incomplete")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DifflmError(f"{path} is not valid JSON ({err}): the checkpoint is corrupt") from None
+    if not isinstance(data, dict):
+        raise DifflmError(
+            f"{path} must hold a JSON object, got {type(data).__name__}: the checkpoint is corrupt"
+        )
+    return data
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load `model.safetensors` into `model`: every tensor must match by name and shape, no extras.
+
+    The tied names the manifest declares are the only keys allowed to be absent from the file, and
+    each must be tied to its declared source in `model`. (Format 1 manifests declare none: the
+    model's own ties are used.) Non-finite parameters are refused (buffers may hold -inf masks).
+    """
+    file = path / MODEL_FILE
     try:
-        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+        with safe_open(str(file), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise DifflmError(f"cannot read weights in '{path}': {err}") from None
-    if unexpected or [k for k in missing if not _is_tied_alias(model, k)]:
+    state = model.state_dict()
+    manifest = read_manifest(path)
+    tied = manifest["tied"] if "tied" in manifest else _model_ties(state, shapes)
+    _check_keys(path, state, shapes, tied)
+    load_model(model, str(file), strict=False)
+    state = model.state_dict()
+    for alias, source in tied.items():
+        if state[alias].data_ptr() != state[source].data_ptr():
+            raise DifflmError(
+                f"weights in '{path}' declare '{alias}' tied to '{source}', but the model does not tie them"
+            )
+    bad = [k for k, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise DifflmError(f"weights in '{path}' hold NaN or inf ({_names(bad)}): use an earlier checkpoint")
+
+
+def _check_keys(path: Path, state: dict, shapes: dict, tied: dict[str, str]) -> None:
+    missing = sorted(k for k in state if k not in shapes and k not in tied)
+    unexpected = sorted(k for k in shapes if k not in state)
+    wrong = sorted(k for k in shapes if k in state and shapes[k] != tuple(state[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} of another shape ({k}: {list(shapes[k])} in the file, {list(state[k].shape)} in the model)"
+        )
+    bad_ties = sorted(a for a, s in tied.items() if a not in state or s not in shapes)
+    if bad_ties:
+        problems.append(f"tied names that do not exist {_names(bad_ties)}")
+    if problems:
         raise DifflmError(
-            f"weights in '{path}' do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"weights in '{path}' do not match the model config: {'; '.join(problems)}; "
+            "use the checkpoint's own config, or a complete checkpoint"
         )
 
 
-def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
-    """save_model stores a tied tensor once; its other name shows up as 'missing' but is loaded."""
-    tensor = model.state_dict().get(key)
-    if tensor is None:
-        return False
-    return any(
-        other is not tensor and other.data_ptr() == tensor.data_ptr() for other in model.state_dict().values()
-    )
+def _names(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} tensor(s): {', '.join(keys[:shown])}{more}"
+
+
+def _model_ties(state: dict, stored: dict) -> dict[str, str]:
+    """For format 1 manifests: names absent from the file that share storage with a stored one."""
+    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if k in stored and t.numel()}
+    return {
+        k: by_storage[(t.data_ptr(), tuple(t.shape))]
+        for k, t in state.items()
+        if k not in stored and t.numel() and (t.data_ptr(), tuple(t.shape)) in by_storage
+    }
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -197,17 +352,15 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     file = path / OPTIMIZER_FILE
     try:
         tensors = load_file(str(file))
-        from safetensors import safe_open
-
         with safe_open(str(file), "pt") as f:
-            meta = f.metadata()
-    except (SafetensorError, OSError) as err:
-        raise DifflmError(f"cannot read optimizer state in '{path}': {err}") from None
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in json.loads(meta["scalars"]).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+            meta = f.metadata() or {}
+        state: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *json.loads(meta["scalars"]).items()]:
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise DifflmError(
+            f"cannot restore the optimizer state in '{path}' ({type(err).__name__}: {err}); "
+            "resume with the optimizer settings the run was started with"
+        ) from None

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from difflm.config import RunConfig, TrainConfig, to_dict
+from difflm.config import DEVICE_NAMES, RunConfig, TrainConfig, to_dict
 from difflm.data.packing import batch_order
 from difflm.errors import DifflmError
 from difflm.train import checkpoint as ckpt
 from difflm.train.optim import build_optimizer, get_lr, set_lr
+from difflm.train.run_folder import StopSignals, TrainingInterrupted, claim_output_dir, trim_log
 
 Batch = dict[str, Tensor]
 
@@ -61,11 +63,20 @@ class TrainState:
 # ----------------------------------------------------------------------------- helpers
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """'auto', 'cpu', 'mps', 'cuda' or 'cuda:N' -> a device that exists here (else a DifflmError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DifflmError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    if not re.fullmatch(DEVICE_NAMES, name):
+        raise DifflmError(f"{what}={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DifflmError(
+                f"{what}={name} but this machine has {torch.cuda.device_count()} CUDA devices; use cpu"
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DifflmError(f"{what}=mps but no Apple GPU is available; use cpu")
     return torch.device(name)
 
 
@@ -178,6 +189,9 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
             f"the training split has {len(run.train_data)} sequences, fewer than train.batch_size={tc.batch_size}: "
             "lower train.batch_size or data.block_size, or use more data"
         )
+    claim_output_dir(tc, is_writer=rank == 0)
+    if world_size > 1:
+        dist.barrier()  # the writer may have moved an old run aside
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     model = run.model.to(device)
@@ -185,6 +199,8 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
     state = TrainState()
     if tc.resume:
         state = _resume(tc, model, optimizer)
+        if rank == 0:
+            trim_log(tc.output_dir, state.step)  # steps after the checkpoint are replayed
     wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
     stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
@@ -192,15 +208,31 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
         total=stop, initial=state.step, disable=rank != 0 or not tc.progress, desc="train", dynamic_ncols=True
     )
     try:
-        while state.step < stop:
-            record = _train_step(cfg, run, wrapped, optimizer, state, device, rank, world_size)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
-            _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop)
+        with StopSignals() as signals:
+            while state.step < stop:
+                record = _train_step(cfg, run, wrapped, optimizer, state, device, rank, world_size)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
+                stopping = _any_rank(signals.requested is not None, device)
+                _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, stopping)
+                if stopping:
+                    raise TrainingInterrupted(
+                        f"stopped by {signals.requested or 'a signal'} after step {state.step} (checkpoint "
+                        f"saved): continue with train.resume=latest train.output_dir={tc.output_dir}"
+                    )
     finally:
         bar.close()
         logger.close()
     return state
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when any process got a stop signal, so all of them save and stop at the same step."""
+    if world()[1] == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor)
+    return bool(tensor.item())
 
 
 def _train_step(cfg, run, model, optimizer, state, device, rank, world_size) -> dict:
@@ -261,15 +293,15 @@ def _mean_across(value: float, device: torch.device) -> float:
     return tensor.item() / world_size
 
 
-def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop) -> None:
+def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, stopping=False) -> None:
     tc = cfg.train
     last = state.step == stop
-    if state.step % tc.log_every == 0 or last:
+    if state.step % tc.log_every == 0 or last or stopping:
         logger.log(record, echo=not tc.progress)
     if (tc.eval_every and state.step % tc.eval_every == 0) or last:
         state.val_loss = evaluate_loss(model, run.task, run.val_data, tc)
         logger.log({"step": state.step, "val_loss": state.val_loss})
-    if (tc.save_every and state.step % tc.save_every == 0) or last:
+    if (tc.save_every and state.step % tc.save_every == 0) or last or stopping:
         if rank == 0:
             ckpt.save_checkpoint(
                 tc.output_dir,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from difflm.errors import DifflmError
 
@@ -56,7 +56,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
+    _save_model_file(model, tmp / MODEL_FILE)
     if hasattr(getattr(model, "config", None), "save_pretrained"):
         model.config.save_pretrained(tmp)  # HF families: config.json for from_pretrained
     if optimizer is not None:
@@ -167,6 +167,15 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise DifflmError(
             f"weights in '{path}' do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def _save_model_file(model: torch.nn.Module, path: Path) -> None:
+    """Each tensor once, under the first name `named_parameters` gives it (a tied LM head is stored
+    as the input embedding, as Hugging Face stores it), with the "pt" format tag: transformers 4's
+    `from_pretrained` needs both to load the folder."""
+    first = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k in first}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:

@@ -82,7 +82,9 @@ def rope_cos_sin(
     Computed on the fly (cheap) rather than stored as buffers, so `model.to(bfloat16)` cannot
     degrade them and any position offset works.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    # 1 / theta^(2i/D), written as the reference implementations (HF Qwen3, LLaDA) write it, so
+    # the float32 tables are bit-identical to theirs
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)  # [Q, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [Q, D]

@@ -91,7 +91,7 @@ def add_tensor(base: Path, bad: Path) -> None:
 
 def nan_weights(base: Path, bad: Path) -> None:
     copy_step(base, bad)
-    edit_weights(bad, lambda t: t["lm_head.weight"].fill_(float("nan")))
+    edit_weights(bad, lambda t: t["tok_emb.weight"].fill_(float("nan")))
 
 
 def cut_tokenizer(base: Path, bad: Path, manifest_fixed: bool = True) -> None:

@@ -205,9 +205,9 @@ def test_tied_weights_are_declared_in_the_manifest(tmp_path):
     train(cfg, build_run(cfg))
     step = ckpt.resolve_checkpoint(tmp_path / "R")
     manifest = json.loads((step / ckpt.MANIFEST_FILE).read_text())
-    assert manifest["format"] == 2 and manifest["tied"] == {"tok_emb.weight": "lm_head.weight"}
+    assert manifest["format"] == 2 and manifest["tied"] == {"lm_head.weight": "tok_emb.weight"}  # the head is stored as the embedding
     assert manifest["files"]["model.safetensors"]["sha256"] == ckpt.file_sha256(step / "model.safetensors")
-    manifest["tied"] = {"blocks.0.attn.qkv.weight": "lm_head.weight", **manifest["tied"]}
+    manifest["tied"] = {"blocks.0.attn.qkv.weight": "tok_emb.weight", **manifest["tied"]}
     (step / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
     model = BUILDERS["transformer"](config_from_dict(ckpt.read_json(step / ckpt.RUN_CONFIG_FILE)).model)
     with pytest.raises(DifflmError, match="declare 'blocks.0.attn.qkv.weight' tied"):

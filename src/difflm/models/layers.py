@@ -89,7 +89,9 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
     """cos, sin tables [Q, head_dim] (float32) for any absolute positions [Q] (e.g. the two copies
     of a block-diffusion input, both at 0..L-1)."""
     device = positions.device
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    # 1 / theta^(2i/D), written as the reference implementations (HF Qwen3, LLaDA) write it, so
+    # the float32 tables are bit-identical to theirs
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     pos = positions.to(torch.float32)
     freqs = torch.outer(pos, inv_freq)  # [Q, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [Q, D]

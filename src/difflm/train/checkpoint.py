@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from difflm.errors import DifflmError
 
@@ -69,7 +69,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
+    _save_model_file(model, tmp / MODEL_FILE)
     tied = _tied_names(model, tmp / MODEL_FILE)
     if hasattr(getattr(model, "config", None), "save_pretrained"):
         model.config.save_pretrained(tmp)  # HF families: config.json for from_pretrained
@@ -126,7 +126,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _tied_names(model: torch.nn.Module, weights: Path) -> dict[str, str]:
-    """{name not stored: stored name sharing its storage}: save_model keeps one name per tied tensor."""
+    """{name not stored: stored name sharing its storage}: the file keeps one name per tied tensor."""
     with safe_open(str(weights), "pt") as f:
         stored = set(f.keys())
     state = model.state_dict()
@@ -136,7 +136,7 @@ def _tied_names(model: torch.nn.Module, weights: Path) -> dict[str, str]:
         if key not in stored:
             source = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
             if source is None:
-                raise RuntimeError(f"save_model dropped '{key}', which shares no storage with a saved tensor")
+                raise RuntimeError(f"the weights file dropped '{key}', which shares no storage with a saved tensor")
             tied[key] = source
     return tied
 
@@ -332,6 +332,15 @@ def _model_ties(state: dict, stored: dict) -> dict[str, str]:
         for k, t in state.items()
         if k not in stored and t.numel() and (t.data_ptr(), tuple(t.shape)) in by_storage
     }
+
+
+def _save_model_file(model: torch.nn.Module, path: Path) -> None:
+    """Each tensor once, under the first name `named_parameters` gives it (a tied LM head is stored
+    as the input embedding, as Hugging Face stores it), with the "pt" format tag: transformers 4's
+    `from_pretrained` needs both to load the folder."""
+    first = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k in first}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:

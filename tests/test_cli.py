@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from difflm.cli import main
@@ -68,3 +69,20 @@ def test_missing_checkpoint_and_prompt(checkpoints, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["sample", str(checkpoints / "diff")]) == 2
     assert "no prompt given" in capsys.readouterr().err
+
+
+def test_export_writes_a_bf16_copy_that_samples_and_evaluates_alike(checkpoints, capsys):
+    from safetensors import safe_open
+
+    from difflm.pretrained import load_pretrained
+
+    out = checkpoints / "exported"
+    assert main(["export", str(checkpoints / "diff"), str(out)]) == 0
+    assert not (out / "optimizer.safetensors").exists()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    source, copy = load_pretrained(checkpoints / "diff"), load_pretrained(out)
+    for (name, a), (_, b) in zip(source.model.state_dict().items(), copy.model.state_dict().items(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16).float(), b.float()), name  # the copy is the rounded source
+    assert main(["export", str(checkpoints / "diff"), str(out)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "List or fetch the named corpora."),
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),
     "inspect": ("inspect", "Compare key names and shapes of two checkpoints."),
+    "export": ("export", "Copy a checkpoint for sharing: weights in bf16, no optimizer state."),
 }
 DEBUG_FLAG = "--debug"
 

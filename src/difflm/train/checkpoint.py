@@ -67,24 +67,64 @@ def save_checkpoint(
     remove_leftovers(root, (".trash-", ".old-"))  # finish a prune or swap a kill interrupted
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_model_file(model, tmp / MODEL_FILE)
-    tied = _tied_names(model, tmp / MODEL_FILE)
-    if hasattr(getattr(model, "config", None), "save_pretrained"):
-        model.config.save_pretrained(tmp)  # HF families: config.json for from_pretrained
-    if optimizer is not None:
-        _save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    _write_json(tmp / RUN_CONFIG_FILE, run_config)
-    _write_json(tmp / STATE_FILE, trainer_state)
-    _write_manifest(tmp, tied)
+    write_folder(
+        tmp,
+        model=model,
+        run_config=run_config,
+        trainer_state=trainer_state,
+        optimizer=optimizer,
+        tokenizer=tokenizer,
+    )
     _swap_into_place(tmp, final)
     _write_latest(root, final.name)
     if keep_last > 0:
         _prune(root, keep_last, step)
     return final
+
+
+def write_folder(
+    folder: Path,
+    *,
+    model: torch.nn.Module,
+    run_config: dict,
+    trainer_state: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """Write one checkpoint into a fresh `folder` (replaced if it exists), manifest last."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    _save_model_file(model, folder / MODEL_FILE)
+    tied = _tied_names(model, folder / MODEL_FILE)
+    if hasattr(getattr(model, "config", None), "save_pretrained"):
+        model.config.save_pretrained(folder)  # HF families: config.json for from_pretrained
+    if optimizer is not None:
+        _save_optimizer(optimizer, folder / OPTIMIZER_FILE)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    _write_json(folder / RUN_CONFIG_FILE, run_config)
+    _write_json(folder / STATE_FILE, trainer_state)
+    _write_manifest(folder, tied)
+
+
+def export_checkpoint(
+    source: Path, dst: Path, *, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype
+) -> Path:
+    """A standalone copy of the checkpoint `source` at `dst` for sharing: weights cast to `dtype`,
+    no optimizer state; run config and trainer state kept (`sample` / `eval` need only the path).
+    `dst` must not exist; it appears whole or not at all."""
+    if dst.exists():
+        raise DifflmError(f"{dst} already exists; remove it or choose another folder")
+    tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
+    write_folder(
+        tmp,
+        model=model.to(dtype),
+        run_config=read_json(source / RUN_CONFIG_FILE),
+        trainer_state=read_json(source / STATE_FILE),
+        tokenizer=tokenizer,
+    )
+    tmp.rename(dst)
+    return dst
 
 
 def remove_leftovers(root: Path, prefixes: tuple[str, ...]) -> list[Path]:
@@ -136,7 +176,9 @@ def _tied_names(model: torch.nn.Module, weights: Path) -> dict[str, str]:
         if key not in stored:
             source = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
             if source is None:
-                raise RuntimeError(f"the weights file dropped '{key}', which shares no storage with a saved tensor")
+                raise RuntimeError(
+                    f"the weights file dropped '{key}', which shares no storage with a saved tensor"
+                )
             tied[key] = source
     return tied
 

@@ -123,6 +123,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_context_is_stabilised_and_unchanged_frames_untouched():
+    """Context is fed at level stabilization_level - 1, as the reference's sample_step does."""
     diff = GaussianDiffusion(GaussianConfig(timesteps=20, sampling_timesteps=4, stabilization_level=3))
     x = torch.randn(1, 4, D)
     k_from = torch.tensor([[-1, -1, 9, 19]])  # two context tokens, one denoising, one waiting at full noise
@@ -130,8 +131,8 @@ def test_context_is_stabilised_and_unchanged_frames_untouched():
     model = Recorder()
     out, _ = _denoise_step(model, diff, x, k_from, k_to, torch.Generator(), None, 1.0)
     x_in, k_in = model.calls[0]
-    assert k_in.tolist() == [[3, 3, 9, 19]]
-    scale = diff.alpha_bar(torch.tensor(3)).sqrt()
+    assert k_in.tolist() == [[2, 2, 9, 19]]
+    scale = diff.alpha_bar(torch.tensor(2)).sqrt()
     torch.testing.assert_close(x_in[:, :2], scale * x[:, :2])
     assert torch.equal(x_in[:, 2:], x[:, 2:])
     assert torch.equal(out[:, [0, 1, 3]], x[:, [0, 1, 3]])  # levels unchanged -> untouched

@@ -33,7 +33,8 @@ def data(shape=(2, 5, 8), seed=0):
         ({"loss_weighting": "p2"}, "unknown loss_weighting"),
         ({"cum_snr_decay": 0.0}, "cum_snr_decay must be in (0, 1]"),
         ({"cum_snr_decay": 1.5}, "cum_snr_decay must be in (0, 1]"),
-        ({"timesteps": 10, "stabilization_level": 10, "sampling_timesteps": 5}, "stabilization_level"),
+        ({"timesteps": 10, "stabilization_level": 11, "sampling_timesteps": 5}, "stabilization_level 11"),
+        ({"timesteps": 10, "stabilization_level": 0, "sampling_timesteps": 5}, "stabilization_level 0"),
     ],
 )
 def test_bad_config_raises(kwargs, message):
@@ -45,6 +46,12 @@ def test_bad_config_raises(kwargs, message):
 
 def test_cum_snr_decay_one_is_allowed():
     assert GaussianConfig(cum_snr_decay=1.0).cum_snr_decay == 1.0
+
+
+def test_context_level_is_stabilization_level_minus_one():
+    """The reference feeds clean context at stabilization_level - 1; T is allowed (level T - 1)."""
+    assert make(timesteps=10, sampling_timesteps=5, stabilization_level=1).context_level == 0
+    assert make(timesteps=10, sampling_timesteps=5, stabilization_level=10).context_level == 9
 
 
 # ----------------------------------------------------------------------------- schedules and grid

@@ -8,7 +8,9 @@ Level convention (the one exception to the project's continuous `t in [0, 1]`):
   - `k = -1` means clean (`alpha_bar = 1`): every lookup below accepts it, so a DDIM step to -1
     returns the predicted x0 and `q_sample` at -1 returns x0;
   - samplers walk the grid `level_grid = round(linspace(-1, T-1, S+1))` (S = sampling_timesteps),
-    indexed by 0..S, where index 0 is clean and index S is pure noise.
+    indexed by 0..S, where index 0 is clean and index S is pure noise;
+  - clean context tokens are fed to the model at level `stabilization_level - 1`, as the reference
+    sampler does (`context_level`).
 
 Torch only: no model, no sampler. `GaussianDiffusion` is an `nn.Module` only so that `.to(device)`
 moves its lookup tables; the tables are non-persistent buffers, so checkpoints never hold them.
@@ -56,7 +58,9 @@ class GaussianConfig:
     clip_noise: float = _opt("Gaussian noise is clamped to +-clip_noise.", 20.0)
     sampling_timesteps: int = _opt("Denoising steps S at sampling (S = T gives DDPM, S < T DDIM).", 50)
     ddim_eta: float = _opt("DDIM stochasticity (0 = deterministic); ignored for DDPM (S = T).", 0.0)
-    stabilization_level: int = _opt("Noise level fed to the model for clean context tokens.", 10)
+    stabilization_level: int = _opt(
+        "Clean context tokens are fed to the model at level stabilization_level - 1 (1..T).", 10
+    )
     rounding_weight: float = _opt(
         "Weight of the auxiliary rounding cross-entropy (predicted x0 -> tokens).", 1.0
     )
@@ -83,9 +87,10 @@ class GaussianConfig:
             raise DifflmError(
                 f"snr_clip and clip_noise must be > 0, got {self.snr_clip} and {self.clip_noise}"
             )
-        if not 0 <= self.stabilization_level < self.timesteps:
+        if not 1 <= self.stabilization_level <= self.timesteps:
             raise DifflmError(
-                f"stabilization_level {self.stabilization_level} must be in [0, timesteps={self.timesteps}); lower it"
+                f"stabilization_level {self.stabilization_level} must be in [1, timesteps={self.timesteps}]"
+                " (context is fed at stabilization_level - 1)"
             )
         if self.ddim_eta < 0 or self.rounding_weight < 0:
             raise DifflmError(
@@ -142,6 +147,11 @@ class GaussianDiffusion(nn.Module):
         """sqrt(alpha_bar), sqrt(1 - alpha_bar) shaped [..., 1] to broadcast over the embedding dim."""
         a = self.alpha_bar(k)[..., None]
         return a.sqrt(), (1 - a).sqrt()
+
+    @property
+    def context_level(self) -> int:
+        """Level fed to the model for clean context tokens: stabilization_level - 1 (the reference's)."""
+        return self.config.stabilization_level - 1
 
     @property
     def sampling_eta(self) -> float:

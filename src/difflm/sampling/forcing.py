@@ -8,8 +8,8 @@ is one denoising step of every token whose index changes.
 `sample_forcing` generates `max_new_tokens` after a prompt, `horizon` tokens per chunk, walking one
 matrix per chunk.  The model sees at most `block_size` positions (a sliding window); clean tokens
 in the window (the prompt, earlier chunks, tokens of this chunk already finished) are context:
-fed as their clean embedding scaled to the `stabilization_level` mean, `sqrt(alpha_bar) x0`, with
-that level id, and never changed.  Finished chunks are snapped to the nearest clean embedding, so
+fed as their clean embedding scaled to the mean of level `stabilization_level - 1`,
+`sqrt(alpha_bar) x0`, with that level id (as the reference sampler does), and never changed.  Finished chunks are snapped to the nearest clean embedding, so
 context is always made of exact token embeddings.  The caller puts the model in eval mode.
 """
 
@@ -122,7 +122,7 @@ def _denoise_step(
 ) -> tuple[Tensor, Tensor]:
     """Window x [B, W, D] at real levels k_from [B, W] -> (x at k_to, x0_hat)."""
     context = k_from < 0  # [B, W] clean tokens
-    k_in = torch.where(context, diffusion.config.stabilization_level, k_from)  # [B, W]
+    k_in = torch.where(context, diffusion.context_level, k_from)  # [B, W]
     stabilised = diffusion.q_sample(x, k_in, torch.zeros_like(x))  # sqrt(alpha_bar) x0
     x_in = torch.where(context[..., None], stabilised, x)  # [B, W, D]
     if guidance_fn is None:

@@ -7,8 +7,9 @@ Level convention (the one exception to the project's continuous `t in [0, 1]`):
   - training levels are `k in {0, ..., T-1}` (T = `timesteps`), 0 = least noisy;
   - `k = -1` means clean (`alpha_bar = 1`): every lookup below accepts it, so a DDIM step to -1
     returns the predicted x0 and `q_sample` at -1 returns x0;
-  - samplers walk the grid `level_grid = round(linspace(-1, T-1, S+1))` (S = sampling_timesteps),
-    indexed by 0..S, where index 0 is clean and index S is pure noise;
+  - samplers walk the grid `level_grid = linspace(-1, T-1, S+1)` (S = sampling_timesteps), taken in
+    float32 and truncated toward zero as the reference code does (not rounded), indexed by 0..S,
+    where index 0 is clean and index S is pure noise;
   - clean context tokens are fed to the model at level `stabilization_level - 1`, as the reference
     sampler does (`context_level`).
 
@@ -129,7 +130,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar = torch.cumprod(1 - make_betas(config.beta_schedule, T), dim=0)  # [T]
         ext = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])  # [T+1]
         self.register_buffer("alpha_bar_ext", ext.float(), persistent=False)
-        grid = torch.linspace(-1, T - 1, S + 1, dtype=torch.float64).round().long()  # [S+1]
+        grid = torch.linspace(-1, T - 1, S + 1, dtype=torch.float32).long()  # [S+1], truncated
         self.register_buffer("level_grid", grid, persistent=False)
 
     # ------------------------------------------------------------------ lookups

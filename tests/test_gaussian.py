@@ -228,3 +228,42 @@ def test_training_loss_by_hand():
     assert diff.training_loss(pred, x0, noise, k).item() == pytest.approx(4 / 3)
     mask = torch.tensor([[1, 1, 0]])
     assert diff.training_loss(pred, x0, noise, k, mask).item() == pytest.approx(4 / 2)
+
+
+def _reference_weights(snr: torch.Tensor, objective: str, fused: bool, c: float = 5.0, d: float = 0.96):
+    """The reference recipe: float64 SNR table cast to float32, then float32 maths (fused: its loop)."""
+    clipped = snr.clamp(max=c)
+    if not fused:
+        return {"pred_noise": clipped / snr, "pred_x0": clipped, "pred_v": clipped / (snr + 1)}[objective]
+    n_clip, n = clipped / c, snr / c
+    running = [n_clip[:, 0]]
+    for i in range(1, snr.shape[1]):
+        running.append(d * running[-1] + (1 - d) * n_clip[:, i])
+    prior = torch.stack([torch.zeros_like(running[0]), *running[:-1]], dim=1)
+    fc, f = 1 - (1 - d * prior) * (1 - n_clip), 1 - (1 - d * prior) * (1 - n)
+    return {"pred_noise": fc / f, "pred_x0": fc * c, "pred_v": fc * c / (f * c + 1)}[objective]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("weighting", ["min_snr", "fused_snr"])
+def test_loss_weights_match_float64_tables(objective, weighting):
+    """SNRs come from float64 tables: float32 ones put pred_noise / pred_v weights 5e-4 relative off."""
+    diff = make(objective=objective, loss_weighting=weighting)  # cosine, T = 1000
+    a = torch.cumprod(1 - make_betas("cosine", 1000), dim=0)  # float64
+    k = torch.arange(1000)[None]  # every level, as one sequence
+    snr = (a / (1 - a)).float()[k]
+    assert torch.equal(diff.snr(k), snr)
+    expected = _reference_weights(snr, objective, fused=weighting == "fused_snr")
+    if weighting == "min_snr":
+        assert torch.equal(diff.loss_weights(k), expected)
+    else:  # same maths, unrolled recursion vs loop: float32 rounding only (both ~7e-5 from exact)
+        torch.testing.assert_close(diff.loss_weights(k), expected, rtol=3e-5, atol=0)
+
+
+def test_q_sample_coefficients_come_from_float64():
+    """sqrt(1 - alpha_bar) is up to 2.6e-4 relative off (low levels) when taken from a float32 alpha_bar."""
+    diff = make()
+    a = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - make_betas("cosine", 1000), 0)])
+    k = torch.arange(-1, 1000)
+    sa, s1a = diff._coefs(k)
+    assert torch.equal(sa[:, 0], a.sqrt().float()) and torch.equal(s1a[:, 0], (1 - a).sqrt().float())

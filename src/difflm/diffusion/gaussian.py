@@ -13,6 +13,9 @@ Level convention (the one exception to the project's continuous `t in [0, 1]`):
   - clean context tokens are fed to the model at level `stabilization_level - 1`, as the reference
     sampler does (`context_level`).
 
+Lookup tables are computed in float64 and stored in float32, as in the reference: an SNR or a
+square root taken from a float32 alpha_bar loses up to 5e-4 relative where 1 - alpha_bar cancels.
+
 Torch only: no model, no sampler. `GaussianDiffusion` is an `nn.Module` only so that `.to(device)`
 moves its lookup tables; the tables are non-persistent buffers, so checkpoints never hold them.
 """
@@ -121,15 +124,25 @@ class GaussianDiffusion(nn.Module):
     """Lookup tables and the per-token Gaussian maths; every `k` is a LongTensor of levels in [-1, T-1]."""
 
     alpha_bar_ext: Tensor  # [T+1]: alpha_bar at levels -1..T-1 (index k + 1)
+    sqrt_alpha_bar_ext: Tensor  # [T+1]: sqrt(alpha_bar), same indexing
+    sqrt_one_minus_ext: Tensor  # [T+1]: sqrt(1 - alpha_bar), same indexing
+    snr_table: Tensor  # [T]: alpha_bar / (1 - alpha_bar) at levels 0..T-1
     level_grid: Tensor  # [S+1]: real level of each sampler index 0..S
 
     def __init__(self, config: GaussianConfig) -> None:
         super().__init__()
         self.config = config
         T, S = config.timesteps, config.sampling_timesteps
-        alpha_bar = torch.cumprod(1 - make_betas(config.beta_schedule, T), dim=0)  # [T]
+        alpha_bar = torch.cumprod(1 - make_betas(config.beta_schedule, T), dim=0)  # [T] float64
         ext = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])  # [T+1]
-        self.register_buffer("alpha_bar_ext", ext.float(), persistent=False)
+        tables = {
+            "alpha_bar_ext": ext,
+            "sqrt_alpha_bar_ext": ext.sqrt(),
+            "sqrt_one_minus_ext": (1 - ext).sqrt(),
+            "snr_table": alpha_bar / (1 - alpha_bar),
+        }
+        for name, table in tables.items():  # float64 maths, float32 storage
+            self.register_buffer(name, table.float(), persistent=False)
         grid = torch.linspace(-1, T - 1, S + 1, dtype=torch.float32).long()  # [S+1], truncated
         self.register_buffer("level_grid", grid, persistent=False)
 
@@ -141,13 +154,11 @@ class GaussianDiffusion(nn.Module):
 
     def snr(self, k: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at levels k >= 0."""
-        a = self.alpha_bar(k)
-        return a / (1 - a)
+        return self.snr_table[k]
 
     def _coefs(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar), sqrt(1 - alpha_bar) shaped [..., 1] to broadcast over the embedding dim."""
-        a = self.alpha_bar(k)[..., None]
-        return a.sqrt(), (1 - a).sqrt()
+        return self.sqrt_alpha_bar_ext[k + 1][..., None], self.sqrt_one_minus_ext[k + 1][..., None]
 
     @property
     def context_level(self) -> int:

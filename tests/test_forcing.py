@@ -142,16 +142,35 @@ def test_context_is_stabilised_and_unchanged_frames_untouched():
 
 
 def test_guidance_formula_with_identity_model():
-    """pred_x0 model returning its input: x0 = x_t, so d(sum(w * x0))/dx_t = w exactly."""
+    """pred_x0 model returning its input: x0 = x_t, so d(sum(w * x0))/dx_t = w exactly.
+
+    The gradient is scaled by sqrt(1 - alpha_bar) at the level each token steps TO, as in the
+    reference's ddim_sample_step (0 for a token stepping to clean).
+    """
     diff = GaussianDiffusion(GaussianConfig(timesteps=20, sampling_timesteps=4, stabilization_level=3))
     x = torch.randn(1, 3, D)
-    k = torch.tensor([[2, 9, 15]])
+    k, k_next = torch.tensor([[2, 9, 15]]), torch.tensor([[-1, 4, 9]])
     w = torch.randn(1, 3, D)
-    x0, eps = _guided_prediction(lambda xt, _k: xt, diff, x, k, lambda x0: (w * x0).sum(), 0.7)
+    x0, eps = _guided_prediction(lambda xt, _k: xt, diff, x, k, lambda x0: (w * x0).sum(), 0.7, k_next)
     eps_plain = diff.eps_from_x0(x, k, x)
-    expected = eps_plain - 0.7 * (1 - diff.alpha_bar(k))[..., None].sqrt() * w
+    expected = eps_plain - 0.7 * (1 - diff.alpha_bar(k_next))[..., None].sqrt() * w
+    torch.testing.assert_close(eps[:, 0], eps_plain[:, 0])  # stepping to clean: unguided
     torch.testing.assert_close(eps, expected)
     torch.testing.assert_close(x0, diff.x0_from_eps(x, k, expected))
+
+
+def test_guided_step_by_hand():
+    """One guided DDIM step (eta = 0) of a token 9 -> 4: the gradient enters scaled by sqrt(1 - a_4)."""
+    diff = GaussianDiffusion(GaussianConfig(timesteps=20, sampling_timesteps=4, stabilization_level=3))
+    x, w = torch.randn(1, 1, D), torch.randn(1, 1, D)
+    k, k_next = torch.tensor([[9]]), torch.tensor([[4]])
+    out, _ = _denoise_step(
+        lambda xt, _k: xt, diff, x, k, k_next, torch.Generator(), lambda x0: (w * x0).sum(), 2.0
+    )
+    a, a_next = diff.alpha_bar(k).item(), diff.alpha_bar(k_next).item()
+    eps = (x - a**0.5 * x) / (1 - a) ** 0.5 - 2.0 * (1 - a_next) ** 0.5 * w  # x0_hat = x_t
+    x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+    torch.testing.assert_close(out, a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps)
 
 
 def test_guidance_in_sampler():

@@ -100,13 +100,18 @@ def _guided_prediction(
     k_in: Tensor,
     guidance_fn: GuidanceFn,
     scale: float,
+    k_next: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Classifier-style guidance: eps <- eps - scale * sqrt(1 - a) * d guidance_fn(x0_hat) / d x_t."""
+    """Classifier-style guidance: eps <- eps - scale * sqrt(1 - a_next) * d guidance_fn(x0_hat) / d x_t.
+
+    a_next is alpha_bar at the level each token steps to (k_next [B, W]), as in the reference's
+    ddim_sample_step; a token stepping to clean (k_next = -1) gets no guidance.
+    """
     with torch.enable_grad():
         x_req = x_in.detach().requires_grad_(True)
         x0, eps = diffusion.split_prediction(model(x_req, k_in), x_req, k_in)  # [B, W, D] each
         (grad,) = torch.autograd.grad(guidance_fn(x0).sum(), x_req)  # [B, W, D]
-    eps = eps.detach() - scale * (1 - diffusion.alpha_bar(k_in))[..., None].sqrt() * grad
+    eps = eps.detach() - scale * (1 - diffusion.alpha_bar(k_next))[..., None].sqrt() * grad
     return diffusion.x0_from_eps(x_in, k_in, eps), eps
 
 
@@ -128,7 +133,7 @@ def _denoise_step(
     if guidance_fn is None:
         x0, eps = diffusion.split_prediction(model(x_in, k_in), x_in, k_in)
     else:
-        x0, eps = _guided_prediction(model, diffusion, x_in, k_in, guidance_fn, guidance_scale)
+        x0, eps = _guided_prediction(model, diffusion, x_in, k_in, guidance_fn, guidance_scale, k_to)
     x_next = diffusion.ddim_update(x, x0, eps, k_from, k_to, diffusion.sampling_eta, generator)
     return x_next, x0
 

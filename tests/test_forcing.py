@@ -17,6 +17,7 @@ from difflm.sampling.forcing import (
     sample_forcing,
     scheduling_matrix,
     trapezoid,
+    trapezoid_reference,
 )
 from difflm.sampling.trace import Trace
 
@@ -48,7 +49,44 @@ def test_matrices_by_hand(matrix, expected):
     assert matrix.tolist() == expected
 
 
-@pytest.mark.parametrize("name", list(SCHEDULES))
+def reference_trapezoid_loop(horizon: int, S: int, u: float) -> list[list[int]]:
+    """The reference's loop, re-derived: rows S + int(ceil(h/2) * u); columns t and -t get lag int(t u)."""
+    height = S + int((horizon + 1) // 2 * u)
+    M = [[0] * horizon for _ in range(height)]
+    for m in range(height):
+        for t in range((horizon + 1) // 2):
+            M[m][t] = M[m][-t] = min(max(S + int(t * u) - m, 0), S)
+    return M
+
+
+def test_trapezoid_reference_by_hand():
+    """Lags [0, 1, 2, 2, 1] for h = 5; for h = 4 column 2 is never scheduled (index 0 throughout)."""
+    assert trapezoid_reference(5, 2, 1.0).tolist() == [
+        [2, 2, 2, 2, 2],
+        [1, 2, 2, 2, 2],
+        [0, 1, 2, 2, 1],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0],
+    ]
+    assert trapezoid_reference(4, 2, 1.0).tolist() == [[2, 2, 0, 2], [1, 2, 0, 2], [0, 1, 0, 1], [0, 0, 0, 0]]
+    assert scheduling_matrix("trapezoid_reference", 4, 2).tolist() == trapezoid_reference(4, 2).tolist()
+
+
+@pytest.mark.parametrize(
+    "horizon, S, u", [(1, 3, 1.0), (2, 3, 1.0), (5, 4, 0.5), (6, 5, 1.0), (7, 4, 2.5), (8, 2, 0.3)]
+)
+def test_trapezoid_reference_equals_the_reference_loop(horizon, S, u):
+    assert trapezoid_reference(horizon, S, u).tolist() == reference_trapezoid_loop(horizon, S, u)
+
+
+def test_default_trapezoid_is_symmetric_and_differs_from_the_reference():
+    for h in (4, 5, 8):
+        m = trapezoid(h, 3)
+        assert torch.equal(m, m.flip(1)) and (m[0] == 3).all() and (m[-1] == 0).all()
+    assert trapezoid(5, 2).tolist() != trapezoid_reference(5, 2).tolist()
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEDULES if n != "trapezoid_reference"])
 @pytest.mark.parametrize("horizon, S, scale", [(1, 1, 1.0), (4, 3, 1.0), (6, 5, 0.5), (7, 4, 2.5)])
 def test_matrix_invariants(name, horizon, S, scale):
     m = scheduling_matrix(name, horizon, S, scale)
@@ -196,3 +234,15 @@ def test_trace_records_every_step():
     assert rec.steps[0].tokens[0, 6:].tolist() == [NOT_YET] * 2  # second chunk not started yet
     assert [s.block for s in rec.steps] == [0] * 4 + [1] * 4
     assert torch.equal(rec.steps[-1].tokens, out)
+
+
+def test_sampler_runs_the_reference_trapezoid():
+    """Even horizon: column h/2 is never denoised, so the model is called height - 1 times per chunk."""
+    model = tiny_model()
+    calls = []
+    model.register_forward_pre_hook(lambda _m, args: calls.append(args[1].clone()))
+    prompt = torch.randint(0, V, (1, 2), generator=torch.Generator().manual_seed(0))
+    out, _ = run(model, prompt, max_new_tokens=4, schedule="trapezoid_reference")
+    assert out.shape == (1, 6) and ((out >= 0) & (out < V)).all()
+    assert len(calls) == trapezoid_reference(4, 4).shape[0] - 1
+    assert all((k[0, 2 + 2] == model.diffusion.context_level).item() for k in calls)  # fed as context

@@ -69,11 +69,31 @@ def autoregressive(horizon: int, S: int) -> Tensor:
 def trapezoid(horizon: int, S: int, uncertainty_scale: float = 1.0) -> Tensor:
     """Both ends first, the middle last: the lag of token t is int(min(t, horizon-1-t) * uncertainty_scale).
 
-    Symmetric by construction; the original Diffusion Forcing code indexes the mirrored column as
-    `-t`, which for t = 0 is column 0 again, so its last column is never scheduled.
+    Symmetric (lags [0, 1, 2, 1, 0] for horizon 5), every column runs from S to 0: the schedule the
+    Diffusion Forcing paper describes.  The reference code does not build this matrix; see
+    `trapezoid_reference` for what it builds.
     """
     _check(horizon, S, uncertainty_scale)
     return _staircase([int(min(t, horizon - 1 - t) * uncertainty_scale) for t in range(horizon)], S)
+
+
+def trapezoid_reference(horizon: int, S: int, uncertainty_scale: float = 1.0) -> Tensor:
+    """The reference code's trapezoid, exactly, for reproducing published runs.
+
+    It writes lag int(t * uncertainty_scale) to columns t and -t for t < ceil(horizon / 2); column -t
+    is horizon - t (and -0 is column 0 again), so the lags are shifted by one on the right half:
+    [0, 1, 2, 2, 1] for horizon 5.  For even horizon, column horizon / 2 is never written and stays
+    at index 0 (fed as clean context although it holds pure noise).  It has S + int(ceil(horizon / 2)
+    * uncertainty_scale) rows, so with a fractional uncertainty_scale a column can end above 0.
+    """
+    _check(horizon, S, uncertainty_scale)
+    half = (horizon + 1) // 2
+    height = S + int(half * uncertainty_scale)
+    lags = torch.full((horizon,), -S)  # unwritten columns: clip(S - S - m) = 0 on every row
+    for t in range(half):
+        lags[t] = lags[(horizon - t) % horizon] = int(t * uncertainty_scale)
+    rows = torch.arange(height)[:, None]  # [rows, 1]
+    return (S + lags[None, :] - rows).clamp(0, S)  # [rows, horizon]
 
 
 SCHEDULES: dict[str, Callable[[int, int, float], Tensor]] = {
@@ -81,6 +101,7 @@ SCHEDULES: dict[str, Callable[[int, int, float], Tensor]] = {
     "full_sequence": lambda horizon, S, _scale: full_sequence(horizon, S),
     "autoregressive": lambda horizon, S, _scale: autoregressive(horizon, S),
     "trapezoid": trapezoid,
+    "trapezoid_reference": trapezoid_reference,
 }
 
 

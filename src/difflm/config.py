@@ -76,7 +76,11 @@ class DiffusionConfig:
     random_length_prob: float = opt(
         0.0, "Probability of truncating a batch to a random length (LLaDA uses 0.01)."
     )
-    loss: str = opt("guidelines", "Masked-diffusion loss.", choices=("guidelines", "dllm", "soft_ce", "sft"))
+    loss: str = opt(
+        "guidelines",
+        "Masked-diffusion loss (mdlm: guidelines with MDLM's SUBS, mask logit -inf).",
+        choices=("guidelines", "dllm", "soft_ce", "sft", "mdlm"),
+    )
     reweight_cap: float | None = opt(None, "Cap on the 1/t-type ELBO weight (null = no cap).")
     antithetic: bool = opt(True, "Stratified (antithetic) draw of t across the batch.")
     t_eps: float = opt(1e-3, "Smallest t drawn, keeping the 1/t weight finite.")

@@ -2,7 +2,9 @@
 
 The ELBO bound: for each sequence and Monte-Carlo draw of t, mask at rate p(t) and score
 w(t) * sum of CE on masked tokens / L. Its mean is an upper bound on the NLL per token
-(LLaDA / MDLM), so exp of it bounds the perplexity from above. Draws use a fixed seed: the same
+(LLaDA / MDLM), so exp of it bounds the perplexity from above. The CE uses MDLM's SUBS
+parameterisation (the mask token's logit is -inf, as the sampler bans it): the bound of the model
+the sampler draws from, and tighter than the plain softmax's (see diffusion/losses.py). Draws use a fixed seed: the same
 checkpoint always gets the same number.
 """
 
@@ -63,9 +65,9 @@ def elbo_nll(
     max_batches: int | None = None,
     progress: bool = True,
 ) -> float:
-    """NELBO per token (nats) with plain masking (no min rate, no spans), so it is a true bound."""
+    """NELBO per token (nats) with plain masking (no min rate, no spans), so it is a true bound; SUBS."""
     task = MaskedDiffusionTask(
-        DiffusionConfig(schedule=schedule, loss="guidelines"),
+        DiffusionConfig(schedule=schedule, loss="mdlm"),
         mask_token_id=mask_token_id,
         vocab_size=vocab_size,
     )

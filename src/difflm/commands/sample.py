@@ -33,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", default=None, help="a file with one prompt per line")
     parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: gen length; 0 with --threshold/--factor: each block until filled)",
+    )
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument(
         "--block-attention",
@@ -123,7 +128,7 @@ def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[tor
 def sample_config(args: argparse.Namespace, tokenizer) -> SampleConfig:
     return SampleConfig(
         gen_length=args.gen_length,
-        steps=args.steps or args.gen_length,
+        steps=args.gen_length if args.steps is None else args.steps,
         block_length=args.block_length,
         reveal_schedule=args.reveal_schedule,
         remasking=args.remasking,
@@ -214,8 +219,8 @@ def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps is not None and args.steps < 1:
-        raise DifflmError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None and args.steps < 0:
+        raise DifflmError(f"--steps must be >= 0 (0 needs --threshold or --factor), got {args.steps}")
     pre = load_pretrained(args.checkpoint, args.device)
     if pre.config.task in TEXT_SAMPLERS:  # conditioned on whole texts, not prompts to continue
         return TEXT_SAMPLERS[pre.config.task](pre, args)

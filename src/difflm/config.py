@@ -111,7 +111,11 @@ class TrainConfig:
     beta1: float = opt(0.9, "Adam beta1.")
     beta2: float = opt(0.99, "Adam beta2.")
     grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).")
-    precision: str = opt("fp32", "Autocast precision.", choices=("fp32", "bf16", "fp16"))
+    precision: str = opt(
+        "fp32",
+        "Autocast precision (fp16 adds a dynamic loss scale, kept in checkpoints).",
+        ("fp32", "bf16", "fp16"),
+    )
     device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     seed: int = opt(1337, "Seed of data order, noise and init.")
     eval_every: int = opt(250, "Evaluate the val loss every N steps (0 = only at the end).")

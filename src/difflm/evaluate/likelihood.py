@@ -4,8 +4,8 @@ The ELBO bound: for each sequence and Monte-Carlo draw of t, mask at rate p(t) a
 w(t) * sum of CE on masked tokens / L. Its mean is an upper bound on the NLL per token
 (LLaDA / MDLM), so exp of it bounds the perplexity from above. The CE uses MDLM's SUBS
 parameterisation (the mask token's logit is -inf, as the sampler bans it): the bound of the model
-the sampler draws from, and tighter than the plain softmax's (see diffusion/losses.py). Draws use a fixed seed: the same
-checkpoint always gets the same number.
+the sampler draws from, and tighter than the plain softmax's (see diffusion/losses.py). Draws use
+a fixed seed: the same checkpoint always gets the same number.
 """
 
 from __future__ import annotations

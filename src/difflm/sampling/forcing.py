@@ -9,8 +9,9 @@ is one denoising step of every token whose index changes.
 matrix per chunk.  The model sees at most `block_size` positions (a sliding window); clean tokens
 in the window (the prompt, earlier chunks, tokens of this chunk already finished) are context:
 fed as their clean embedding scaled to the mean of level `stabilization_level - 1`,
-`sqrt(alpha_bar) x0`, with that level id (as the reference sampler does), and never changed.  Finished chunks are snapped to the nearest clean embedding, so
-context is always made of exact token embeddings.  The caller puts the model in eval mode.
+`sqrt(alpha_bar) x0`, with that level id (as the reference sampler does), and never changed.
+Finished chunks are snapped to the nearest clean embedding, so context is always made of exact
+token embeddings.  The caller puts the model in eval mode.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def autoregressive(horizon: int, S: int) -> Tensor:
 def trapezoid(horizon: int, S: int, uncertainty_scale: float = 1.0) -> Tensor:
     """Both ends first, the middle last: the lag of token t is int(min(t, horizon-1-t) * uncertainty_scale).
 
-    Symmetric (lags [0, 1, 2, 1, 0] for horizon 5), every column runs from S to 0: the schedule the
-    Diffusion Forcing paper describes.  The reference code does not build this matrix; see
-    `trapezoid_reference` for what it builds.
+    Symmetric (lags [0, 1, 2, 1, 0] for horizon 5) and every column runs from S to 0: the matrix
+    the reference's mirrored indexing aims at, and the default here.  The reference code does not
+    build it; `trapezoid_reference` builds what it does build.
     """
     _check(horizon, S, uncertainty_scale)
     return _staircase([int(min(t, horizon - 1 - t) * uncertainty_scale) for t in range(horizon)], S)

@@ -50,7 +50,8 @@ def test_eval_reports_finite_metrics(checkpoints, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--steps", "0"], "--steps must be >= 1"),
+        (["--steps", "-1"], "--steps must be >= 0"),
+        (["--steps", "0"], "steps=0 (reveal until each block is filled) needs sample.threshold"),
         (["--gen-length", "40"], "exceeds the model's max length 32"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
@@ -62,6 +63,13 @@ def test_bad_sampling_input_exits_2_with_one_line(checkpoints, capsys, extra, me
     code = main(["sample", str(checkpoints / "diff"), "--prompt", "the", "--gen-length", "8", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_sample_threshold_without_steps(checkpoints, capsys):
+    """--steps 0 --threshold: Fast-dLLM's rule, each block runs until filled (<= 8 passes here)."""
+    args = ["sample", str(checkpoints / "diff"), "--prompt", "the", "--gen-length", "8", "--steps", "0"]
+    assert main([*args, "--threshold", "0.5", "--block-length", "4"]) == 0
+    assert "the" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_and_prompt(checkpoints, capsys):

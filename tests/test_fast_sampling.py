@@ -234,3 +234,97 @@ def test_qwen3_llada_cache_for_model_holds_kv_heads_only():
 
     cache = KVCache.for_model(tiny_qwen3("eager"), batch=3)
     assert cache.k[0].shape == (3, 2, 64, 8) and cache.n_layer == 2  # GQA: 2 kv heads, all 64 positions
+
+
+# ----------------------------------------------------------------------------- Fast-dLLM's threshold rule (steps=0)
+
+
+class FixedConfidence(torch.nn.Module):
+    """Same logits whatever the input: position j's argmax is token j % 4 with probability conf[j]."""
+
+    def __init__(self, conf: list[float], prompt_len: int) -> None:
+        super().__init__()
+        self.mask_token_id, self.calls = 4, 0
+        rows = [[float("-inf")] * 5 for _ in range(prompt_len)]  # prompt rows: never read
+        for j, c in enumerate(conf):
+            row = [torch.log(torch.tensor((1 - c) / 3)).item()] * 4 + [float("-inf")]
+            row[j % 4] = torch.log(torch.tensor(c)).item()
+            rows.append(row)
+        self.logits = torch.tensor(rows)  # [P + G, 5]
+
+    def forward(self, input_ids, **_):
+        self.calls += 1
+        return self.logits.expand(len(input_ids), -1, -1)
+
+
+def test_threshold_without_steps_by_hand():
+    """conf [0.95, 0.5, 0.92, 0.3], tau 0.9: step 1 reveals 0 and 2, step 2 the top-1 (1), step 3 the rest.
+
+    With a step count, the reveal schedule is a floor: steps=2 reveals 1 and 3 together in step 2.
+    """
+    prompt = torch.tensor([[0, 1]])
+    model = FixedConfidence([0.95, 0.5, 0.92, 0.3], prompt_len=2)
+    out = generate(model, prompt, SampleConfig(gen_length=4, steps=0, threshold=0.9), trace=True)
+    assert out.tokens[0, 2:].tolist() == [0, 1, 2, 3] and out.forward_passes == model.calls == 3
+    revealed = [step.revealed[0, 2:].nonzero().flatten().tolist() for step in out.trace.steps]
+    assert revealed == [[0, 2], [1], [3]]
+    capped = generate(model, prompt, SampleConfig(gen_length=4, steps=2, threshold=0.9), trace=True)
+    assert capped.forward_passes == 2
+    assert [s.revealed[0, 2:].nonzero().flatten().tolist() for s in capped.trace.steps] == [[0, 2], [1, 3]]
+
+
+def fast_dllm_threshold_loop(model, prompt: torch.Tensor, gen_length: int, block: int, tau: float):
+    """Fast-dLLM's generate with a threshold, re-derived as a naive loop (one row, no cache).
+
+    Per block, until it holds no mask: one forward, argmax per position, its float64 softmax
+    probability as confidence; reveal the most confident masked position of the block and every
+    other one whose confidence is >= tau. Returns (tokens, forward passes).
+    """
+    mask_id = model.mask_token_id
+    x = torch.cat([prompt, torch.full((1, gen_length), mask_id)], dim=1)
+    passes, P = 0, prompt.shape[1]
+    for start in range(P, P + gen_length, block):
+        end = start + block
+        while (x[0, start:end] == mask_id).any():
+            logits = model(x).double()
+            passes += 1
+            probs = logits.softmax(-1)
+            conf, tok = probs.max(-1)  # [1, L]
+            masked = (x == mask_id) & (torch.arange(x.shape[1]) < end)
+            conf = conf.masked_fill(~masked, float("-inf"))
+            reveal = masked & (conf >= tau)
+            reveal[0, int(conf[0].argmax())] = True
+            x = torch.where(reveal, tok, x)
+    return x, passes
+
+
+class NoMask(torch.nn.Module):
+    """MockDenoiser with the mask logit at -inf (difflm's draw bans it; Fast-dLLM's does not)."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner, self.mask_token_id = inner, inner.mask_token_id
+
+    def forward(self, input_ids, **kw):
+        logits = self.inner(input_ids, **kw).clone()
+        logits[..., self.mask_token_id] = float("-inf")
+        return logits
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("block", [4, 8])
+def test_threshold_without_steps_equals_fast_dllm(mock_denoiser, tau, block):
+    model = NoMask(mock_denoiser(vocab=32, seed=3))
+    for row in ([[3, 4, 5]], [[7, 1, 2, 9, 11]]):
+        prompt = torch.tensor(row)
+        ref, ref_passes = fast_dllm_threshold_loop(model, prompt, 16, block, tau)
+        out = generate(model, prompt, SampleConfig(gen_length=16, steps=0, block_length=block, threshold=tau))
+        assert torch.equal(out.tokens, ref) and out.forward_passes == ref_passes
+
+
+def test_steps_zero_needs_threshold_or_factor_and_keep_mode():
+    with pytest.raises(DifflmError, match="steps=0"):
+        SampleConfig(gen_length=8, steps=0)
+    with pytest.raises(DifflmError, match="steps=0"):
+        SampleConfig(gen_length=8, steps=0, threshold=0.9, mode="resample")
+    assert SampleConfig(gen_length=8, steps=0, factor=1.0, block_length=2).steps == 0

@@ -33,7 +33,8 @@ def data(shape=(2, 5, 8), seed=0):
         ({"loss_weighting": "p2"}, "unknown loss_weighting"),
         ({"cum_snr_decay": 0.0}, "cum_snr_decay must be in (0, 1]"),
         ({"cum_snr_decay": 1.5}, "cum_snr_decay must be in (0, 1]"),
-        ({"timesteps": 10, "stabilization_level": 10, "sampling_timesteps": 5}, "stabilization_level"),
+        ({"timesteps": 10, "stabilization_level": 11, "sampling_timesteps": 5}, "stabilization_level 11"),
+        ({"timesteps": 10, "stabilization_level": 0, "sampling_timesteps": 5}, "stabilization_level 0"),
     ],
 )
 def test_bad_config_raises(kwargs, message):
@@ -45,6 +46,12 @@ def test_bad_config_raises(kwargs, message):
 
 def test_cum_snr_decay_one_is_allowed():
     assert GaussianConfig(cum_snr_decay=1.0).cum_snr_decay == 1.0
+
+
+def test_context_level_is_stabilization_level_minus_one():
+    """The reference feeds clean context at stabilization_level - 1; T is allowed (level T - 1)."""
+    assert make(timesteps=10, sampling_timesteps=5, stabilization_level=1).context_level == 0
+    assert make(timesteps=10, sampling_timesteps=5, stabilization_level=10).context_level == 9
 
 
 # ----------------------------------------------------------------------------- schedules and grid
@@ -72,9 +79,18 @@ def test_betas_valid_and_alpha_bar_decreasing(schedule, T):
 
 
 def test_level_grid():
+    """float32 linspace truncated toward zero, as the reference's sample_step builds it."""
     assert make(timesteps=10, sampling_timesteps=5).level_grid.tolist() == [-1, 1, 3, 5, 7, 9]
-    assert make(timesteps=10, sampling_timesteps=3).level_grid.tolist() == [-1, 2, 6, 9]  # -1, 2.33, 5.67, 9
+    assert make(timesteps=10, sampling_timesteps=3).level_grid.tolist() == [-1, 2, 5, 9]  # -1, 2.33, 5.67, 9
     assert make(timesteps=4, sampling_timesteps=4).level_grid.tolist() == [-1, 0, 1, 2, 3]
+    assert make(timesteps=4, sampling_timesteps=3).level_grid.tolist() == [-1, 0, 1, 3]  # -1, 0.33, 1.67, 3
+
+
+@pytest.mark.parametrize("S", [64, 128, 256])
+def test_level_grid_matches_the_reference_at_T_1000(S):
+    """The rounded float64 grid differed from the reference in 28 / 60 / 124 entries here."""
+    reference = torch.linspace(-1, 999, steps=S + 1).long()  # float32 default dtype, truncated
+    assert torch.equal(make(timesteps=1000, sampling_timesteps=S).level_grid, reference)
 
 
 # ----------------------------------------------------------------------------- corruption, conversions
@@ -212,3 +228,42 @@ def test_training_loss_by_hand():
     assert diff.training_loss(pred, x0, noise, k).item() == pytest.approx(4 / 3)
     mask = torch.tensor([[1, 1, 0]])
     assert diff.training_loss(pred, x0, noise, k, mask).item() == pytest.approx(4 / 2)
+
+
+def _reference_weights(snr: torch.Tensor, objective: str, fused: bool, c: float = 5.0, d: float = 0.96):
+    """The reference recipe: float64 SNR table cast to float32, then float32 maths (fused: its loop)."""
+    clipped = snr.clamp(max=c)
+    if not fused:
+        return {"pred_noise": clipped / snr, "pred_x0": clipped, "pred_v": clipped / (snr + 1)}[objective]
+    n_clip, n = clipped / c, snr / c
+    running = [n_clip[:, 0]]
+    for i in range(1, snr.shape[1]):
+        running.append(d * running[-1] + (1 - d) * n_clip[:, i])
+    prior = torch.stack([torch.zeros_like(running[0]), *running[:-1]], dim=1)
+    fc, f = 1 - (1 - d * prior) * (1 - n_clip), 1 - (1 - d * prior) * (1 - n)
+    return {"pred_noise": fc / f, "pred_x0": fc * c, "pred_v": fc * c / (f * c + 1)}[objective]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("weighting", ["min_snr", "fused_snr"])
+def test_loss_weights_match_float64_tables(objective, weighting):
+    """SNRs come from float64 tables: float32 ones put pred_noise / pred_v weights 5e-4 relative off."""
+    diff = make(objective=objective, loss_weighting=weighting)  # cosine, T = 1000
+    a = torch.cumprod(1 - make_betas("cosine", 1000), dim=0)  # float64
+    k = torch.arange(1000)[None]  # every level, as one sequence
+    snr = (a / (1 - a)).float()[k]
+    assert torch.equal(diff.snr(k), snr)
+    expected = _reference_weights(snr, objective, fused=weighting == "fused_snr")
+    if weighting == "min_snr":
+        assert torch.equal(diff.loss_weights(k), expected)
+    else:  # same maths, unrolled recursion vs loop: float32 rounding only (both ~7e-5 from exact)
+        torch.testing.assert_close(diff.loss_weights(k), expected, rtol=3e-5, atol=0)
+
+
+def test_q_sample_coefficients_come_from_float64():
+    """sqrt(1 - alpha_bar) is up to 2.6e-4 relative off (low levels) when taken from a float32 alpha_bar."""
+    diff = make()
+    a = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - make_betas("cosine", 1000), 0)])
+    k = torch.arange(-1, 1000)
+    sa, s1a = diff._coefs(k)
+    assert torch.equal(sa[:, 0], a.sqrt().float()) and torch.equal(s1a[:, 0], (1 - a).sqrt().float())

@@ -135,3 +135,72 @@ def test_errors():
         elbo_loss(logits, targets, noised, torch.ones(2))
     with pytest.raises(DifflmError, match="targets shape"):
         elbo_loss(logits, targets[:, :3], noised, torch.ones(1))
+
+
+# ----------------------------------------------------------------------------- SUBS (MDLM)
+
+
+def _subs_ce(i: int) -> float:
+    """-log p(target) with the mask token (id 2) removed from the softmax."""
+    row = ROWS[i]
+    return -(row[TARGETS[i]] - math.log(sum(math.exp(v) for k, v in enumerate(row) if k != MASK_ID)))
+
+
+def test_mdlm_loss_is_subs_by_hand_and_tighter():
+    loss = get_loss("mdlm")(*_inputs(0.25), mask_token_id=MASK_ID)
+    expected = 4.0 * (_subs_ce(0) + _subs_ce(2) + _subs_ce(3)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() < get_loss("guidelines")(*_inputs(0.25), mask_token_id=MASK_ID).item()
+
+
+def test_subs_equals_mdlm_parameterisation():
+    """MDLM's _subs_parameterization (mask logit += -inf, then log-softmax), re-derived, on random tensors."""
+    g = torch.Generator().manual_seed(0)
+    B, L, V, mask = 3, 16, 50, 49
+    logits = torch.randn(B, L, V, generator=g) * 3
+    targets = torch.randint(0, V - 1, (B, L), generator=g)
+    noised = torch.rand(B, L, generator=g) < 0.5
+    p_mask = torch.rand(B, generator=g).clamp(min=0.1)
+    noisy = torch.where(noised, mask, targets)
+    log_p = logits.clone()
+    log_p[:, :, mask] += float("-inf")
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    nll = -log_p.gather(-1, targets[..., None])[..., 0]  # [B, L]
+    expected = (nll * noised / p_mask[:, None]).sum() / (B * L)
+    got = get_loss("mdlm")(logits, targets, noisy, noised, p_mask, mask_token_id=mask)
+    torch.testing.assert_close(got, expected)
+    assert got < get_loss("guidelines")(logits, targets, noisy, noised, p_mask, mask_token_id=mask)
+
+
+def test_subs_gradient_never_reaches_the_mask_logit():
+    logits, targets, noisy, noised, p_mask = _inputs()
+    logits.requires_grad_(True)
+    get_loss("mdlm")(logits, targets, noisy, noised, p_mask, mask_token_id=MASK_ID).backward()
+    assert logits.grad[..., MASK_ID].abs().sum().item() == 0.0
+    assert logits.grad[..., :MASK_ID].abs().sum().item() > 0
+
+
+def test_subs_errors():
+    logits, targets, _, noised, _ = _inputs()
+    with pytest.raises(DifflmError, match="use SUBS or smoothing"):
+        elbo_loss(logits, targets, noised, torch.ones(1), banned_id=MASK_ID, label_smoothing=0.1)
+    with pytest.raises(DifflmError, match="target equals the banned"):
+        elbo_loss(logits, targets, torch.ones(1, 4, dtype=torch.bool), torch.ones(1), banned_id=MASK_ID)
+
+
+def test_eval_reports_the_subs_bound(mock_denoiser):
+    """`difflm eval`'s elbo_nll is the SUBS bound, below the plain-softmax one on the same draws."""
+    from difflm.config import DiffusionConfig
+    from difflm.evaluate.likelihood import elbo_nll, mean_task_loss
+    from difflm.train.tasks import MaskedDiffusionTask
+
+    model = mock_denoiser(vocab=32, seed=1)
+    data = [torch.randint(0, 31, (12,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    kw = dict(batch_size=4, samples=2, seed=0, progress=False)
+
+    def bound(loss: str) -> float:
+        task = MaskedDiffusionTask(DiffusionConfig(loss=loss), mask_token_id=31, vocab_size=32)
+        return mean_task_loss(model, task, data, **kw)
+
+    got = elbo_nll(model, data, mask_token_id=31, vocab_size=32, **kw)
+    assert got == bound("mdlm") and got < bound("guidelines")

@@ -218,3 +218,32 @@ def test_compare_takes_a_hugging_face_causal_lm(tmp_path: Path, trained: Path) -
     cmd = ["compare", str(trained / "diff"), str(tmp_path / "gpt2"), "--prompt", "春风", "--gen-length", "6"]
     assert main([*cmd, "--steps", "3", "--out", str(gif)]) == 0
     assert gif.is_file()
+
+
+@pytest.mark.parametrize("kind, limit", [("bert", 32), ("roberta", 33)])
+def test_block_size_is_checked_against_the_real_position_limit(tmp_path: Path, kind: str, limit: int) -> None:
+    """RoBERTa numbers positions from padding_idx + 1: 34 rows, pad 0 -> 33 tokens (34 passed, then crashed)."""
+    base = hf_base(tmp_path / "base", kind)
+    text = tmp_path / "text.txt"
+    text.write_text((LINES[0] + "abc") * 200, encoding="utf-8")
+
+    def config(block_size: int):
+        overrides = [
+            "model.family=mlm",
+            f"model.name_or_path={base}",
+            f"data.path={text}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.output_dir={tmp_path / 'run'}",
+            *[o for o in TINY if not o.startswith(("model.", "data.block_size"))],
+            f"data.block_size={block_size}",
+        ]
+        return load_config("recipes/shakespeare_minilm_prefix.yaml", overrides)
+
+    with pytest.raises(DifflmError, match=f"exceeds .* {limit} positions"):
+        build_run(config(limit + 1))
+    run = build_run(config(limit))
+    assert run.model.max_length == limit
+    ids = torch.full((1, limit + 1), 1)  # [UNK], not the pad id (it would shift RoBERTa's positions)
+    assert run.model(ids[:, :limit]).shape == (1, limit, run.model.mlm.config.vocab_size)
+    with pytest.raises((IndexError, RuntimeError)):  # one more token does not fit the position table
+        run.model(ids)

@@ -224,3 +224,52 @@ def test_save_every_zero_saves_only_at_the_end(tmp_path):
     )
     train(cfg, build_run(cfg))
     assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["latest", "step-3"]
+
+
+# ----------------------------------------------------------------------------- fp16 loss scaling
+
+
+class TinyGradientTask:
+    """loss = 1e-8 * sum of a Linear's outputs: under fp16 autocast its gradient (1e-8) underflows."""
+
+    def prepare(self, batch, generator):
+        return batch
+
+    def loss(self, model, batch):
+        return 1e-8 * model(batch["input_ids"].float()).float().sum(), {}
+
+
+def test_fp16_scales_the_loss_so_small_gradients_survive(tmp_path):
+    from difflm.train.trainer import Run
+
+    extra = ("train.max_steps=1", "train.batch_size=4", "train.precision=fp16", "train.weight_decay=0")
+    cfg = load_config("recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "fp16", *extra))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    data = [torch.arange(4) + i for i in range(8)]
+    state = train(cfg, Run(model, TinyGradientTask(), data, data))
+    assert not torch.equal(model.weight.detach(), before)  # without a loss scale: gradient 0, no move
+    assert state.grad_scaler["scale"] == 65536.0 and state.grad_scaler["_growth_tracker"] == 1
+
+
+def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path):
+    extra = ("train.max_steps=6", "train.save_every=3", "train.precision=fp16")
+    full = load_config("recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "full", *extra))
+    train(full, build_run(full))
+    part = load_config(
+        "recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "part", *extra, "train.stop_at_step=3")
+    )
+    train(part, build_run(part))
+    again = load_config(
+        "recipes/shakespeare_char.yaml", tiny_overrides(tmp_path, "part", *extra, "train.resume=latest")
+    )
+    train(again, build_run(again))
+    a, b = (
+        json.loads((tmp_path / f"{r}/checkpoints/step-6/trainer_state.json").read_text())
+        for r in ("full", "part")
+    )
+    assert a["grad_scaler"] == b["grad_scaler"] and a["grad_scaler"]["_growth_tracker"] == 6
+    wa = load_file(str(tmp_path / "full/checkpoints/step-6/model.safetensors"))
+    wb = load_file(str(tmp_path / "part/checkpoints/step-6/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -102,7 +102,11 @@ class DiffusionConfig:
     random_length_prob: float = opt(
         0.0, "Probability of truncating a batch to a random length (LLaDA uses 0.01)."
     )
-    loss: str = opt("guidelines", "Masked-diffusion loss.", choices=("guidelines", "dllm", "soft_ce", "sft"))
+    loss: str = opt(
+        "guidelines",
+        "Masked-diffusion loss (mdlm: guidelines with MDLM's SUBS, mask logit -inf).",
+        choices=("guidelines", "dllm", "soft_ce", "sft", "mdlm"),
+    )
     reweight_cap: float | None = opt(None, "Cap on the 1/t-type ELBO weight (null = no cap).")
     antithetic: bool = opt(True, "Stratified (antithetic) draw of t across the batch.")
     t_eps: float = opt(1e-3, "Smallest t drawn, keeping the 1/t weight finite.")
@@ -145,7 +149,11 @@ class TrainConfig:
     beta1: float = opt(0.9, "Adam beta1.")
     beta2: float = opt(0.99, "Adam beta2.")
     grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).")
-    precision: str = opt("fp32", "Autocast precision.", choices=("fp32", "bf16", "fp16"))
+    precision: str = opt(
+        "fp32",
+        "Autocast precision (fp16 adds a dynamic loss scale, kept in checkpoints).",
+        ("fp32", "bf16", "fp16"),
+    )
     device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     seed: int = opt(1337, "Seed of data order, noise and init.")
     eval_every: int = opt(250, "Evaluate the val loss every N steps (0 = only at the end).")

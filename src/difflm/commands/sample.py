@@ -33,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", default=None, help="a file with one prompt per line")
     parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: gen length; 0 with --threshold/--factor: each block until filled)",
+    )
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument(
         "--block-attention",
@@ -152,7 +157,7 @@ def sample_config(args: argparse.Namespace, tokenizer, bd3_block: int | None = N
 
     return SampleConfig(
         gen_length=args.gen_length,
-        steps=args.steps or args.gen_length,
+        steps=args.gen_length if args.steps is None else args.steps,
         block_length=args.block_length or bd3_block,
         block_causal=bd3_block is not None,
         reveal_schedule=args.reveal_schedule,
@@ -263,10 +268,12 @@ def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Flags checked before any model is loaded: counts, finite numbers, a writable --animate path."""
-    for flag in ("steps", "block_length", "gen_length", "length"):
+    for flag in ("block_length", "gen_length", "length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.steps is not None and args.steps < 0:
+        raise DifflmError(f"--steps must be >= 0 (0 needs --threshold or --factor), got {args.steps}")
     if args.batch_size < 1:
         raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {args.batch_size}")
     for flag in ("temperature", "top_p", "threshold", "factor", "cfg_scale", "alpha"):

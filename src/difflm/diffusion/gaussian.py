@@ -7,8 +7,14 @@ Level convention (the one exception to the project's continuous `t in [0, 1]`):
   - training levels are `k in {0, ..., T-1}` (T = `timesteps`), 0 = least noisy;
   - `k = -1` means clean (`alpha_bar = 1`): every lookup below accepts it, so a DDIM step to -1
     returns the predicted x0 and `q_sample` at -1 returns x0;
-  - samplers walk the grid `level_grid = round(linspace(-1, T-1, S+1))` (S = sampling_timesteps),
-    indexed by 0..S, where index 0 is clean and index S is pure noise.
+  - samplers walk the grid `level_grid = linspace(-1, T-1, S+1)` (S = sampling_timesteps), taken in
+    float32 and truncated toward zero as the reference code does (not rounded), indexed by 0..S,
+    where index 0 is clean and index S is pure noise;
+  - clean context tokens are fed to the model at level `stabilization_level - 1`, as the reference
+    sampler does (`context_level`).
+
+Lookup tables are computed in float64 and stored in float32, as in the reference: an SNR or a
+square root taken from a float32 alpha_bar loses up to 5e-4 relative where 1 - alpha_bar cancels.
 
 Torch only: no model, no sampler. `GaussianDiffusion` is an `nn.Module` only so that `.to(device)`
 moves its lookup tables; the tables are non-persistent buffers, so checkpoints never hold them.
@@ -56,7 +62,9 @@ class GaussianConfig:
     clip_noise: float = _opt("Gaussian noise is clamped to +-clip_noise.", 20.0)
     sampling_timesteps: int = _opt("Denoising steps S at sampling (S = T gives DDPM, S < T DDIM).", 50)
     ddim_eta: float = _opt("DDIM stochasticity (0 = deterministic); ignored for DDPM (S = T).", 0.0)
-    stabilization_level: int = _opt("Noise level fed to the model for clean context tokens.", 10)
+    stabilization_level: int = _opt(
+        "Clean context tokens are fed to the model at level stabilization_level - 1 (1..T).", 10
+    )
     rounding_weight: float = _opt(
         "Weight of the auxiliary rounding cross-entropy (predicted x0 -> tokens).", 1.0
     )
@@ -83,9 +91,10 @@ class GaussianConfig:
             raise DifflmError(
                 f"snr_clip and clip_noise must be > 0, got {self.snr_clip} and {self.clip_noise}"
             )
-        if not 0 <= self.stabilization_level < self.timesteps:
+        if not 1 <= self.stabilization_level <= self.timesteps:
             raise DifflmError(
-                f"stabilization_level {self.stabilization_level} must be in [0, timesteps={self.timesteps}); lower it"
+                f"stabilization_level {self.stabilization_level} must be in [1, timesteps={self.timesteps}]"
+                " (context is fed at stabilization_level - 1)"
             )
         if self.ddim_eta < 0 or self.rounding_weight < 0:
             raise DifflmError(
@@ -115,16 +124,26 @@ class GaussianDiffusion(nn.Module):
     """Lookup tables and the per-token Gaussian maths; every `k` is a LongTensor of levels in [-1, T-1]."""
 
     alpha_bar_ext: Tensor  # [T+1]: alpha_bar at levels -1..T-1 (index k + 1)
+    sqrt_alpha_bar_ext: Tensor  # [T+1]: sqrt(alpha_bar), same indexing
+    sqrt_one_minus_ext: Tensor  # [T+1]: sqrt(1 - alpha_bar), same indexing
+    snr_table: Tensor  # [T]: alpha_bar / (1 - alpha_bar) at levels 0..T-1
     level_grid: Tensor  # [S+1]: real level of each sampler index 0..S
 
     def __init__(self, config: GaussianConfig) -> None:
         super().__init__()
         self.config = config
         T, S = config.timesteps, config.sampling_timesteps
-        alpha_bar = torch.cumprod(1 - make_betas(config.beta_schedule, T), dim=0)  # [T]
+        alpha_bar = torch.cumprod(1 - make_betas(config.beta_schedule, T), dim=0)  # [T] float64
         ext = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])  # [T+1]
-        self.register_buffer("alpha_bar_ext", ext.float(), persistent=False)
-        grid = torch.linspace(-1, T - 1, S + 1, dtype=torch.float64).round().long()  # [S+1]
+        tables = {
+            "alpha_bar_ext": ext,
+            "sqrt_alpha_bar_ext": ext.sqrt(),
+            "sqrt_one_minus_ext": (1 - ext).sqrt(),
+            "snr_table": alpha_bar / (1 - alpha_bar),
+        }
+        for name, table in tables.items():  # float64 maths, float32 storage
+            self.register_buffer(name, table.float(), persistent=False)
+        grid = torch.linspace(-1, T - 1, S + 1, dtype=torch.float32).long()  # [S+1], truncated
         self.register_buffer("level_grid", grid, persistent=False)
 
     # ------------------------------------------------------------------ lookups
@@ -135,13 +154,16 @@ class GaussianDiffusion(nn.Module):
 
     def snr(self, k: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at levels k >= 0."""
-        a = self.alpha_bar(k)
-        return a / (1 - a)
+        return self.snr_table[k]
 
     def _coefs(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """sqrt(alpha_bar), sqrt(1 - alpha_bar) shaped [..., 1] to broadcast over the embedding dim."""
-        a = self.alpha_bar(k)[..., None]
-        return a.sqrt(), (1 - a).sqrt()
+        return self.sqrt_alpha_bar_ext[k + 1][..., None], self.sqrt_one_minus_ext[k + 1][..., None]
+
+    @property
+    def context_level(self) -> int:
+        """Level fed to the model for clean context tokens: stabilization_level - 1 (the reference's)."""
+        return self.config.stabilization_level - 1
 
     @property
     def sampling_eta(self) -> float:

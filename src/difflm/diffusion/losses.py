@@ -8,6 +8,13 @@ and only on the selected positions, so a large vocabulary is never upcast for th
 The named losses in `LOSSES` share one signature and weight by 1/p_mask, i.e. they assume the
 linear schedule (t = p_mask) as LLaDA does; for other schedules call `elbo_loss` with
 `schedule.weight(t)`.
+
+SUBS (MDLM's parameterisation, `banned_id` / `NamedLoss.subs`): the mask token's logit is -inf in
+the loss's log-softmax, so a masked position never predicts the mask. The sampler bans the mask
+token too, so the SUBS loss is the ELBO of the model the sampler actually draws from, and it is
+tighter than the plain loss, which spends probability on the mask. `difflm eval` reports it
+(`elbo_nll` uses "mdlm"). Training uses whichever preset `diffusion.loss` names: the recipes keep
+LLaDA's "guidelines" (no SUBS) so their recorded runs reproduce; "mdlm" trains with SUBS.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ def elbo_loss(
     label_smoothing: float = 0.0,
     normalize: str = "tokens",
     loss_mask: Tensor | None = None,
+    banned_id: int | None = None,
 ) -> Tensor:
     """Weighted CE over noised positions, a float32 scalar.
 
@@ -58,6 +66,7 @@ def elbo_loss(
     vocabulary projection elsewhere; see MaskedDiffusionTask's packed_logits).
     normalize='tokens': sum / (B * L). normalize='answer': each example's sum divided by its
     number of `loss_mask` positions, then the mean over the batch (needs `loss_mask`).
+    `banned_id` (SUBS): a token the model may never predict; its logit is -inf in the log-softmax.
     """
     _check_shapes(logits, targets, noised, weight)
     if normalize not in NORMALIZATIONS:
@@ -68,6 +77,10 @@ def elbo_loss(
         raise DifflmError(f"reweight_cap {reweight_cap} must be > 0 (or None for no cap)")
     if not 0.0 <= label_smoothing < 1.0:
         raise DifflmError(f"label_smoothing {label_smoothing} outside [0, 1)")
+    if banned_id is not None and label_smoothing > 0:
+        raise DifflmError(
+            "label smoothing puts mass on the banned (mask) token: use SUBS or smoothing, not both"
+        )
     batch, length = targets.shape
 
     positions = noised.bool() if loss_mask is None else noised.bool() & loss_mask.bool()  # [B, L]
@@ -85,12 +98,13 @@ def elbo_loss(
         raise DifflmError(
             f"packed logits have {logits.shape[0]} rows but {int(positions.sum())} positions are counted"
         )
-    ce = F.cross_entropy(
-        (logits if logits.dim() == 2 else logits[positions]).float(),  # [N, V]
-        targets[positions],  # [N]
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )  # [N]
+    rows = (logits if logits.dim() == 2 else logits[positions]).float()  # [N, V]
+    counted = targets[positions]  # [N]
+    if banned_id is not None:
+        if (counted == banned_id).any():
+            raise DifflmError(f"a target equals the banned (mask) token id {banned_id}: SUBS cannot score it")
+        rows = rows.index_fill(1, torch.tensor([banned_id], device=rows.device), float("-inf"))
+    ce = F.cross_entropy(rows, counted, reduction="none", label_smoothing=label_smoothing)  # [N]
     return (ce * scale).sum()
 
 
@@ -100,11 +114,13 @@ class NamedLoss:
 
     `from_mask_id`: loss positions are `noisy_ids == mask_token_id` (dLLM) instead of `noised`.
     `normalize="answer"` (SFT) divides each example by its answer length and needs `loss_mask`.
+    `subs`: MDLM's SUBS parameterisation, the mask token's logit is -inf in the log-softmax.
     """
 
     from_mask_id: bool = False
     label_smoothing: float = 0.0
     normalize: str = "tokens"
+    subs: bool = False
 
     def __call__(
         self,
@@ -130,6 +146,7 @@ class NamedLoss:
             label_smoothing=self.label_smoothing,
             normalize=self.normalize,
             loss_mask=loss_mask,
+            banned_id=mask_token_id if self.subs else None,
         )
 
 
@@ -138,6 +155,7 @@ LOSSES: dict[str, NamedLoss] = {
     "dllm": NamedLoss(from_mask_id=True),  # differs only where a clean token equals the mask id
     "soft_ce": NamedLoss(label_smoothing=0.1),
     "sft": NamedLoss(normalize="answer"),  # LLaDA SFT: per-example answer length
+    "mdlm": NamedLoss(subs=True),  # guidelines with MDLM's SUBS: the tighter bound `difflm eval` reports
 }
 
 

@@ -3,10 +3,10 @@
 Likelihood-style numbers (on the checkpoint's validation split):
   - TF `val_loss`: next-token cross-entropy, nats per character.
   - DF `rounding_nll_clean`: cross-entropy of each token given its own embedding at level 0 (and
-    `rounding_nll_stab` at the stabilisation level), read through the rounding head.  The input
-    contains the answer, lightly noised, so this measures how well the model maps a nearly clean
-    embedding back to its token (the rounding / reconstruction error), NOT a predictive likelihood:
-    it is not comparable to the TF val loss.
+    `rounding_nll_stab` at the context level, stabilization_level - 1), read through the rounding
+    head.  The input contains the answer, lightly noised, so this measures how well the model maps
+    a nearly clean embedding back to its token (the rounding / reconstruction error), NOT a
+    predictive likelihood: it is not comparable to the TF val loss.
   - DF `next_token_nll`: the last token of each block at the top noise level, its clean past fed
     as the sampler feeds context; one denoising step, so a rough predictive analogue of `val_loss`.
 
@@ -86,7 +86,7 @@ def next_token_nll(
     g = torch.Generator().manual_seed(seed)
     for ids in _val_batches(val, batch_size, max_batches):
         ids = ids.to(device)  # [B, L]
-        k = torch.full(ids.shape, gcfg.stabilization_level, dtype=torch.long, device=device)
+        k = torch.full(ids.shape, diff.context_level, dtype=torch.long, device=device)
         k[:, -1] = gcfg.timesteps - 1
         noise = torch.zeros(*ids.shape, model.config.n_embd, device=device)  # [B, L, D]
         noise[:, -1] = diff.randn((ids.shape[0], model.config.n_embd), g, device)
@@ -214,7 +214,7 @@ def forcing_metrics(
     model = pre.model
     kw = dict(batch_size=batch_size, max_batches=max_batches)
     if model.config.use_diffusion_forcing:
-        stab = model.config.gaussian.stabilization_level
+        stab = model.diffusion.context_level  # the level the sampler feeds context at
         out = {
             "rounding_nll_clean": rounding_nll(model, val, 0, seed=seed, **kw),
             "rounding_nll_stab": rounding_nll(model, val, stab, seed=seed, **kw),

@@ -2,8 +2,10 @@
 
 The ELBO bound: for each sequence and Monte-Carlo draw of t, mask at rate p(t) and score
 w(t) * sum of CE on masked tokens / L. Its mean is an upper bound on the NLL per token
-(LLaDA / MDLM), so exp of it bounds the perplexity from above. Draws use a fixed seed: the same
-checkpoint always gets the same number.
+(LLaDA / MDLM), so exp of it bounds the perplexity from above. The CE uses MDLM's SUBS
+parameterisation (the mask token's logit is -inf, as the sampler bans it): the bound of the model
+the sampler draws from, and tighter than the plain softmax's (see diffusion/losses.py). Draws use
+a fixed seed: the same checkpoint always gets the same number.
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ def elbo_nll(
     block_length: int | None = None,
 ) -> float:
     """NELBO per token (nats) with plain masking (no min rate, no spans, t over all of [eps, 1]),
-    so it is a true bound; `block_length` K gives block diffusion's bound (each block given the clean
-    earlier ones; K = 1 is a next-token likelihood, K = None full-sequence masked diffusion)."""
+    so it is a true bound, with MDLM's SUBS parameterisation (the mask token never predicted);
+    `block_length` K gives block diffusion's bound (each block given the clean earlier ones; K = 1
+    is a next-token likelihood, K = None full-sequence masked diffusion)."""
     task = MaskedDiffusionTask(
-        DiffusionConfig(schedule=schedule, loss="guidelines", block_length=block_length),
+        DiffusionConfig(schedule=schedule, loss="mdlm", block_length=block_length),
         mask_token_id=mask_token_id,
         vocab_size=vocab_size,
     )

@@ -69,10 +69,15 @@ class MLMDenoiser(nn.Module):
 
     @property
     def max_length(self) -> int:
-        """Longest input: the position table, less RoBERTa-style offsets (positions start at pad + 1)."""
-        cfg = self.mlm.config
-        offset = cfg.pad_token_id + 1 if cfg.model_type in ("roberta", "xlm-roberta", "camembert") else 0
-        return cfg.max_position_embeddings - offset
+        """Longest input: the position table, less the offset of RoBERTa-style absolute positions.
+
+        RoBERTa-style embeddings (they hold a `padding_idx`) number positions from padding_idx + 1,
+        so max_position_embeddings - padding_idx - 1 tokens fit: 512 of roberta-base's 514 rows.
+        """
+        embeddings = getattr(self.mlm.base_model, "embeddings", None)
+        padding_idx = getattr(embeddings, "padding_idx", None)
+        offset = 0 if padding_idx is None else padding_idx + 1
+        return self.mlm.config.max_position_embeddings - offset
 
     def forward(
         self,

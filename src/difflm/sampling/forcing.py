@@ -8,9 +8,10 @@ is one denoising step of every token whose index changes.
 `sample_forcing` generates `max_new_tokens` after a prompt, `horizon` tokens per chunk, walking one
 matrix per chunk.  The model sees at most `block_size` positions (a sliding window); clean tokens
 in the window (the prompt, earlier chunks, tokens of this chunk already finished) are context:
-fed as their clean embedding scaled to the `stabilization_level` mean, `sqrt(alpha_bar) x0`, with
-that level id, and never changed.  Finished chunks are snapped to the nearest clean embedding, so
-context is always made of exact token embeddings.  The caller puts the model in eval mode.
+fed as their clean embedding scaled to the mean of level `stabilization_level - 1`,
+`sqrt(alpha_bar) x0`, with that level id (as the reference sampler does), and never changed.
+Finished chunks are snapped to the nearest clean embedding, so context is always made of exact
+token embeddings.  The caller puts the model in eval mode.
 """
 
 from __future__ import annotations
@@ -69,11 +70,31 @@ def autoregressive(horizon: int, S: int) -> Tensor:
 def trapezoid(horizon: int, S: int, uncertainty_scale: float = 1.0) -> Tensor:
     """Both ends first, the middle last: the lag of token t is int(min(t, horizon-1-t) * uncertainty_scale).
 
-    Symmetric by construction; the original Diffusion Forcing code indexes the mirrored column as
-    `-t`, which for t = 0 is column 0 again, so its last column is never scheduled.
+    Symmetric (lags [0, 1, 2, 1, 0] for horizon 5) and every column runs from S to 0: the matrix
+    the reference's mirrored indexing aims at, and the default here.  The reference code does not
+    build it; `trapezoid_reference` builds what it does build.
     """
     _check(horizon, S, uncertainty_scale)
     return _staircase([int(min(t, horizon - 1 - t) * uncertainty_scale) for t in range(horizon)], S)
+
+
+def trapezoid_reference(horizon: int, S: int, uncertainty_scale: float = 1.0) -> Tensor:
+    """The reference code's trapezoid, exactly, for reproducing published runs.
+
+    It writes lag int(t * uncertainty_scale) to columns t and -t for t < ceil(horizon / 2); column -t
+    is horizon - t (and -0 is column 0 again), so the lags are shifted by one on the right half:
+    [0, 1, 2, 2, 1] for horizon 5.  For even horizon, column horizon / 2 is never written and stays
+    at index 0 (fed as clean context although it holds pure noise).  It has S + int(ceil(horizon / 2)
+    * uncertainty_scale) rows, so with a fractional uncertainty_scale a column can end above 0.
+    """
+    _check(horizon, S, uncertainty_scale)
+    half = (horizon + 1) // 2
+    height = S + int(half * uncertainty_scale)
+    lags = torch.full((horizon,), -S)  # unwritten columns: clip(S - S - m) = 0 on every row
+    for t in range(half):
+        lags[t] = lags[(horizon - t) % horizon] = int(t * uncertainty_scale)
+    rows = torch.arange(height)[:, None]  # [rows, 1]
+    return (S + lags[None, :] - rows).clamp(0, S)  # [rows, horizon]
 
 
 SCHEDULES: dict[str, Callable[[int, int, float], Tensor]] = {
@@ -81,6 +102,7 @@ SCHEDULES: dict[str, Callable[[int, int, float], Tensor]] = {
     "full_sequence": lambda horizon, S, _scale: full_sequence(horizon, S),
     "autoregressive": lambda horizon, S, _scale: autoregressive(horizon, S),
     "trapezoid": trapezoid,
+    "trapezoid_reference": trapezoid_reference,
 }
 
 
@@ -100,13 +122,18 @@ def _guided_prediction(
     k_in: Tensor,
     guidance_fn: GuidanceFn,
     scale: float,
+    k_next: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Classifier-style guidance: eps <- eps - scale * sqrt(1 - a) * d guidance_fn(x0_hat) / d x_t."""
+    """Classifier-style guidance: eps <- eps - scale * sqrt(1 - a_next) * d guidance_fn(x0_hat) / d x_t.
+
+    a_next is alpha_bar at the level each token steps to (k_next [B, W]), as in the reference's
+    ddim_sample_step; a token stepping to clean (k_next = -1) gets no guidance.
+    """
     with torch.enable_grad():
         x_req = x_in.detach().requires_grad_(True)
         x0, eps = diffusion.split_prediction(model(x_req, k_in), x_req, k_in)  # [B, W, D] each
         (grad,) = torch.autograd.grad(guidance_fn(x0).sum(), x_req)  # [B, W, D]
-    eps = eps.detach() - scale * (1 - diffusion.alpha_bar(k_in))[..., None].sqrt() * grad
+    eps = eps.detach() - scale * (1 - diffusion.alpha_bar(k_next))[..., None].sqrt() * grad
     return diffusion.x0_from_eps(x_in, k_in, eps), eps
 
 
@@ -122,13 +149,13 @@ def _denoise_step(
 ) -> tuple[Tensor, Tensor]:
     """Window x [B, W, D] at real levels k_from [B, W] -> (x at k_to, x0_hat)."""
     context = k_from < 0  # [B, W] clean tokens
-    k_in = torch.where(context, diffusion.config.stabilization_level, k_from)  # [B, W]
+    k_in = torch.where(context, diffusion.context_level, k_from)  # [B, W]
     stabilised = diffusion.q_sample(x, k_in, torch.zeros_like(x))  # sqrt(alpha_bar) x0
     x_in = torch.where(context[..., None], stabilised, x)  # [B, W, D]
     if guidance_fn is None:
         x0, eps = diffusion.split_prediction(model(x_in, k_in), x_in, k_in)
     else:
-        x0, eps = _guided_prediction(model, diffusion, x_in, k_in, guidance_fn, guidance_scale)
+        x0, eps = _guided_prediction(model, diffusion, x_in, k_in, guidance_fn, guidance_scale, k_to)
     x_next = diffusion.ddim_update(x, x0, eps, k_from, k_to, diffusion.sampling_eta, generator)
     return x_next, x0
 

@@ -49,7 +49,11 @@ class SampleConfig:
     """How to turn masks into text."""
 
     gen_length: int = opt(64, "Number of tokens to generate after the prompt.")
-    steps: int = opt(64, "Denoising steps in total (forward passes without guidance).")
+    steps: int = opt(
+        64,
+        "Denoising steps in total (forward passes without guidance); 0 with a threshold or factor: "
+        "no step count, each block runs until it is filled (Fast-dLLM's rule).",
+    )
     block_length: int | None = opt(
         None, "Generate in blocks of this many tokens, left to right (null = one block)."
     )
@@ -57,7 +61,9 @@ class SampleConfig:
     remasking: str = opt("low_confidence", "Which masked positions to reveal first.", choices=REMASKING)
     topk_pool: int = opt(4, "random_topk: reveal at random among this many most confident positions.")
     threshold: float | None = opt(
-        None, "Also reveal every position whose confidence is >= this (at least one per step)."
+        None,
+        "Also reveal every position whose confidence is >= this (at least one per step); the "
+        "reveal schedule stays a floor and steps a cap unless steps is 0.",
     )
     factor: float | None = opt(
         None, "Also reveal the n most confident positions, n the largest with (n+1)(1 - c_n) < factor."
@@ -96,7 +102,13 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.gen_length < 1:
             raise DifflmError(f"sample.gen_length must be >= 1, got {self.gen_length}")
-        if not 1 <= self.steps <= self.gen_length:
+        if self.steps == 0:
+            if self.threshold is None and self.factor is None or self.mode != "keep":
+                raise DifflmError(
+                    "sample.steps=0 (reveal until each block is filled) needs sample.threshold or "
+                    "sample.factor and mode keep; set one, or give a step count"
+                )
+        elif not 1 <= self.steps <= self.gen_length:
             raise DifflmError(
                 f"sample.steps must be in [1, gen_length={self.gen_length}] (each step reveals >= 1 token), got {self.steps}"
             )
@@ -108,7 +120,7 @@ class SampleConfig:
                 "lower sample.block_length or set it to null"
             )
         n_blocks = len(self.block_sizes(self.gen_length))
-        if self.steps < n_blocks:
+        if 0 < self.steps < n_blocks:
             raise DifflmError(
                 f"sample.steps={self.steps} is fewer than the {n_blocks} blocks; raise steps or block_length"
             )
@@ -362,6 +374,20 @@ def _reveal_count(n: Tensor, conf: Tensor, cand: Tensor, cfg: SampleConfig) -> T
     return torch.minimum(n.clamp(min=0), cand.sum(1))
 
 
+def _reveal_targets(total: Tensor, n_steps: int, cfg: SampleConfig) -> Tensor:
+    """Revealed-so-far target [B, n_steps] after each step of a block holding total [B] positions.
+
+    steps = 0 (Fast-dLLM's rule) has no schedule: the target stays 0, so each step reveals the
+    threshold / factor count (at least one) and the block runs until it is filled.
+    """
+    if cfg.steps == 0:
+        return torch.zeros(len(total), n_steps, dtype=torch.long, device=total.device)
+    counts = [
+        torch.tensor(reveal_counts(int(n), n_steps, cfg.reveal_schedule)).cumsum(0).tolist() for n in total
+    ]
+    return torch.tensor(counts, device=total.device)
+
+
 def _rows_of(generator: Generators, rows: Tensor, batch: int) -> Generators:
     """The generators of `rows` when there is one per row; a shared generator is kept."""
     if generator is None or isinstance(generator, torch.Generator) or len(rows) == batch:
@@ -391,11 +417,7 @@ def _run_block(
     lo, hi = int(cols.min()), int(cols.max()) + 1  # the block's column span
     win = in_block[:, lo:hi]  # [B, S]
     start_masked = (win & (x[:, lo:hi] == mask_id)).sum(1)  # [B]
-    total = start_masked if keep else win.sum(1)
-    targets = torch.tensor(
-        [torch.tensor(reveal_counts(int(n), n_steps, cfg.reveal_schedule)).cumsum(0).tolist() for n in total],
-        device=x.device,
-    )  # [B, n_steps] revealed-so-far target after each step
+    targets = _reveal_targets(start_masked if keep else win.sum(1), n_steps, cfg)  # [B, n_steps]
     denoise.new_block()
     for i in range(n_steps):
         if cfg.eos_mode == "stop" and _all_rows_ended(x, fill, cfg.eos_token_id, mask_id):
@@ -460,7 +482,8 @@ def infill(
     if n_max == 0:
         raise DifflmError("fill_mask selects no real position; mark the positions to generate with True")
     sizes = cfg.block_sizes(n_max)
-    n_steps = split_steps(sizes, min(cfg.steps, n_max))  # infill may hold fewer than gen_length
+    # infill may hold fewer than gen_length; steps = 0: up to one step per position, until filled
+    n_steps = sizes if cfg.steps == 0 else split_steps(sizes, min(cfg.steps, n_max))
     x = ids.masked_fill(fill, mask_id)
     bias = None if bool(real.all()) else padding_bias(real)
     if attention_bias is not None:

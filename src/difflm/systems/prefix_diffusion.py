@@ -224,7 +224,7 @@ def _check_lengths(cfg: RunConfig, scfg: PrefixDiffusionConfig) -> None:
 def _mlm_run(cfg: RunConfig) -> tuple[nn.Module, Tokenizer, object, object]:
     model, hf_tokenizer = load_mlm(cfg.model.name_or_path)
     tokenizer = HFTokenizer(hf_tokenizer)
-    limit = model.mlm.config.max_position_embeddings
+    limit = model.max_length  # RoBERTa-style tables lose padding_idx + 1 rows to the position offset
     if cfg.data.block_size > limit:
         raise DifflmError(
             f"data.block_size {cfg.data.block_size} exceeds {cfg.model.name_or_path}'s "

@@ -5,6 +5,9 @@ Each step draws the global batch in a seeded per-epoch order, lets the task corr
 generator seeded from (seed, step), then each process takes its slice and each micro-batch its
 share. Because nothing random depends on history, resuming at step N replays exactly what an
 uninterrupted run would have done, and 2 processes see the same noise as 1 (DDP parity).
+
+fp16 autocast gets a dynamic loss scale (torch.amp.GradScaler): without it small gradients
+underflow to zero in half precision. Its state lives in trainer_state.json, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     val_loss: float | None = None
+    grad_scaler: dict | None = None  # fp16's GradScaler state (scale, growth tracker), else None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -201,6 +205,9 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
         state = _resume(tc, model, optimizer)
         if rank == 0:
             trim_log(tc.output_dir, state.step)  # steps after the checkpoint are replayed
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    if state.grad_scaler and scaler.is_enabled():
+        scaler.load_state_dict(state.grad_scaler)
     wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
     stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
@@ -210,7 +217,7 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
     try:
         with StopSignals() as signals:
             while state.step < stop:
-                record = _train_step(cfg, run, wrapped, optimizer, state, device, rank, world_size)
+                record = _train_step(cfg, run, wrapped, optimizer, scaler, state, device, rank, world_size)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
                 stopping = _any_rank(signals.requested is not None, device)
@@ -235,7 +242,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
-def _train_step(cfg, run, model, optimizer, state, device, rank, world_size) -> dict:
+def _train_step(cfg, run, model, optimizer, scaler, state, device, rank, world_size) -> dict:
     tc = cfg.train
     t0 = time.perf_counter()
     batch = collate([run.train_data[i] for i in _next_indices(run, tc, state)])
@@ -249,7 +256,7 @@ def _train_step(cfg, run, model, optimizer, state, device, rank, world_size) -> 
         sync = i == tc.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, tc.precision):
             loss, micro_metrics = run.task.loss(model, micro)
-        (loss / tc.grad_accum).backward()
+        scaler.scale(loss / tc.grad_accum).backward()
         total += loss.item() / tc.grad_accum
         for k, v in micro_metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v / tc.grad_accum
@@ -259,8 +266,10 @@ def _train_step(cfg, run, model, optimizer, state, device, rank, world_size) -> 
         )
     lr = get_lr(state.step, tc)
     set_lr(optimizer, lr)
+    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale backs off
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     loss_value = _mean_across(total, device)
     tokens = prepared["input_ids"].numel()
@@ -270,6 +279,9 @@ def _train_step(cfg, run, model, optimizer, state, device, rank, world_size) -> 
     record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tokens / elapsed, **metrics}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
+    if scaler.is_enabled():
+        state.grad_scaler = scaler.state_dict()
+        record["grad_scale"] = state.grad_scaler["scale"]
     return record
 
 

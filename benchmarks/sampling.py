@@ -41,10 +41,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--diffusion", default=None, help="masked-diffusion checkpoint (default: train one)")
     p.add_argument("--ar", default=None, help="autoregressive checkpoint of equal size (default: train one)")
+    p.add_argument("--bd3", default=None, help="block-diffusion checkpoint of equal size: adds its rows")
     p.add_argument("--quick", action="store_true", help="smaller model, lengths, batches and training")
     p.add_argument("--vanilla-only", action="store_true", help="vanilla engine vs AR at gen length 64/256")
-    p.add_argument("--out", default="/tmp/difflm_bench/sampling.md", help="write the tables here too")
-    p.add_argument("--work-dir", default="/tmp/difflm_bench", help="trained checkpoints go here")
+    p.add_argument("--out", default="runs/bench/sampling.md", help="write the tables here too")
+    p.add_argument("--work-dir", default="runs/bench", help="trained checkpoints go here")
     p.add_argument("--gen-lengths", type=int, nargs="+", default=None)
     p.add_argument("--batches", type=int, nargs="+", default=None)
     p.add_argument("--prompt-length", type=int, default=32)
@@ -53,7 +54,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--low-threshold", type=float, default=0.7)
     p.add_argument("--factor", type=float, default=1.0)
     p.add_argument("--vanilla-blocks", type=int, default=None, help="run vanilla on this many blocks only")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("bf16", "fp32"),
+        help="bf16 autocast pays only on CPUs with AVX512-BF16 (or GPUs); elsewhere it is far slower",
+    )
     p.add_argument("--train-steps", type=int, default=None)
     p.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
     p.add_argument("--n-layer", type=int, default=4)
@@ -135,7 +141,31 @@ def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
     }
 
 
-def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool) -> list[list[str]]:
+def bd3_methods(args: argparse.Namespace, G: int, K: int) -> dict[str, dict]:
+    """Block diffusion: block-causal decoding in the model's blocks of K, exact KV cache."""
+    base = {"gen_length": G, "steps": G, "block_length": K, "block_causal": True, "cache": "prefix"}
+    tau, low = args.threshold, args.low_threshold
+    return {
+        f"BD3 K={K} + cache": base,
+        f"BD3 K={K} + cache + threshold {tau}": {**base, "threshold": tau},
+        f"BD3 K={K} + cache + threshold {low}": {**base, "threshold": low},
+        f"BD3 K={K} + cache + threshold {tau}, steps=0": {**base, "threshold": tau, "steps": 0},
+    }
+
+
+def bench_bd3(bd3, K: int, ar, ids, args, G: int, B: int, base_tps: float) -> list[list[str]]:
+    rows, ref, P = [], None, ids.shape[1]
+    for name, kw in bd3_methods(args, G, K).items():
+        res, secs = timed(lambda kw=kw: generate(bd3, ids, SampleConfig(**kw)))
+        ref = res.tokens if ref is None else ref
+        agree = float((res.tokens[:, P:] == ref[:, P:]).float().mean())
+        ppl = gen_ppl(ar, res.tokens, P, P + G)
+        rows.append(_row(G, B, name, B * G / secs, base_tps, res.forward_passes, G, agree, ppl))
+    return rows
+
+
+def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=None) -> list[list[str]]:
+    """The rows of one (gen length, batch) setting; `bd3` = (block-diffusion model, its K) adds its rows."""
     P = args.prompt_length
     ids = prompts(tok, B, P)
     rows, ref, base_tps = [], None, None
@@ -155,6 +185,8 @@ def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool) -> li
         agree = float((res.tokens[:, P : P + ref_len] == ref[:, P : P + ref_len]).float().mean())
         ppl = gen_ppl(ar, res.tokens, P, P + done)
         rows.append(_row(G, B, name, tps, base_tps, res.forward_passes, done, agree, ppl))
+    if bd3 is not None and not only_vanilla:
+        rows += bench_bd3(*bd3, ar, ids, args, G, B, base_tps)
     res, secs = timed(lambda: generate_ar(ar, ids, max_new_tokens=G))
     ppl = gen_ppl(ar, res.tokens, P, P + G)
     rows.append(_row(G, B, "AR (KV cache)", B * G / secs, base_tps, res.forward_passes, G, None, ppl))
@@ -208,19 +240,22 @@ def main() -> int:
     diff_path = args.diffusion or train_model("masked_diffusion", args, block, size)
     ar_path = args.ar or train_model("autoregressive", args, block, size)
     diff, ar = load_pretrained(diff_path), load_pretrained(ar_path)
+    bd3 = load_pretrained(args.bd3) if args.bd3 else None
+    bd3_and_k = (bd3.model, bd3.config.diffusion.block_length) if bd3 else None
     tok = diff.tokenizer
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     rows = []
     with torch.no_grad(), precision:
         for G in lengths:
             for B in batches:
-                rows += bench_setting(diff.model, ar.model, tok, args, G, B, args.vanilla_only)
-                print(table(rows[-(2 if args.vanilla_only else 9) :]), flush=True)
+                new = bench_setting(diff.model, ar.model, tok, args, G, B, args.vanilla_only, bd3_and_k)
+                rows += new
+                print(table(new), flush=True)
     n_params = sum(p.numel() for p in diff.model.parameters())
     mc = diff.model.config
     size = {"n_layer": mc.n_layer, "n_head": mc.n_head, "n_embd": mc.n_embd}  # of the model benchmarked
     head = (
-        f"difflm sampling benchmark: CPU ({args.threads} threads), {args.precision} autocast; diffusion and AR "
+        f"difflm sampling benchmark: CPU ({args.threads} threads), {args.precision}; diffusion{', BD3' if bd3 else ''} and AR "
         f"transformers of {n_params / 1e6:.2f}M params each ({size}), char-level Tiny Shakespeare; "
         f"prompt {args.prompt_length} chars, block length {args.block_length}, greedy; "
         f"vanilla blocks: {args.vanilla_blocks or 'all'}; gen-ppl judged by the AR model."

@@ -35,6 +35,7 @@ from difflm.models.layers import (
     combine_bias,
     padding_bias,
     rope_cos_sin,
+    rope_tables,
 )
 
 
@@ -85,19 +86,26 @@ def attention_context(
     position_offset: int = 0,
     kv_cache: KVCache | None = None,
     attend_len: int | None = None,
+    position_ids: Tensor | None = None,
 ) -> AttentionContext:
     """RoPE tables, mask and cache slots for one forward over Q inputs at positions offset..offset+Q.
 
     With `kv_cache`, attention runs over slots [0, attend_len) (default offset + Q), so the bias and
-    padding mask cover attend_len keys; without it, over the Q inputs themselves.
+    padding mask cover attend_len keys; without it, over the Q inputs themselves. `position_ids`
+    [Q] gives explicit positions instead (no cache): block diffusion's two copies of a sequence.
     """
+    if position_ids is not None and (kv_cache is not None or position_offset):
+        raise DifflmError("position_ids replace position_offset and take no kv_cache")
     if kv_cache is not None:
         attend_len = position_offset + queries if attend_len is None else attend_len
         kv_cache.check(batch, position_offset, queries, attend_len)
     elif attend_len is not None or position_offset:
         raise DifflmError("position_offset / attend_len need a kv_cache (see difflm.models.layers.KVCache)")
     keys = queries if kv_cache is None else attend_len
-    cos, sin = rope_cos_sin(position_offset, queries, head_dim, rope_theta, device)  # [Q, D] each
+    if position_ids is None:
+        cos, sin = rope_cos_sin(position_offset, queries, head_dim, rope_theta, device)  # [Q, D] each
+    else:
+        cos, sin = rope_tables(position_ids.to(device), head_dim, rope_theta)  # [Q, D] each
     bias = additive_mask(attention_bias, attention_mask, batch, queries, keys, dtype, device)
     return AttentionContext(cos, sin, bias, cache=kv_cache, start=position_offset, attend_len=keys)
 
@@ -241,9 +249,11 @@ class Denoiser(nn.Module):
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
         logits_at: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
         """`t` and `cond` belong to the protocol and are unused: these models are time-agnostic (the
         mask tokens carry the noise level) and unconditional."""
+        explicit = {} if position_ids is None else {"position_ids": position_ids}
         return self.hf(
             input_ids,
             attention_bias=attention_bias,
@@ -252,6 +262,7 @@ class Denoiser(nn.Module):
             kv_cache=kv_cache,
             attend_len=attend_len,
             logits_at=logits_at,
+            **explicit,
         ).logits
 
     def kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

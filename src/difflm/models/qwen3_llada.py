@@ -91,13 +91,15 @@ class Qwen3LLaDAModel(Qwen3LLaDAPreTrainedModel):
         position_offset: int = 0,
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        """Hidden states after the final norm for the Q inputs at positions offset..offset+Q."""
+        """Hidden states after the final norm for the Q inputs at positions offset..offset+Q (or at
+        `position_ids` [Q])."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, Q, C]
         ctx = attention_context(
             *h.shape[:2], self.config.head_dim, self.config.rope_theta, dtype=h.dtype, device=h.device,
             attention_bias=attention_bias, attention_mask=attention_mask,
-            position_offset=position_offset, kv_cache=kv_cache, attend_len=attend_len,
+            position_offset=position_offset, kv_cache=kv_cache, attend_len=attend_len, position_ids=position_ids,
         )  # fmt: skip
         eager = self.config._attn_implementation == "eager"
         for index, layer in enumerate(self.layers):
@@ -146,11 +148,19 @@ class Qwen3LLaDAForMaskedLM(Qwen3LLaDAPreTrainedModel):
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
         logits_at: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
         """Logits [B, Q, V], or packed [N, V] at the true positions of `logits_at` [B, Q]. `t` and
         `cond` belong to the denoiser protocol and are unused (LLaDA is time-agnostic)."""
         hidden = self.model(
-            input_ids, attention_bias, attention_mask, inputs_embeds, position_offset, kv_cache, attend_len
+            input_ids,
+            attention_bias,
+            attention_mask,
+            inputs_embeds,
+            position_offset,
+            kv_cache,
+            attend_len,
+            position_ids,
         ).last_hidden_state  # [B, Q, C]
         return MaskedLMOutput(logits=self.lm_head(hidden if logits_at is None else hidden[logits_at.bool()]))
 

@@ -204,12 +204,13 @@ def sample(
     of training; an SFT checkpoint may generate EOS and fills everything after its first EOS."""
     from difflm.commands.sample import sample_config  # here: commands.sample imports this module
 
-    cfg = sample_config(args, pre.tokenizer)
+    cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
     eos = pre.tokenizer.eos_token_id
     if pre.config.task == "qwen3_llada_sft" and eos is not None:
         allowed = [i for i in cfg.suppress_tokens if i != eos]
         cfg = dataclasses.replace(cfg, suppress_tokens=allowed, eos_token_id=eos, eos_mode="fill")
-    prompt_length, length = ids.shape[1], ids.shape[1] + cfg.gen_length
+    align = (-ids.shape[1]) % cfg.block_length if cfg.block_causal else 0  # BD3: prompt padded to blocks
+    prompt_length, length = ids.shape[1], align + ids.shape[1] + cfg.gen_length
     limit = pre.config.model.max_position_embeddings
     if length > limit:
         raise DifflmError(

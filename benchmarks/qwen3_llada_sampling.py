@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="/tmp/difflm_bench/qwen3_llada_sampling.md")
+    p.add_argument("--out", default="runs/bench/qwen3_llada_sampling.md")
     return p.parse_args()
 
 

@@ -5,11 +5,11 @@
 # $OUT/*.log); then the TF checkpoint judges both sets of continuations.
 # Full nanoGPT size: drop the model/data/train overrides below (recipes give 6x6x384, block 256, 5000 steps).
 set -euo pipefail
-DATA=${DATA:-/work/shared/data/tinyshakespeare.txt}
-OUT=${OUT:-/tmp/fvt}
+DATA=${DATA:-shakespeare}  # a corpus name (found locally, see the README) or a file
+OUT=${OUT:-runs/forcing_vs_teacher}
 SMALL="data.path=$DATA data.cache_dir=$OUT/cache model.n_layer=4 model.n_head=4 model.n_embd=128
   model.dropout=0.0 data.block_size=128 train.batch_size=32 train.max_steps=300 train.warmup_steps=30
-  train.precision=bf16 train.device=cpu train.eval_every=100 train.eval_batches=4 train.save_every=100
+  train.precision=fp32 train.device=cpu train.eval_every=100 train.eval_batches=4 train.save_every=100
   train.keep_last=0 train.progress=false train.log_every=10"
 mkdir -p "$OUT"
 

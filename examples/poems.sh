@@ -4,7 +4,7 @@
 #
 #   examples/poems.sh POEMS_JSONL WORK_DIR [STEPS]
 #
-# POEMS_JSONL: the poem corpus (e.g. /work/shared/data/modern_poems.jsonl; never copied here).
+# POEMS_JSONL: the poem corpus, a JSONL file of {title, author, content} (never copied here).
 # WORK_DIR: where the split, both runs and the benchmark outputs go.
 # STEPS: optimizer steps of each run (default 80; the recipes' schedule is 160 steps and
 # train.stop_at_step stops both runs at the same point of it, as in the reported run).

@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 LOCK := requirements.lock
 # The CPU wheel of torch; on a GPU machine install the CUDA build of torch first and skip the pin.
 TORCH ?= torch==2.13.0
-# Block diffusion (BD3, blocks of 4) on Tiny Shakespeare, sized for ~6 minutes on 2 CPU cores (fp32:
-# bf16 only pays on CPUs with AVX512-BF16).
+# Block diffusion (BD3, blocks of 4) on Tiny Shakespeare, sized for a few minutes on 2 CPU cores (fp32:
+# bf16 only pays on CPUs with AVX512-BF16); then the same sampling on the longer-trained zoo model.
 QUICK := diffusion.block_length=4 model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 \
-	data.block_size=128 train.batch_size=16 train.max_steps=500 train.warmup_steps=50 train.lr=2e-3 \
+	data.block_size=128 train.batch_size=16 train.max_steps=300 train.warmup_steps=30 train.lr=2e-3 \
 	train.min_lr=2e-4 train.eval_every=100 train.eval_batches=5 train.save_every=250 train.precision=fp32 \
 	train.output_dir=runs/quickstart train.overwrite=true
 
@@ -35,6 +35,8 @@ quickstart: install
 	$(BIN)/difflm eval runs/quickstart --max-batches 20
 	$(BIN)/difflm sample runs/quickstart --prompt "ROMEO:" --prompt "JULIET:" --gen-length 96 --temperature 0.7 \
 		--cache prefix --word-check shakespeare --animate runs/quickstart/sample.gif
+	$(BIN)/difflm sample zoo/shakespeare_char_bd3_4 --prompt "ROMEO:" --prompt "JULIET:" --gen-length 96 \
+		--temperature 0.7 --cache prefix --word-check shakespeare
 
 bench: install
 	$(BIN)/python benchmarks/train_step.py --small

@@ -1,7 +1,8 @@
 """Register difflm's model types with transformers' Auto classes on `import difflm`, lazily.
 
 After `import difflm`, `AutoConfig` / `AutoModel` / `AutoModelForMaskedLM.from_pretrained(DIR)`
-load a difflm folder (`model_type: qwen3_llada`) with no trust_remote_code. Registering eagerly
+load a difflm folder (`model_type: qwen3_llada`) or a published LLaDA / Dream snapshot
+(`llada`, `Dream`) with no trust_remote_code. Registering eagerly
 would import transformers and torch (seconds) on every `import difflm`, `difflm --help` included, so
 `install()` only adds an import hook: when transformers' own `configuration_auto` module finishes
 loading, the config classes (`difflm.hf_configs`, which import nothing heavier than that module
@@ -30,6 +31,17 @@ FAMILIES: dict[str, tuple[str, str, dict[str, str]]] = {
         "Qwen3LLaDAConfig",
         "difflm.models.qwen3_llada",
         {"AutoModel": "Qwen3LLaDAModel", "AutoModelForMaskedLM": "Qwen3LLaDAForMaskedLM"},
+    ),
+    # the published families: AutoModel gives the LM, as their own auto_map does
+    "llada": (
+        "LLaDAConfig",
+        "difflm.models.llada",
+        dict.fromkeys(("AutoModel", "AutoModelForMaskedLM"), "LLaDAModelLM"),
+    ),
+    "Dream": (
+        "DreamConfig",
+        "difflm.models.dream",
+        dict.fromkeys(("AutoModel", "AutoModelForMaskedLM"), "DreamForMaskedLM"),
     ),
 }
 

@@ -36,7 +36,13 @@ class Pretrained:
 
 
 def load_pretrained(where: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Pretrained:
-    """`where`: a step folder, or a run folder (its latest checkpoint is used)."""
+    """`where`: a step folder, a run folder (its latest checkpoint is used), or an HF snapshot of a
+    published diffusion LM (LLaDA, Dream, a converted Qwen3-LLaDA: `difflm.snapshots`)."""
+    from difflm import snapshots
+
+    if snapshots.is_snapshot(Path(where)):
+        with offline_hub():
+            return snapshots.load_snapshot(Path(where), device)
     path = ckpt.resolve_checkpoint(where, verify=verify)
     cfg = config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
     with offline_hub():

@@ -237,6 +237,11 @@ class Denoiser(nn.Module):
         object.__setattr__(self, "hf", model)  # not a submodule: no "hf." prefix in state_dict
         self.config = model.config
         self.mask_token_id = model.mask_token_id
+        self.logits_shift = getattr(model, "logits_shift", 0)
+        config = model.config  # the longest sequence, under either family's name for it
+        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "max_sequence_length", None
+        )
 
     def forward(
         self,

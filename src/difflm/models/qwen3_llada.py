@@ -58,23 +58,25 @@ class Qwen3LLaDAModel(Qwen3LLaDAPreTrainedModel):
         super().__init__(config)
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, getattr(c, "pad_token_id", None))
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                c.head_dim,
-                eps=c.rms_norm_eps,
-                qk_norm=True,
-                qkv_bias=c.attention_bias,
-                out_bias=c.attention_bias,
-                dropout=c.attention_dropout,
-            )
-            for _ in range(c.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(self.new_layer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_init()
+
+    @staticmethod
+    def new_layer(c: Qwen3LLaDAConfig) -> DecoderLayer:
+        """Qwen3's layer: q/k-norm, biases only where `attention_bias` (Dream overrides this)."""
+        return DecoderLayer(
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            eps=c.rms_norm_eps,
+            qk_norm=True,
+            qkv_bias=c.attention_bias,
+            out_bias=c.attention_bias,
+            dropout=c.attention_dropout,
+        )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -108,13 +110,19 @@ class Qwen3LLaDAModel(Qwen3LLaDAPreTrainedModel):
 
 
 class Qwen3LLaDAForMaskedLM(Qwen3LLaDAPreTrainedModel):
-    """Qwen3-LLaDA with the (possibly tied) LM head; keys equal `Qwen3ForCausalLM`'s."""
+    """Qwen3-LLaDA with the (possibly tied) LM head; keys equal `Qwen3ForCausalLM`'s.
+
+    `logits_shift = 1` (Dream) makes position i's logits come from position i-1's output (position
+    0 keeps its own), so `.logits[:, i]` always predicts token i; the sampler's KV cache then feeds
+    one position more in front of a block (`sampling/cache.py`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_class = Qwen3LLaDAModel
+    logits_shift = 0
 
     def __init__(self, config: Qwen3LLaDAConfig):
         super().__init__(config)
-        self.model = Qwen3LLaDAModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -162,6 +170,8 @@ class Qwen3LLaDAForMaskedLM(Qwen3LLaDAPreTrainedModel):
             attend_len,
             position_ids,
         ).last_hidden_state  # [B, Q, C]
+        if self.logits_shift:
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)  # row i <- output i-1
         return MaskedLMOutput(logits=self.lm_head(hidden if logits_at is None else hidden[logits_at.bool()]))
 
     def kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

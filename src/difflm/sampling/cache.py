@@ -27,6 +27,9 @@ sequence length L. Hugging Face masked LMs (BERT, RoBERTa) have no such path: th
 cache=none (threshold / factor decoding still apply). SGDD decodes one block, so a cache has
 nothing to reuse there.
 
+A model with `logits_shift = 1` (Dream: position i's logits come from position i-1's output) is
+fed from lo - 1 in the cached steps, so the block's first logits stay exact.
+
 Under every policy, a model whose forward takes `logits_at` (difflm's Transformer, SGDD,
 Qwen3-LLaDA) projects only the block's columns onto the vocabulary instead of all L (greedy
 keep-mode steps ask for the block's still-masked positions only, through `want`).
@@ -105,6 +108,7 @@ class BlockForward:
         check_cache(model, mode)
         self.model, self.mode, self.length, self.block_causal = model, mode, length, block_causal
         self.packed = takes(model, "logits_at")
+        self.shift = getattr(model, "logits_shift", 0)  # Dream: logits of i come from output i-1
         self.caches: dict[str, KVCache] = {}
         self.fresh: set[str] = set()  # streams refreshed since the current block started
         self.clean_until: dict[str, int] = {}  # block-causal: slots [0, n) hold final keys
@@ -146,13 +150,14 @@ class BlockForward:
                     cache.k[layer][rows], cache.v[layer][rows] = target.k[layer], target.v[layer]
             return out
         end = self.length if self.mode == "prefix" else hi
+        start = max(lo - self.shift, 0)  # a shifted model also needs the position before the block
         return self._logits(
-            x[:, lo:end],
-            0,
-            hi - lo,
+            x[:, start:end],
+            lo - start,
+            hi - start,
             want,
-            attention_bias=query_rows(bias, lo, end),
-            position_offset=lo,
+            attention_bias=query_rows(bias, start, end),
+            position_offset=start,
             kv_cache=cache if rows is None else _gathered(cache, rows),
             attend_len=self.length,
             **kwargs,

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "List or fetch the named corpora."),
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),
     "inspect": ("inspect", "Compare key names and shapes of two checkpoints."),
+    "serve": ("serve", "OpenAI-compatible HTTP server with batched sampling and a live playground."),
 }
 
 

@@ -1,0 +1,248 @@
+"""Continuous batching of generation requests into the one unmasking engine.
+
+One background thread owns the models and runs every forward pass. Each tick it
+
+1. admits the jobs that arrived since the last tick: jobs for the same model with the same
+   sampling settings (everything but prompt and seed, `GenRequest.batch_key`) form one cohort,
+   a batch run by `generate_steps` with left-padded prompts and one generator per row;
+2. advances every live cohort by one denoising step, round robin, so a request that arrives
+   while others run starts at the next step boundary instead of waiting for them to finish;
+3. drops finished cohorts and cohorts whose clients all went away.
+
+A row draws its noise only from its own generator, seeded by the request, and the engine freezes
+rows whose block is done without touching their generators, so a request with a seed gives the
+same tokens alone or batched (up to the batch's floating-point reduction order: serve in float64
+to make that exact). Autoregressive checkpoints run a cohort in one call of `generate_ar` and
+replay its trace as steps.
+
+The engine's state after a step is read here to stream text: in keep mode a revealed token never
+changes, so the revealed prefix of a row (up to its first mask) is final and is sent as a delta.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+
+from difflm.sampling.autoregressive import NOT_YET, generate_ar
+from difflm.sampling.unmask import SampleResult, Step, generate_steps
+from difflm.serve.protocol import GenRequest
+
+Event = dict  # {"type": "denoise" | "text" | "done" | "error", ...}
+
+
+class QueueFull(Exception):
+    """More jobs are waiting or running than the server's cap."""
+
+
+@dataclass
+class Job:
+    """One request in flight. `emit` is called from the batcher thread with each event."""
+
+    req: GenRequest
+    emit: Callable[[Event], None]
+    cancelled: bool = False  # the client went away: stop sending, drop its cohort when all have
+    finished: bool = False
+    text: str = ""  # text sent so far
+    n_tokens: int = 0
+
+    def observe(self, gen: list[int], hidden: int, changed: list[int] | None, where: tuple[int, int]) -> None:
+        """Read the row's generation `gen` after a step: send the step (when asked) and new text."""
+        if self.finished or self.cancelled:
+            return
+        if changed is not None and self.req.stream_denoise:
+            tok = self.req.model.tokenizer
+            revealed = [[p, gen[p], tok.decode([gen[p]])] for p in changed if gen[p] != hidden]
+            self.emit(
+                {
+                    "type": "denoise",
+                    "block": where[0],
+                    "step": where[1],
+                    "length": len(gen),
+                    "revealed": revealed,
+                }
+            )
+        prefix = gen[: gen.index(hidden)] if hidden in gen else gen
+        self._advance_text(prefix, final=hidden not in gen)
+
+    def _advance_text(self, prefix: list[int], final: bool) -> None:
+        eos = self.req.model.tokenizer.eos_token_id
+        ended = eos is not None and self.req.model.ends_with_eos and eos in prefix
+        ids = prefix[: prefix.index(eos)] if ended else prefix
+        text = self.req.model.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.req.stop if s in text), default=-1)
+        if cut >= 0:
+            text, ended = text[:cut], True
+        done = ended or final
+        hold = 0 if done else max((len(s) - 1 for s in self.req.stop), default=0)  # a stop may be starting
+        ready = text[: len(text) - hold] if hold else text
+        while ready.endswith("\ufffd") and not done:  # half a multi-byte character
+            ready = ready[:-1]
+        if len(ready) > len(self.text) and ready.startswith(self.text):
+            self.emit({"type": "text", "text": ready[len(self.text) :]})
+            self.text = ready
+        self.n_tokens = len(ids)
+        if done:
+            self.finish("stop" if ended else "length")
+
+    def finish(self, reason: str) -> None:
+        self.finished = True
+        self.emit({"type": "done", "finish": reason, "text": self.text, "completion_tokens": self.n_tokens})
+
+
+def _ar_steps(req: GenRequest, ids, mask, generators) -> Generator[Step, None, SampleResult]:
+    """An autoregressive cohort as steps: decode all at once, then replay the trace."""
+    model, tok = req.model.pre.model, req.model.tokenizer
+    result = generate_ar(
+        model,
+        ids,
+        max_new_tokens=req.cfg.gen_length,
+        temperature=req.cfg.temperature,
+        top_p=req.cfg.top_p,
+        eos_token_id=tok.eos_token_id if req.model.ends_with_eos else None,
+        generator=generators,
+        attention_mask=mask,
+        trace=True,
+    )
+    for s in result.trace.steps:
+        yield Step(s.tokens, s.revealed, s.block, s.step)
+    return result
+
+
+class Cohort:
+    """Jobs sharing one engine batch (same model and settings)."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        req = jobs[0].req
+        served = req.model
+        width = max(len(j.req.prompt_ids) for j in jobs)
+        pad = served.tokenizer.pad_token_id or 0
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            n = len(job.req.prompt_ids)
+            if n:
+                ids[row, width - n :] = torch.tensor(job.req.prompt_ids)
+                mask[row, width - n :] = 1
+        ids, mask = ids.to(served.device), mask.to(served.device)
+        gens = [torch.Generator(served.device).manual_seed(j.req.seed) for j in jobs]
+        self.width = width
+        if served.autoregressive:
+            self.hidden, self.steps = NOT_YET, _ar_steps(req, ids, mask, gens)
+        else:
+            model = served.pre.model
+            self.hidden = model.mask_token_id
+            self.steps = generate_steps(model, ids, req.cfg, attention_mask=mask, generator=gens)
+
+    @property
+    def alive(self) -> bool:
+        return any(not (j.cancelled or j.finished) for j in self.jobs)
+
+    def advance(self) -> bool:
+        """One engine step and its events; False when the cohort is done."""
+        try:
+            step = next(self.steps)
+        except StopIteration as done:
+            tokens = done.value.tokens[:, self.width :].tolist()
+            for job, gen in zip(self.jobs, tokens, strict=True):
+                job.observe(gen, self.hidden, None, (-1, -1))
+            return False
+        gen = step.tokens[:, self.width :].tolist()
+        changed = step.changed[:, self.width :]
+        for row, job in enumerate(self.jobs):
+            where = changed[row].nonzero().flatten().tolist() if job.req.stream_denoise else None
+            job.observe(gen[row], self.hidden, where, (step.block, step.step))
+        return True
+
+
+@dataclass
+class Batcher:
+    """The engine thread: `submit` jobs from any thread; `start` / `stop` the loop."""
+
+    max_batch: int = 32
+    max_queue: int = 256
+    waiting: list[Job] = field(default_factory=list)
+    cohorts: list[Cohort] = field(default_factory=list)
+    in_flight: int = 0
+    steps_run: int = 0  # cohort steps (one batched engine step each)
+    _cv: threading.Condition = field(default_factory=threading.Condition)
+    _stopping: bool = False
+    _thread: threading.Thread | None = None
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self.in_flight >= self.max_queue:
+                raise QueueFull(f"{self.in_flight} requests in flight (cap {self.max_queue}); retry later")
+            self.in_flight += 1
+            self.waiting.append(job)
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="difflm-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _admit(self) -> None:
+        with self._cv:
+            while not self.waiting and not self.cohorts and not self._stopping:
+                self._cv.wait()
+            jobs, self.waiting = self.waiting, []
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if not job.cancelled:
+                groups.setdefault(job.req.batch_key(), []).append(job)
+            else:
+                self._release([job])
+        for group in groups.values():
+            for i in range(0, len(group), self.max_batch):
+                self._start_cohort(group[i : i + self.max_batch])
+
+    def _start_cohort(self, jobs: list[Job]) -> None:
+        try:
+            self.cohorts.append(Cohort(jobs))
+        except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
+            self._fail(jobs, err)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._admit()
+            for cohort in list(self.cohorts):
+                if self._advance(cohort):
+                    continue
+                self.cohorts.remove(cohort)
+                self._release(cohort.jobs)
+
+    def _advance(self, cohort: Cohort) -> bool:
+        """One step of a cohort; False when it is done, abandoned or failed."""
+        if not cohort.alive:
+            return False
+        try:
+            self.steps_run += 1
+            return cohort.advance()
+        except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
+            self._fail(cohort.jobs, err, release=False)
+            return False
+
+    def _fail(self, jobs: list[Job], err: Exception, release: bool = True) -> None:
+        traceback.print_exception(err)
+        for job in jobs:
+            if not job.finished:
+                job.finished = True
+                job.emit({"type": "error", "message": f"generation failed: {err}"})
+        if release:
+            self._release(jobs)
+
+    def _release(self, jobs: list[Job]) -> None:
+        with self._cv:
+            self.in_flight -= len(jobs)

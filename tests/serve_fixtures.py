@@ -14,7 +14,9 @@ from difflm.train.checkpoint import save_checkpoint
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 
 
-def tiny_checkpoint(out: Path, causal: bool = False, seed: int = 0, block_size: int = 48) -> Path:
+def tiny_checkpoint(
+    out: Path, causal: bool = False, seed: int = 0, block_size: int = 48, sharpen: float = 40.0
+) -> Path:
     """A random 2-layer model (sharpened embeddings, so confidences spread out) saved under `out`."""
     tok = CharTokenizer(ALPHABET)
     torch.manual_seed(seed)
@@ -29,7 +31,7 @@ def tiny_checkpoint(out: Path, causal: bool = False, seed: int = 0, block_size: 
     )
     model = Transformer(cfg).eval()
     with torch.no_grad():
-        model.tok_emb.weight.mul_(40)
+        model.tok_emb.weight.mul_(sharpen)
     run = RunConfig(task="autoregressive" if causal else "masked_diffusion", model=cfg)
     return save_checkpoint(
         out, 1, model=model, run_config=to_dict(run), trainer_state={"step": 1}, tokenizer=tok

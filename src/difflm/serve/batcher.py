@@ -107,6 +107,7 @@ def _ar_steps(req: GenRequest, ids, mask, generators) -> Generator[Step, None, S
         generator=generators,
         attention_mask=mask,
         trace=True,
+        suppress_tokens=req.cfg.suppress_tokens,
     )
     for s in result.trace.steps:
         yield Step(s.tokens, s.revealed, s.block, s.step)

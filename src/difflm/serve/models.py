@@ -32,9 +32,10 @@ class ServedModel:
         return self.pre.tokenizer
 
     def suppressed(self) -> list[int]:
-        """Special ids never generated; an SFT model may end its answer with EOS."""
+        """Special ids never generated (mask included, for AR models); an SFT model may end its
+        answer with EOS."""
         tok = self.tokenizer
-        allowed = {tok.mask_token_id} | ({tok.eos_token_id} if self.ends_with_eos else set())
+        allowed = {tok.eos_token_id} if self.ends_with_eos else set()
         return sorted(i for i in tok.special_ids if i not in allowed)
 
     @property

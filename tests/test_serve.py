@@ -139,6 +139,44 @@ def test_one_cohort_equals_each_request_alone_and_the_engine(models, name) -> No
     assert batched_steps <= 12 + 1  # 12 batched steps (+ the last, empty one), not 4 x 12
 
 
+def test_batches_with_different_settings_share_forward_passes(models) -> None:
+    """Two cohorts (12 steps and 4 steps) run as 12 fused passes, not 16; a request that arrives
+    mid-run joins the running passes; every output equals the request alone."""
+    a = {
+        "model": "mdm",
+        "prompt": "hello",
+        "seed": 1,
+        "temperature": 1.0,
+        "max_tokens": 12,
+        "block_length": 4,
+    }
+    b = {"model": "mdm", "prompt": "hi", "seed": 2, "max_tokens": 8, "steps": 4, "block_length": 8}
+    c = {"model": "mdm", "prompt": "abc", "seed": 3, "max_tokens": 4, "steps": 2, "block_length": 4}
+    alone = [_alone(models, body) for body in (a, b, c)]
+    batcher = Batcher()
+    jobs, out = _jobs(models, [a, b, c])
+    batcher.submit(jobs[0])
+    batcher.submit(jobs[1])
+    batcher.start()
+    _wait(lambda: any(e["type"] == "text" for e in out.get(0, [])))  # a is under way
+    batcher.submit(jobs[2])
+    _wait(lambda: len(out) == 3 and all(e[-1]["type"] == "done" for e in out.values()))
+    passes = batcher.forward_passes
+    batcher.stop()
+    assert [out[i][-1]["text"] for i in range(3)] == alone
+    assert passes < 12 + 4 + 2 and passes >= 12
+
+
+def _alone(models, body) -> str:
+    batcher = Batcher()
+    jobs, out = _jobs(models, [body])
+    batcher.submit(jobs[0])
+    batcher.start()
+    _wait(lambda: out.get(0) and out[0][-1]["type"] == "done")
+    batcher.stop()
+    return out[0][-1]["text"]
+
+
 def _wait(cond, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

@@ -15,6 +15,7 @@ from difflm.config import RunConfig, config_from_dict, model_family
 from difflm.data.tokenizers import Tokenizer, load_tokenizer
 from difflm.models import build_model
 from difflm.train import checkpoint as ckpt
+from difflm.train import lora
 
 
 @dataclass
@@ -30,6 +31,10 @@ def load_pretrained(where: str | Path, device: str | torch.device = "cpu") -> Pr
     path = ckpt.resolve_checkpoint(where)
     cfg = config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
     model = build_model(model_family(cfg.model), cfg.model)
+    if cfg.train.lora.r:  # trained with LoRA: load base + adapters, then merge them into the weights
+        model = lora.add_adapters(model, cfg.train.lora, model_family(cfg.model))
     ckpt.load_weights(model, path)
+    if cfg.train.lora.r:
+        model = lora.merge(model)
     model.to(device).eval()
     return Pretrained(model, load_tokenizer(path), cfg, path)

@@ -27,9 +27,12 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from difflm.sampling.autoregressive import NOT_YET, generate_ar
+from difflm.sampling.cache import CACHE_KWARGS, takes
 from difflm.sampling.unmask import SampleResult, Step, generate_steps
+from difflm.serve.fuse import FusedModel, Fuser
 from difflm.serve.protocol import GenRequest
 
 Event = dict  # {"type": "denoise" | "text" | "done" | "error", ...}
@@ -115,9 +118,9 @@ def _ar_steps(req: GenRequest, ids, mask, generators) -> Generator[Step, None, S
 
 
 class Cohort:
-    """Jobs sharing one engine batch (same model and settings)."""
+    """Jobs sharing one engine batch (same model and settings); `model` is what the engine calls."""
 
-    def __init__(self, jobs: list[Job]) -> None:
+    def __init__(self, jobs: list[Job], model: nn.Module) -> None:
         self.jobs = jobs
         req = jobs[0].req
         served = req.model
@@ -136,7 +139,6 @@ class Cohort:
         if served.autoregressive:
             self.hidden, self.steps = NOT_YET, _ar_steps(req, ids, mask, gens)
         else:
-            model = served.pre.model
             self.hidden = model.mask_token_id
             self.steps = generate_steps(model, ids, req.cfg, attention_mask=mask, generator=gens)
 
@@ -163,14 +165,16 @@ class Cohort:
 
 @dataclass
 class Batcher:
-    """The engine thread: `submit` jobs from any thread; `start` / `stop` the loop."""
+    """Admits jobs into cohorts, runs each cohort on a worker thread, and runs the fused forward
+    passes (`fuse.Fuser`) on its own thread. `submit` from any thread; `start` / `stop`."""
 
     max_batch: int = 32
     max_queue: int = 256
     waiting: list[Job] = field(default_factory=list)
     cohorts: list[Cohort] = field(default_factory=list)
+    fusers: dict[int, Fuser] = field(default_factory=dict)  # one per diffusion model, by id
     in_flight: int = 0
-    steps_run: int = 0  # cohort steps (one batched engine step each)
+    steps_run: int = 0  # engine steps summed over cohorts
     _cv: threading.Condition = field(default_factory=threading.Condition)
     _stopping: bool = False
     _thread: threading.Thread | None = None
@@ -181,7 +185,7 @@ class Batcher:
                 raise QueueFull(f"{self.in_flight} requests in flight (cap {self.max_queue}); retry later")
             self.in_flight += 1
             self.waiting.append(job)
-            self._cv.notify()
+            self._cv.notify_all()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="difflm-batcher", daemon=True)
@@ -190,60 +194,80 @@ class Batcher:
     def stop(self) -> None:
         with self._cv:
             self._stopping = True
-            self._cv.notify()
+            for fuser in self.fusers.values():  # wake workers still waiting for a forward
+                fuser.abandon(RuntimeError("the server is stopping"))
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def _admit(self) -> None:
+    @property
+    def forward_passes(self) -> int:
+        return sum(f.passes for f in self.fusers.values())
+
+    def _loop(self) -> None:
         with self._cv:
-            while not self.waiting and not self.cohorts and not self._stopping:
-                self._cv.wait()
-            jobs, self.waiting = self.waiting, []
+            while True:
+                self._cv.wait_for(
+                    lambda: self._stopping or self.waiting or any(f.ready() for f in self.fusers.values())
+                )
+                if self._stopping:
+                    return
+                self._admit()
+                for fuser in list(self.fusers.values()):
+                    if fuser.ready():
+                        fuser.run_pending()  # releases the lock while the model runs
+
+    def _admit(self) -> None:
+        """Under the lock: group waiting jobs by settings into cohorts and start their workers."""
+        jobs, self.waiting = self.waiting, []
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
-            if not job.cancelled:
-                groups.setdefault(job.req.batch_key(), []).append(job)
+            if job.cancelled:
+                self.in_flight -= 1
             else:
-                self._release([job])
+                groups.setdefault(job.req.batch_key(), []).append(job)
         for group in groups.values():
             for i in range(0, len(group), self.max_batch):
                 self._start_cohort(group[i : i + self.max_batch])
 
+    def _fuser_for(self, served) -> Fuser | None:
+        model = served.pre.model
+        if served.autoregressive or not takes(model, "logits_at", *CACHE_KWARGS):
+            return None  # runs the model directly on its worker thread
+        return self.fusers.setdefault(id(model), Fuser(model, self._cv))
+
     def _start_cohort(self, jobs: list[Job]) -> None:
+        fuser = self._fuser_for(jobs[0].req.model)
         try:
-            self.cohorts.append(Cohort(jobs))
+            cohort = Cohort(jobs, FusedModel(fuser) if fuser else jobs[0].req.model.pre.model)
         except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
             self._fail(jobs, err)
+            self.in_flight -= len(jobs)
+            return
+        self.cohorts.append(cohort)
+        if fuser is not None:
+            fuser.busy += 1
+        threading.Thread(target=self._work, args=(cohort, fuser), daemon=True).start()
 
-    def _loop(self) -> None:
-        while not self._stopping:
-            self._admit()
-            for cohort in list(self.cohorts):
-                if self._advance(cohort):
-                    continue
-                self.cohorts.remove(cohort)
-                self._release(cohort.jobs)
-
-    def _advance(self, cohort: Cohort) -> bool:
-        """One step of a cohort; False when it is done, abandoned or failed."""
-        if not cohort.alive:
-            return False
+    def _work(self, cohort: Cohort, fuser: Fuser | None) -> None:
+        """A cohort's thread: step it until done or abandoned; its forwards go through the fuser."""
         try:
-            self.steps_run += 1
-            return cohort.advance()
-        except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
-            self._fail(cohort.jobs, err, release=False)
-            return False
+            while cohort.alive and cohort.advance():
+                with self._cv:
+                    self.steps_run += 1
+        except Exception as err:  # noqa: BLE001
+            self._fail(cohort.jobs, err)
+        finally:
+            with self._cv:
+                if fuser is not None:
+                    fuser.busy -= 1
+                self.cohorts.remove(cohort)
+                self.in_flight -= len(cohort.jobs)
+                self._cv.notify_all()
 
-    def _fail(self, jobs: list[Job], err: Exception, release: bool = True) -> None:
+    def _fail(self, jobs: list[Job], err: Exception) -> None:
         traceback.print_exception(err)
         for job in jobs:
             if not job.finished:
                 job.finished = True
                 job.emit({"type": "error", "message": f"generation failed: {err}"})
-        if release:
-            self._release(jobs)
-
-    def _release(self, jobs: list[Job]) -> None:
-        with self._cv:
-            self.in_flight -= len(jobs)

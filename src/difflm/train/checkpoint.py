@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     tokenizer: Any = None,
     keep_last: int = 0,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
+    """Write step folder `step-N` atomically; `extra_files` (written elsewhere, e.g. the FSDP
+    shards of every rank) are moved in before the manifest."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -65,6 +69,8 @@ def save_checkpoint(
         tokenizer.save(tmp)
     _write_json(tmp / RUN_CONFIG_FILE, run_config)
     _write_json(tmp / STATE_FILE, trainer_state)
+    for path in extra_files:
+        shutil.move(str(path), tmp / Path(path).name)
     _write_manifest(tmp)
     _swap_into_place(tmp, final)
     _write_latest(root, final.name)

@@ -137,20 +137,25 @@ def main(argv: list[str] | None = None) -> int:
             [served], Defaults(block_length=16), max_batch=args.max_batch, max_queue=4 * args.requests
         )
         running = serve_in_thread(app)  # 127.0.0.1, a free port
+        batcher = app.state.server.batcher
         try:
             bodies = request_bodies(args.requests)
             seq_wall, alone = one_at_a_time(running.url, bodies)
+            seq_passes = batcher.forward_passes
             conc_wall, together = all_at_once(running.url, bodies)
+            conc_passes = batcher.forward_passes - seq_passes
         finally:
             running.stop()
     mismatched = [i for i, (a, b) in enumerate(zip(alone, together, strict=True)) if a[1] != b[1]]
-    rows = [summary("one at a time", seq_wall, alone), summary("all at once", conc_wall, together)]
+    rows = [
+        {**summary("one at a time", seq_wall, alone), "forward_passes": seq_passes},
+        {**summary("all at once", conc_wall, together), "forward_passes": conc_passes},
+    ]
     print(f"model {served.name} ({args.dtype}), {args.requests} requests, max_batch {args.max_batch}")
-    print("| mode | requests | wall s | tokens | tok/s | p50 s | p99 s |\n|---|---|---|---|---|---|---|")
+    columns = ("mode", "requests", "wall_s", "tokens", "tok_per_s", "p50_s", "p99_s", "forward_passes")
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for r in rows:
-        print(
-            f"| {r['mode']} | {r['requests']} | {r['wall_s']} | {r['tokens']} | {r['tok_per_s']} | {r['p50_s']} | {r['p99_s']} |"
-        )
+        print("| " + " | ".join(str(r[c]) for c in columns) + " |")
     print(f"outputs equal to the same request alone: {len(bodies) - len(mismatched)}/{len(bodies)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "mismatched": mismatched}, indent=2))

@@ -167,6 +167,27 @@ def test_batches_with_different_settings_share_forward_passes(models) -> None:
     assert passes < 12 + 4 + 2 and passes >= 12
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_kv_cache_requests_match_the_engine_while_other_batches_run(server, models, cache) -> None:
+    body = {
+        "model": "mdm",
+        "prompt": "hello",
+        "seed": 4,
+        "temperature": 1.0,
+        "max_tokens": 16,
+        "block_length": 4,
+    }
+    other = threading.Thread(target=post, args=(server.url, "/v1/completions", {**body, "seed": 5}))
+    other.start()  # a cache-free batch in flight at the same time
+    status, reply = post(server.url, "/v1/completions", {**body, "cache": cache})
+    other.join(TIMEOUT)
+    served = models[0]
+    ids = torch.tensor([served.tokenizer.encode("hello")])
+    cfg = parse_request({**body, "cache": cache}, {"mdm": served}, False, Defaults()).cfg
+    tokens = generate(served.pre.model, ids, cfg, generator=[torch.Generator().manual_seed(4)]).tokens
+    assert status == 200 and text_of(reply) == served.tokenizer.decode(tokens[0, 5:].tolist())
+
+
 def _alone(models, body) -> str:
     batcher = Batcher()
     jobs, out = _jobs(models, [body])

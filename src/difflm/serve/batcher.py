@@ -1,19 +1,17 @@
 """Continuous batching of generation requests into the one unmasking engine.
 
-One background thread owns the models and runs every forward pass. Each tick it
-
-1. admits the jobs that arrived since the last tick: jobs for the same model with the same
-   sampling settings (everything but prompt and seed, `GenRequest.batch_key`) form one cohort,
-   a batch run by `generate_steps` with left-padded prompts and one generator per row;
-2. advances every live cohort by one denoising step, round robin, so a request that arrives
-   while others run starts at the next step boundary instead of waiting for them to finish;
-3. drops finished cohorts and cohorts whose clients all went away.
+Jobs that arrive together for the same model with the same sampling settings (everything but
+prompt and seed, `GenRequest.batch_key`) form a cohort: one `generate_steps` batch with left-padded
+prompts and one generator per row, run on its own worker thread. The workers' model calls go
+through one `fuse.Fuser` per model, which runs the calls of every cohort in flight as a single
+forward pass: a request that arrives mid-run joins the next pass whatever its settings, and a
+finished or abandoned cohort simply stops calling. The batcher's own thread admits jobs and runs
+the fused passes; autoregressive cohorts run `generate_ar` on their worker and replay its trace.
 
 A row draws its noise only from its own generator, seeded by the request, and the engine freezes
 rows whose block is done without touching their generators, so a request with a seed gives the
-same tokens alone or batched (up to the batch's floating-point reduction order: serve in float64
-to make that exact). Autoregressive checkpoints run a cohort in one call of `generate_ar` and
-replay its trace as steps.
+same tokens alone or batched (up to floating-point rounding of the padded batch, which float64
+serving makes irrelevant).
 
 The engine's state after a step is read here to stream text: in keep mode a revealed token never
 changes, so the revealed prefix of a row (up to its first mask) is final and is sent as a delta.

@@ -15,7 +15,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -184,7 +184,7 @@ class Running:
     """A server started by `serve_in_thread`."""
 
     url: str
-    stop: object  # () -> None
+    stop: Callable[[], None]
 
 
 def serve_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Running:

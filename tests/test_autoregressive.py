@@ -134,3 +134,14 @@ def test_bad_inputs_raise():
         generate_ar(model, torch.tensor([[1, 2]]), max_new_tokens=0)
     with pytest.raises(DifflmError):
         generate_ar(model, torch.tensor([[1, 2]]), max_new_tokens=3, top_p=0.0)
+
+
+def test_suppressed_tokens_are_never_drawn_and_the_rest_is_unchanged() -> None:
+    model = build("difflm")
+    prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(0))
+    free = generate_ar(model, prompt, max_new_tokens=12).tokens[:, 4:]  # greedy
+    banned = sorted(set(free[:, 0].tolist()))  # the first greedy choice of each row
+    out = generate_ar(model, prompt, max_new_tokens=12, suppress_tokens=banned).tokens[:, 4:]
+    assert not torch.isin(out, torch.tensor(banned)).any()
+    logits = model(prompt)[:, -1].masked_fill(torch.isin(torch.arange(VOCAB), torch.tensor(banned)), float("-inf"))
+    assert torch.equal(out[:, 0], logits.argmax(-1))  # the next best token instead

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),
     "inspect": ("inspect", "Compare key names and shapes of two checkpoints."),
     "export": ("export", "Copy a checkpoint for sharing: weights in bf16, no optimizer state."),
+    "serve": ("serve", "OpenAI-compatible HTTP server with batched sampling and a live playground."),
 }
 DEBUG_FLAG = "--debug"
 

@@ -131,6 +131,22 @@ class DiffusionConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = opt(0, "LoRA rank: 0 trains every weight; > 0 freezes the model and trains adapters (peft).")
+    alpha: float = opt(16.0, "LoRA scale numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = opt(0.0, "Dropout on the adapters' input.")
+    target_modules: list = opt(
+        [], "Linear layers to adapt, by name suffix (empty = the model family's attention projections)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise DifflmError(
+                f"train.lora needs r >= 0, alpha > 0 and dropout in [0, 1); got {self.r}, {self.alpha}, {self.dropout}"
+            )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = opt("runs/default", "Folder for checkpoints and logs.")
     max_steps: int = opt(1000, "Optimizer steps to train for.")
@@ -155,6 +171,15 @@ class TrainConfig:
         ("fp32", "bf16", "fp16"),
     )
     device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    strategy: str = opt(
+        "ddp",
+        "Several processes (torchrun): ddp (a full replica each) or fsdp (FSDP2: weights, grads and "
+        "optimizer state sharded; sharded checkpoints).",
+        choices=("ddp", "fsdp"),
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"help": "Low-rank adapters instead of full fine-tuning."}
+    )
     seed: int = opt(1337, "Seed of data order, noise and init.")
     eval_every: int = opt(250, "Evaluate the val loss every N steps (0 = only at the end).")
     eval_batches: int = opt(20, "Val batches per evaluation.")
@@ -199,6 +224,8 @@ class TrainConfig:
             raise DifflmError(
                 f"train.device={self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
             )
+        if self.lora.r and self.strategy == "fsdp":
+            raise DifflmError("train.lora with train.strategy=fsdp is not supported: use train.strategy=ddp")
         for name in self.log_to:
             if name not in ("tensorboard", "wandb"):
                 raise DifflmError(f"train.log_to: unknown logger '{name}'; choose from tensorboard, wandb")

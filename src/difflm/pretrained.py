@@ -25,6 +25,7 @@ from difflm.data.tokenizers import Tokenizer, load_tokenizer
 from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.train import checkpoint as ckpt
+from difflm.train import lora
 
 
 @dataclass
@@ -47,7 +48,11 @@ def load_pretrained(where: str | Path, device: str | torch.device = "cpu", verif
     cfg = config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
     with offline_hub():
         model = build_model(model_family(cfg.model), cfg.model)
+        if cfg.train.lora.r:  # trained with LoRA: load base + adapters, then merge them into the weights
+            model = lora.add_adapters(model, cfg.train.lora, model_family(cfg.model))
         ckpt.load_weights(model, path)
+        if cfg.train.lora.r:
+            model = lora.merge(model)
         tokenizer = load_tokenizer(path)
     check_tokenizer(tokenizer, model, cfg, path)
     model.to(device).eval()

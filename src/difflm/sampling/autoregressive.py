@@ -8,6 +8,7 @@ step per token, so `difflm compare` can animate both side by side.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -126,11 +127,13 @@ def generate_ar(
     attention_mask: Tensor | None = None,
     trace: bool = False,
     use_cache: bool = True,
+    suppress_tokens: Sequence[int] = (),
 ) -> SampleResult:
     """Decode max_new_tokens after each prompt row [B, P] -> tokens [B, P+N] (left padded).
 
     After a row emits eos_token_id its remaining positions are EOS; decoding stops early once every
-    row has. forward_passes counts model calls (the prefill is one). `use_cache=False` recomputes
+    row has. forward_passes counts model calls (the prefill is one). `suppress_tokens` are never
+    drawn (e.g. a tokenizer's mask and pad ids). `use_cache=False` recomputes
     the last block_size tokens every step (models without a KV cache; unpadded prompts only).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
@@ -152,8 +155,12 @@ def generate_ar(
         fill[:, P:] = True
         record = Trace(shown.clone(), fill, full_mask.cpu(), NOT_YET)
     logits, passes = decode(ids), 1  # [B, V]
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[list(suppress_tokens)] = True
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     for t in range(max_new_tokens):
+        if suppress_tokens:
+            logits = logits.masked_fill(banned, float("-inf"))
         chosen, probs = draw_tokens(logits, temperature, top_k, top_p, generator)  # [B], [B, V]
         if eos_token_id is not None:
             chosen = chosen.masked_fill(done, eos_token_id)

@@ -16,6 +16,7 @@ docs/architecture.md plus `model.mask_token_id`.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,18 @@ class SampleResult:
     trace: Trace | None
     forward_passes: int  # model calls (a guided step batches cond + uncond into one call)
     attention_mask: Tensor | None = None  # [B, P+G] 1 real token, 0 padding
+
+
+@dataclass
+class Step:
+    """One denoising step, as `infill_steps` yields it. `tokens` is the engine's live state
+    [B, L] (read it before advancing; clone to keep it); `changed` [B, L] marks the positions
+    this step wrote (revealed, or re-masked in resample mode)."""
+
+    tokens: Tensor
+    changed: Tensor
+    block: int
+    step: int
 
 
 def split_steps(sizes: list[int], steps: int) -> list[int]:
@@ -405,8 +418,9 @@ def _run_block(
     fill: Tensor,
     generator: Generators,
     trace: Trace | None,
-) -> bool:
-    """Reveal one block in place over at most n_steps steps; False when eos_mode=stop ended early.
+) -> Generator[Step, None, bool]:
+    """Reveal one block in place over at most n_steps steps, yielding after each; returns False
+    when eos_mode=stop ended early.
 
     A row whose block has no mask left waits, frozen, while the others finish theirs: each step
     runs the model, draws and ranks only on the rows still active, so they neither cost compute
@@ -437,7 +451,7 @@ def _run_block(
         n = targets[rows, i] - (start_masked[rows] - cand.sum(1)) if keep else targets[rows, i]
         n = _reveal_count(n, conf, cand, cfg)
         reveal = _top_n(_scores(conf, cand, n, cfg, gen), cand, n)
-        before = x.clone() if trace is not None else None
+        before = x.clone()
         if keep:
             x[rows, lo:hi] = torch.where(reveal, chosen, current)
             if cfg.eos_mode == "fill":
@@ -448,10 +462,19 @@ def _run_block(
             full_conf = torch.zeros(x.shape, device=x.device)
             full_conf[rows, lo:hi] = conf
             trace.record(x, before, full_conf, block, i)
+        yield Step(x, x != before, block, i)
     return True
 
 
-@torch.no_grad()
+def _drain(steps: Generator[Step, None, SampleResult]) -> SampleResult:
+    """Run a step generator to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def infill(
     model: Any,
     ids: Tensor,
@@ -471,6 +494,67 @@ def infill(
     not used: the count comes from fill_mask). Padding (attention_mask 0) is hidden from the model;
     `attention_bias` [B|1, 1, L, L] is added to that (e.g. the block-causal bias of BD3 decoding).
     """
+    return _drain(
+        infill_steps(
+            model,
+            ids,
+            fill_mask,
+            cfg,
+            attention_mask=attention_mask,
+            generator=generator,
+            model_kwargs=model_kwargs,
+            uncond_kwargs=uncond_kwargs,
+            trace=trace,
+            attention_bias=attention_bias,
+        )
+    )
+
+
+@torch.no_grad()  # torch wraps a generator function: grad mode is restored at every yield
+def infill_steps(
+    model: Any,
+    ids: Tensor,
+    fill_mask: Tensor,
+    cfg: SampleConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    generator: Generators = None,
+    model_kwargs: dict | None = None,
+    uncond_kwargs: dict | None = None,
+    trace: bool = False,
+    attention_bias: Tensor | None = None,
+) -> Generator[Step, None, SampleResult]:
+    """`infill` one step at a time: yields a `Step` after every denoising step and returns the
+    `SampleResult` (StopIteration.value). A caller may interleave several runs (a server) or draw
+    each step as it happens; the work is done lazily, between yields."""
+    return (
+        yield from _infill(
+            model,
+            ids,
+            fill_mask,
+            cfg,
+            attention_mask,
+            generator,
+            model_kwargs,
+            uncond_kwargs,
+            trace,
+            attention_bias,
+        )
+    )
+
+
+def _infill(
+    model: Any,
+    ids: Tensor,
+    fill_mask: Tensor,
+    cfg: SampleConfig,
+    attention_mask: Tensor | None,
+    generator: Generators,
+    model_kwargs: dict | None,
+    uncond_kwargs: dict | None,
+    trace: bool,
+    attention_bias: Tensor | None,
+) -> Generator[Step, None, SampleResult]:
     mask_id = mask_token_of(model)
     if ids.dim() != 2 or fill_mask.shape != ids.shape:
         raise DifflmError(
@@ -492,7 +576,7 @@ def infill(
     record = Trace(x.cpu().clone(), fill.cpu(), real.cpu(), mask_id) if trace else None
     block_of = torch.where(fill, (fill.long().cumsum(1) - 1) // sizes[0], -1)  # [B, L]
     for k, steps_k in enumerate(n_steps):
-        if not _run_block(x, block_of == k, steps_k, k, denoise, cfg, fill, generator, record):
+        if not (yield from _run_block(x, block_of == k, steps_k, k, denoise, cfg, fill, generator, record)):
             break
     if cfg.eos_mode != "none":
         x = _fill_after_eos(x, fill, cfg.eos_token_id)
@@ -518,6 +602,34 @@ def generate(
     With cfg.block_causal the prompt is left padded to a multiple of block_length first (padding
     is hidden), so generated blocks sit where training put blocks; the padding is dropped again.
     """
+    return _drain(
+        generate_steps(
+            model,
+            prompt_ids,
+            cfg,
+            attention_mask=attention_mask,
+            generator=generator,
+            model_kwargs=model_kwargs,
+            uncond_kwargs=uncond_kwargs,
+            trace=trace,
+            max_length=max_length,
+        )
+    )
+
+
+def generate_steps(
+    model: Any,
+    prompt_ids: Tensor,
+    cfg: SampleConfig,
+    *,
+    attention_mask: Tensor | None = None,
+    generator: Generators = None,
+    model_kwargs: dict | None = None,
+    uncond_kwargs: dict | None = None,
+    trace: bool = False,
+    max_length: int | None = None,
+) -> Generator[Step, None, SampleResult]:
+    """`generate` one step at a time (see `infill_steps`); the generation is columns [P, P+G)."""
     if prompt_ids.dim() != 2:
         raise DifflmError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
     B, P = prompt_ids.shape
@@ -537,7 +649,7 @@ def generate(
     fill[:, P:] = True
     mask = torch.cat([real, torch.ones_like(gen)], dim=1)  # [B, P+G]
     bias = block_causal_bias(P + G, cfg.block_length, device=ids.device) if cfg.block_causal else None
-    result = infill(
+    result = yield from infill_steps(
         model,
         torch.cat([ids, gen], dim=1),
         fill,

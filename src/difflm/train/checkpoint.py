@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     tokenizer: Any = None,
     keep_last: int = 0,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
+    """Write step folder `step-N` atomically; `extra_files` (written elsewhere, e.g. the FSDP
+    shards of every rank) are moved in before the manifest."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     remove_leftovers(root, (".trash-", ".old-"))  # finish a prune or swap a kill interrupted
@@ -74,6 +78,7 @@ def save_checkpoint(
         trainer_state=trainer_state,
         optimizer=optimizer,
         tokenizer=tokenizer,
+        extra_files=extra_files,
     )
     _swap_into_place(tmp, final)
     _write_latest(root, final.name)
@@ -90,8 +95,10 @@ def write_folder(
     trainer_state: dict,
     optimizer: torch.optim.Optimizer | None = None,
     tokenizer: Any = None,
+    extra_files: Sequence[Path] = (),
 ) -> None:
-    """Write one checkpoint into a fresh `folder` (replaced if it exists), manifest last."""
+    """Write one checkpoint into a fresh `folder` (replaced if it exists); `extra_files` are moved
+    in; the manifest is written last."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     _save_model_file(model, folder / MODEL_FILE)
@@ -104,6 +111,8 @@ def write_folder(
         tokenizer.save(folder)
     _write_json(folder / RUN_CONFIG_FILE, run_config)
     _write_json(folder / STATE_FILE, trainer_state)
+    for path in extra_files:
+        shutil.move(str(path), folder / Path(path).name)
     _write_manifest(folder, tied)
 
 

@@ -27,10 +27,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from difflm.config import DEVICE_NAMES, RunConfig, TrainConfig, to_dict
+from difflm.config import DEVICE_NAMES, RunConfig, TrainConfig, model_family, to_dict
 from difflm.data.packing import batch_order
 from difflm.errors import DifflmError
+from difflm.models import build_model
 from difflm.train import checkpoint as ckpt
+from difflm.train import fsdp, lora
 from difflm.train.optim import build_optimizer, get_lr, set_lr
 from difflm.train.run_folder import StopSignals, TrainingInterrupted, claim_output_dir, trim_log
 
@@ -199,6 +201,11 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     model = run.model.to(device)
+    if tc.lora.r:  # freeze the model, train adapters only
+        model = lora.add_adapters(model, tc.lora, model_family(cfg.model))
+    sharded = tc.strategy == "fsdp" and world_size > 1
+    if sharded:  # before the optimizer, which then holds sharded state
+        model = fsdp.shard_model(model)
     optimizer = build_optimizer(model, tc)
     state = TrainState()
     if tc.resume:
@@ -208,7 +215,7 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     if state.grad_scaler and scaler.is_enabled():
         scaler.load_state_dict(state.grad_scaler)
-    wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 and not sharded else model
     logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
     stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
     bar = tqdm(
@@ -278,7 +285,7 @@ def _train_step(cfg, run, model, optimizer, scaler, state, device, rank, world_s
     elapsed = time.perf_counter() - t0
     record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tokens / elapsed, **metrics}
     if grad_norm is not None:
-        record["grad_norm"] = float(grad_norm)
+        record["grad_norm"] = fsdp.full_value(grad_norm)
     if scaler.is_enabled():
         state.grad_scaler = scaler.state_dict()
         record["grad_scale"] = state.grad_scaler["scale"]
@@ -314,7 +321,19 @@ def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, s
         state.val_loss = evaluate_loss(model, run.task, run.val_data, tc)
         logger.log({"step": state.step, "val_loss": state.val_loss})
     if (tc.save_every and state.step % tc.save_every == 0) or last or stopping:
-        if rank == 0:
+        if fsdp.is_sharded(model):
+            fsdp.save_sharded(
+                tc.output_dir,
+                state.step,
+                model=model,
+                optimizer=optimizer,
+                build=lambda: build_model(model_family(cfg.model), cfg.model),
+                run_config=to_dict(cfg),
+                trainer_state=asdict(state),
+                tokenizer=run.tokenizer,
+                keep_last=tc.keep_last,
+            )
+        elif rank == 0:
             ckpt.save_checkpoint(
                 tc.output_dir,
                 state.step,
@@ -324,9 +343,18 @@ def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, s
                 trainer_state=asdict(state),
                 tokenizer=run.tokenizer,
                 keep_last=tc.keep_last,
+                extra_files=_adapter_files(cfg, model),
             )
         if world()[1] > 1:
             dist.barrier()
+
+
+def _adapter_files(cfg: RunConfig, model: nn.Module) -> list[Path]:
+    """LoRA runs: the adapters alone, written beside the checkpoint for save_checkpoint to move in."""
+    if not cfg.train.lora.r:
+        return []
+    staging = ckpt.checkpoints_dir(cfg.train.output_dir) / ".adapters"
+    return lora.write_adapters(model, cfg.train.lora, model_family(cfg.model), staging)
 
 
 @torch.no_grad()
@@ -352,8 +380,11 @@ def evaluate_loss(
 
 def _resume(tc: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
     path = ckpt.resolve_checkpoint(tc.resume, tc.output_dir)
-    ckpt.load_weights(model, path)
-    ckpt.load_optimizer(optimizer, path)
+    if fsdp.is_sharded(model):
+        fsdp.load_sharded(path, model, optimizer)
+    else:
+        ckpt.load_weights(model, path)
+        ckpt.load_optimizer(optimizer, path)
     data = ckpt.read_json(path / ckpt.STATE_FILE)
     tqdm.write(f"resumed from {path} at step {data['step']}")
     return TrainState(**data)

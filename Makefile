@@ -9,7 +9,7 @@ LOCK := requirements.lock
 TORCH ?= torch==2.13.0
 # Block diffusion (BD3, blocks of 4) on Tiny Shakespeare, sized for a few minutes on 2 CPU cores (fp32:
 # bf16 only pays on CPUs with AVX512-BF16); then the same sampling on the longer-trained zoo model.
-QUICK := diffusion.block_length=4 model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 \
+QUICK := diffusion.block_length=4 diffusion.t_eps=0.3 diffusion.t_max=0.8 model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 \
 	data.block_size=128 train.batch_size=16 train.max_steps=300 train.warmup_steps=30 train.lr=2e-3 \
 	train.min_lr=2e-4 train.eval_every=100 train.eval_batches=5 train.save_every=250 train.precision=fp32 \
 	train.output_dir=runs/quickstart train.overwrite=true

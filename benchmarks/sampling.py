@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--diffusion", default=None, help="masked-diffusion checkpoint (default: train one)")
     p.add_argument("--ar", default=None, help="autoregressive checkpoint of equal size (default: train one)")
     p.add_argument("--bd3", default=None, help="block-diffusion checkpoint of equal size: adds its rows")
+    p.add_argument(
+        "--bd3-only", action="store_true", help="only the BD3 and AR rows (no full-sequence masked model)"
+    )
     p.add_argument("--quick", action="store_true", help="smaller model, lengths, batches and training")
     p.add_argument("--vanilla-only", action="store_true", help="vanilla engine vs AR at gen length 64/256")
     p.add_argument("--out", default="runs/bench/sampling.md", help="write the tables here too")
@@ -170,7 +173,7 @@ def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=N
     ids = prompts(tok, B, P)
     rows, ref, base_tps = [], None, None
     for name, kw in methods(args, G).items():
-        if only_vanilla and name != "vanilla":
+        if only_vanilla and name != "vanilla" or args.bd3_only:
             continue
         cfg = SampleConfig(**kw)
         limit = args.vanilla_blocks if name == "vanilla" else None

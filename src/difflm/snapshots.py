@@ -64,7 +64,9 @@ def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     legacy = {"low_cpu_mem_usage": True} if int(transformers.__version__.split(".")[0]) < 5 else {}
-    model = AutoModelForMaskedLM.from_pretrained(path, dtype=dtype, **legacy)  # streams the shards
+    model = AutoModelForMaskedLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, **legacy
+    )  # streams shards
     return model.to(device).eval()
 
 

@@ -297,6 +297,6 @@ def load_qwen3_llada(path: str, spec: Qwen3LLaDASpec) -> tuple[Qwen3LLaDADenoise
             f"model.init_from={path} is a {model_type} checkpoint; convert it first: difflm convert {path} OUT"
         )
     model = Qwen3LLaDAForMaskedLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=spec.attn_implementation
+        path, dtype=torch.float32, attn_implementation=spec.attn_implementation, use_safetensors=True
     )
     return as_denoiser(model), spec_from_hf(model.config, spec)

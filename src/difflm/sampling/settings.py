@@ -1,0 +1,126 @@
+"""`SampleConfig`: how the unmasking engine turns masks into text (its settings and their checks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difflm.config import opt
+from difflm.errors import DifflmError
+from difflm.sampling.cache import CACHE_MODES
+from difflm.sampling.draw import REVEAL_SCHEDULES
+
+REMASKING = ("low_confidence", "random", "random_topk", "margin", "entropy")
+
+
+@dataclass
+class SampleConfig:
+    """How to turn masks into text."""
+
+    gen_length: int = opt(64, "Number of tokens to generate after the prompt.")
+    steps: int = opt(
+        64,
+        "Denoising steps in total (forward passes without guidance); 0 with a threshold or factor: "
+        "no step count, each block runs until it is filled (Fast-dLLM's rule).",
+    )
+    block_length: int | None = opt(
+        None, "Generate in blocks of this many tokens, left to right (null = one block)."
+    )
+    reveal_schedule: str = opt("even", "How many tokens each step reveals.", choices=REVEAL_SCHEDULES)
+    remasking: str = opt("low_confidence", "Which masked positions to reveal first.", choices=REMASKING)
+    topk_pool: int = opt(4, "random_topk: reveal at random among this many most confident positions.")
+    threshold: float | None = opt(
+        None,
+        "Also reveal every position whose confidence is >= this (at least one per step); the "
+        "reveal schedule stays a floor and steps a cap unless steps is 0.",
+    )
+    factor: float | None = opt(
+        None, "Also reveal the n most confident positions, n the largest with (n+1)(1 - c_n) < factor."
+    )
+    cache: str = opt(
+        "none",
+        "KV cache within a block: prefix (reuse keys before the block) or dual (before and after).",
+        CACHE_MODES,
+    )
+    temperature: float = opt(0.0, "Sampling temperature (0 = argmax).")
+    top_k: int | None = opt(None, "Sample among the k most likely tokens (null/0 = all).")
+    top_p: float | None = opt(None, "Nucleus sampling mass in (0, 1] (null = off).")
+    confidence_from_tempered: bool = opt(
+        False, "Score confidence on the tempered, filtered distribution instead of the raw one."
+    )
+    mode: str = opt(
+        "keep",
+        "keep: revealed tokens never change; resample: redraw the block every step.",
+        ("keep", "resample"),
+    )
+    cfg_scale: float = opt(0.0, "Classifier-free guidance weight w: cond + w * (cond - uncond); 0 = off.")
+    eos_token_id: int | None = opt(None, "End-of-sequence id (needed by eos_mode stop/fill).")
+    eos_mode: str = opt(
+        "none",
+        "stop: end once every row has EOS; fill: EOS after a row's first EOS.",
+        ("none", "stop", "fill"),
+    )
+    suppress_tokens: list[int] = opt([], "Token ids never generated (the mask token always is).")
+    block_causal: bool = opt(
+        False,
+        "Block diffusion (BD3) decoding: blocks of block_length aligned at multiples of it from position 0 "
+        "(the prompt is left padded to a multiple), each attending to itself and earlier blocks only, "
+        "so a cache (prefix or dual) holds finished blocks exactly and is written once per block.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.gen_length < 1:
+            raise DifflmError(f"sample.gen_length must be >= 1, got {self.gen_length}")
+        if self.steps == 0:
+            if self.threshold is None and self.factor is None or self.mode != "keep":
+                raise DifflmError(
+                    "sample.steps=0 (reveal until each block is filled) needs sample.threshold or "
+                    "sample.factor and mode keep; set one, or give a step count"
+                )
+        elif not 1 <= self.steps <= self.gen_length:
+            raise DifflmError(
+                f"sample.steps must be in [1, gen_length={self.gen_length}] (each step reveals >= 1 token), got {self.steps}"
+            )
+        if self.block_length is not None and self.block_length < 1:
+            raise DifflmError(f"sample.block_length must be >= 1 or null, got {self.block_length}")
+        if self.block_length is not None and self.block_length > self.gen_length and not self.block_causal:
+            raise DifflmError(
+                f"block length {self.block_length} larger than the generation length {self.gen_length}; "
+                "lower sample.block_length or set it to null"
+            )
+        n_blocks = len(self.block_sizes(self.gen_length))
+        if 0 < self.steps < n_blocks:
+            raise DifflmError(
+                f"sample.steps={self.steps} is fewer than the {n_blocks} blocks; raise steps or block_length"
+            )
+        for name, choices in (("reveal_schedule", REVEAL_SCHEDULES), ("remasking", REMASKING)):
+            if getattr(self, name) not in choices:
+                raise DifflmError(
+                    f"sample.{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.mode not in ("keep", "resample") or self.eos_mode not in ("none", "stop", "fill"):
+            raise DifflmError("sample.mode must be keep|resample and sample.eos_mode none|stop|fill")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise DifflmError(f"sample.threshold must be in (0, 1] or null, got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            raise DifflmError(f"sample.factor must be > 0 or null, got {self.factor}")
+        if self.cache not in CACHE_MODES:
+            raise DifflmError(f"sample.cache must be one of {list(CACHE_MODES)}, got {self.cache!r}")
+        if self.temperature < 0:
+            raise DifflmError(f"sample.temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise DifflmError(f"sample.top_k must be >= 0 or null, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise DifflmError(f"sample.top_p must be in (0, 1] or null, got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise DifflmError(f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.topk_pool < 1:
+            raise DifflmError(f"sample.topk_pool must be >= 1, got {self.topk_pool}")
+        if self.eos_mode != "none" and self.eos_token_id is None:
+            raise DifflmError(f"sample.eos_mode={self.eos_mode} needs sample.eos_token_id")
+        if self.block_causal and self.block_length is None:
+            raise DifflmError("sample.block_causal needs sample.block_length (the model's training block)")
+
+    def block_sizes(self, n: int) -> list[int]:
+        """Sizes of the blocks covering n positions (the last one may be shorter)."""
+        size = n if self.block_length is None else min(self.block_length, n)
+        return [size] * (n // size) + ([n % size] if n % size else [])

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflm.errors import DifflmError
+from difflm.models.bert_decoder import BertDecoder
 from difflm.models.encoder import EncoderConfig, SemanticHead
 from difflm.models.transformer import MLPS, Transformer, TransformerConfig
 
 EMBEDDING_INITS = ("random", "encoder_pca", "encoder_projection")
+DECODERS = ("scratch", "encoder")
 INIT_STD = 0.02  # the transformer's normal init; projected encoder embeddings are rescaled to it
 
 
@@ -40,6 +42,15 @@ INIT_STD = 0.02  # the transformer's normal init; projected encoder embeddings a
 class SGDDConfig:
     """The SGDD decoder (lightweight seed setting: 256 wide, 2 layers, 4 heads, FFN 1024)."""
 
+    decoder: str = field(
+        default="scratch",
+        metadata={
+            "help": "'scratch': the core pre-norm transformer, randomly initialised (the seed's lightweight "
+            "decoder); 'encoder': a BERT stack shaped like the frozen encoder and started from its "
+            "pretrained weights (n_layer, n_head, n_embd, ffn_hidden are filled in from it; "
+            f"mlp, learned_positions, tie_embeddings and embedding_init do not apply); one of {DECODERS}"
+        },
+    )
     vocab_size: int = field(
         default=1, metadata={"help": "decoder vocabulary = the encoder tokenizer's (filled in)"}
     )
@@ -90,6 +101,8 @@ class SGDDConfig:
     pad_token_id: int | None = field(default=None, metadata={"help": "[PAD] id (filled in)"})
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise DifflmError(f"model.decoder={self.decoder!r}: use one of {DECODERS}")
         if self.embedding_init not in EMBEDDING_INITS:
             raise DifflmError(f"model.embedding_init={self.embedding_init!r}: use one of {EMBEDDING_INITS}")
         if self.encoder_dim < 1:
@@ -133,7 +146,7 @@ class SGDD(nn.Module):
         self.config = config
         self.mask_token_id = config.mask_token_id
         self.head = SemanticHead(config.encoder, config.encoder_dim)
-        self.decoder = Transformer(config.decoder_config())
+        self.decoder = build_decoder(config)
         width = config.n_embd
         self.length_head = (
             nn.Sequential(
@@ -227,6 +240,23 @@ class SGDD(nn.Module):
                 "the decoder must use the encoder's tokenizer"
             )
         emb.copy_(project_table(table, emb.shape[1], method, generator))
+
+
+def build_decoder(config: SGDDConfig) -> Transformer | BertDecoder:
+    if config.decoder == "scratch":
+        return Transformer(config.decoder_config())
+    return BertDecoder(
+        vocab_size=config.vocab_size,
+        block_size=config.block_size,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        ffn_hidden=config.ffn_hidden,
+        cond_dim=config.semantic_dim,
+        dropout=config.dropout,
+        time_conditioning=config.time_conditioning,
+        cond_tokens=config.cond_tokens,
+    )
 
 
 def project_table(table: Tensor, dim: int, method: str, generator: torch.Generator | None = None) -> Tensor:

@@ -137,6 +137,22 @@ def read_examples(cfg: RunConfig, scfg: SGDDSystemConfig) -> list[tuple[str, str
     return [(text, text) for text in read_texts(cfg, scfg.max_examples)]
 
 
+def read_file_examples(path: str) -> list[tuple[str, str]]:
+    """Examples to score from a user's file: JSONL or TSV pairs (`read_pairs`), or any other file
+    as one sentence a line, each its own target (phase 1)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DifflmError(f"--data {path}: no such file; give one sentence a line, or JSONL pairs")
+    if file.suffix.lower() in (".jsonl", ".tsv"):
+        pairs = read_pairs(str(file))
+    else:
+        lines = (line.strip() for _, line in iter_decoded_lines(file))
+        pairs = [(text, text) for text in dict.fromkeys(line for line in lines if line)]
+    if not pairs:
+        raise DifflmError(f"--data {path} holds no examples: one sentence a line, or JSONL pairs")
+    return pairs
+
+
 def split_holdout(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices) of a seeded permutation; both sorted."""
     if not 0 < holdout < n:
@@ -266,12 +282,29 @@ def build_task(cfg: RunConfig, scfg: SGDDSystemConfig, tokenizer: HFTokenizer) -
 
 
 def fill_from_encoder(cfg: RunConfig, encoder: SemanticEncoder, tokenizer: HFTokenizer) -> None:
+    """Vocabulary, special ids and vector width from the encoder; with model.decoder=encoder the
+    decoder's shape as well (it is started from the encoder's weights)."""
+    shape = {}
+    if cfg.model.decoder == "encoder":
+        hf = encoder.model.config
+        if getattr(hf, "model_type", "") != "bert":
+            raise DifflmError(
+                f"model.decoder=encoder needs a BERT-style encoder, got model_type={hf.model_type!r}: "
+                "use model.decoder=scratch"
+            )
+        shape = {
+            "n_layer": hf.num_hidden_layers,
+            "n_head": hf.num_attention_heads,
+            "n_embd": hf.hidden_size,
+            "ffn_hidden": hf.intermediate_size,
+        }
     cfg.model = dataclasses.replace(
         cfg.model,
         vocab_size=tokenizer.vocab_size,
         mask_token_id=tokenizer.mask_token_id,
         pad_token_id=tokenizer.pad_token_id,
         encoder_dim=encoder.dim,
+        **shape,
     )
 
 
@@ -309,7 +342,10 @@ def build_sgdd(cfg: RunConfig) -> Run:
     if scfg.init_from:
         init_from_checkpoint(model, cfg, scfg.init_from)
     else:
-        model.init_embeddings(encoder.token_embeddings(), cfg.model.embedding_init)
+        if cfg.model.decoder == "encoder":
+            model.decoder.load_pretrained(encoder.model.state_dict())
+        else:
+            model.init_embeddings(encoder.token_embeddings(), cfg.model.embedding_init)
         if model.head.whitening is not None:
             model.head.whitening = Whitening.fit(train.vectors)
     return Run(model, build_task(cfg, scfg, tokenizer), train, val, tokenizer)

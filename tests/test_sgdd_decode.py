@@ -1,0 +1,178 @@
+"""SGDD decoding: the pretrained-initialised decoder, best-of-N, correction rounds, `--data`.
+
+The decoder started from the encoder's weights must *be* the pretrained BERT at step 0 (every
+conditioning path zero-initialised); verification may only ever move toward the target vector.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from difflm.errors import DifflmError
+from difflm.evaluate.sgdd import eval_sgdd
+from difflm.evaluate.sgdd_decode import (
+    Verification,
+    best_of_n,
+    correction_round,
+    cosine_to,
+    decode_vectors,
+    token_logprobs,
+)
+from difflm.models.bert_decoder import BertDecoder, rename_hf_key
+from difflm.pretrained import load_pretrained
+from difflm.systems.sgdd import load_encoder
+from difflm.train.systems import build_run
+from difflm.train.trainer import train
+from tests.test_sgdd import SENTENCES, args, tiny_config
+
+HEAD_KEYS = {
+    "cls.predictions.transform.dense.weight": "head_dense.weight",
+    "cls.predictions.transform.dense.bias": "head_dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "head_norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "head_norm.bias",
+}
+
+
+def hf_mlm_like(decoder: BertDecoder, config: BertConfig) -> BertForMaskedLM:
+    """A HF BertForMaskedLM holding the decoder's weights (body as loaded, head as initialised)."""
+    hf = BertForMaskedLM(config).eval()
+    own = decoder.state_dict()
+    with torch.no_grad():
+        for key, value in hf.state_dict().items():
+            name = rename_hf_key(key)
+            if name in own:
+                value[: len(own[name])].copy_(own[name])  # positions: the decoder keeps block_size rows
+    return hf
+
+
+def test_conditioned_decoder_is_the_pretrained_mlm_at_step_zero():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    pretrained = BertForMaskedLM(config)
+    decoder = BertDecoder(
+        vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, cond_dim=8,
+        dropout=0.0, cond_tokens=3,
+    ).eval()  # fmt: skip
+    decoder.load_pretrained(pretrained.bert.state_dict())  # BertModel keys, as the encoder ships them
+    hf = hf_mlm_like(decoder, config)
+    ids = torch.randint(0, 60, (3, 12))
+    attention = torch.ones(3, 12, dtype=torch.long)
+    attention[1, 8:] = 0
+    bias = torch.zeros(3, 1, 1, 12).masked_fill(attention[:, None, None, :] == 0, float("-inf"))
+    expected = hf(input_ids=ids, attention_mask=attention).logits
+    for cond, t in ((torch.randn(3, 8), torch.rand(3)), (None, None)):
+        got = decoder(ids, attention_bias=bias, cond=cond, t=t)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    where = ids % 2 == 0
+    torch.testing.assert_close(
+        decoder(ids, attention_bias=bias, logits_at=where), expected[where], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_encoder_initialised_sgdd_starts_as_minilm(tmp_path):
+    cfg = tiny_config(tmp_path, "model.decoder=encoder", "model.cond_tokens=2", "model.block_size=16")
+    run = build_run(cfg)
+    model, encoder = run.model.eval(), load_encoder(cfg.model.encoder)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (6, 384, 12)  # filled in from MiniLM
+    body = encoder.model.state_dict()
+    assert torch.equal(model.decoder.layers[5].up.weight, body["encoder.layer.5.intermediate.dense.weight"])
+    ids = torch.tensor([[2023, 103, 2003, 103, 1012]])
+    z = torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)
+    a = model(ids.expand(2, -1), cond=z)
+    b = model(ids.expand(2, -1), cond=z.flip(0), cond_drop=torch.tensor([True, False]))
+    torch.testing.assert_close(a, b)  # the vector has no effect before training
+    assert not [k for k in model.state_dict() if k.startswith("encoder")]  # the frozen encoder is not saved
+
+
+def test_bad_decoder_choice(tmp_path):
+    with pytest.raises(DifflmError, match="model.decoder"):
+        tiny_config(tmp_path, "model.decoder=gpt")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short phase-1 run on the tiny corpus (enough steps for non-uniform confidences)."""
+    tmp = tmp_path_factory.mktemp("sgdd_decode")
+    cfg = tiny_config(tmp, "train.max_steps=30", "train.lr=3e-3", "system.sample_steps=4")
+    train(cfg, build_run(cfg))
+    return tmp
+
+
+def test_best_of_n_keeps_the_closest_candidate(trained):
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vectors = encoder.encode(SENTENCES[:5])
+    settings = Verification(candidates=4, length_topk=2, temperature=1.0)
+    found = best_of_n(pre, encoder, vectors, settings, 2.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(found.cosine, cosine_to(encoder, pre, found.ids, found.lengths, vectors))
+    plain = decode_vectors(pre, vectors, cfg_scale=2.0)  # candidate 0: greedy at the top length
+    ids = torch.zeros(5, max(map(len, plain)), dtype=torch.long)
+    for row, seq in enumerate(plain):
+        ids[row, : len(seq)] = torch.tensor(seq)
+    plain_cos = cosine_to(encoder, pre, ids, torch.tensor([len(s) for s in plain]), vectors)
+    assert (found.cosine >= plain_cos - 1e-6).all()
+
+
+def test_correction_never_lowers_similarity(trained):
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vectors = encoder.encode(SENTENCES[5:11])
+    settings = Verification(candidates=3, temperature=1.5, remask=0.5)
+    gen = torch.Generator().manual_seed(1)
+    current = best_of_n(pre, encoder, vectors, Verification(), 2.0, gen)
+    for _ in range(3):
+        after = correction_round(pre, encoder, vectors, current, settings, 2.0, gen)
+        assert (after.cosine >= current.cosine).all() and torch.equal(after.lengths, current.lengths)
+        torch.testing.assert_close(after.cosine, cosine_to(encoder, pre, after.ids, after.lengths, vectors))
+        current = after
+
+
+def test_token_logprobs_mask_each_token_once(trained):
+    pre = load_pretrained(trained / "run")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
+    ids = torch.tensor([[2023, 4937, 2938, 2006, 1996, 1012], [1037, 3899, 2743, 0, 0, 0]])
+    real = ids != 0
+    logp = token_logprobs(pre, vectors, ids, real)
+    assert torch.isinf(logp[~real]).all() and (logp[real] <= 0).all()
+    # position 1 alone masked gives the same score (its group is positions 1 and 5)
+    masked = ids.clone()
+    masked[0, [1, 5]] = 103
+    bias = torch.zeros(2, 1, 1, 6).masked_fill(~real[:, None, None, :], float("-inf"))
+    direct = pre.model(masked, attention_bias=bias, cond=vectors).log_softmax(-1)[0, 1, 4937]
+    torch.testing.assert_close(logp[0, 1], direct)
+
+
+def test_eval_scores_a_file_with_verification(trained):
+    pre = load_pretrained(trained / "run")
+    lines = trained / "mine.txt"
+    lines.write_text("the cat sat on the mat.\n\nan owl flew over the barn.\n", encoding="utf-8")
+    metrics = eval_sgdd(pre, args(data=str(lines), best_of=2, rounds=1))
+    assert metrics["examples"] == 2 and metrics["split"] == "file"
+    for name in ("cfg0", "cfg2", "cfg2_n2_r1"):
+        assert 0 <= metrics[f"{name}_exact_match"] <= 1 and metrics[f"{name}_ms_per_sentence"] > 0
+    assert metrics["cfg2_examples"][1]["source"] == "an owl flew over the barn."
+    pairs = trained / "pairs.jsonl"
+    pairs.write_text(json.dumps({"source": "a dog ran.", "target": "the dog was running."}) + "\n")
+    assert eval_sgdd(pre, args(data=str(pairs)))["examples"] == 1
+
+
+def test_cli_rejects_bad_verification_flags(trained):
+    base = [sys.executable, "-m", "difflm.cli", "eval", str(trained / "run")]
+    for flags, message in (
+        (["--best-of", "0"], "--best-of must be >= 1"),
+        (["--rounds", "-1"], "--rounds must be >= 0"),
+        (["--data", str(trained / "missing.txt")], "no such file"),
+    ):
+        proc = subprocess.run(base + flags, capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr

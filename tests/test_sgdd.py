@@ -83,6 +83,7 @@ def test_checkpoint_holds_decoder_and_head_but_not_encoder(trained):
 
 def args(**kw) -> argparse.Namespace:
     base = dict(batch_size=4, max_batches=None, seed=0, text=None, prompt=None, interpolate=None, alpha=0.5)
+    base.update(split="val", data=None, best_of=1, rounds=0)
     return argparse.Namespace(
         **{**base, "cfg_scale": None, "length": None, "temperature": 0.0, "json": True, **kw}
     )

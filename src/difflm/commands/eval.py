@@ -39,6 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sgdd: score the held-out examples, or as many training ones (a memorisation check)",
     )
     parser.add_argument(
+        "--data",
+        default=None,
+        help="sgdd: score this file instead (one sentence a line, or JSONL / TSV pairs)",
+    )
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        help="sgdd: decode N candidates, keep the one the encoder finds closest",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="sgdd: correction rounds (re-mask the least likely tokens, keep if closer)",
+    )
+    parser.add_argument(
         "--precision",
         default="fp32",
         choices=("fp32", "bf16", "fp16"),
@@ -109,10 +126,12 @@ EVALUATORS: dict[str, str] = {
 
 def check_args(args: argparse.Namespace) -> None:
     """Counts checked before anything is loaded (`--max-batches 0` would otherwise mean 'all')."""
-    for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length"):
+    for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length", "best_of"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.rounds < 0:
+        raise DifflmError(f"--rounds must be >= 0, got {args.rounds}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     resolve_device(args.device, "--device")
     pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
+    if (args.data or args.best_of > 1 or args.rounds) and pre.config.task != "sgdd":
+        raise DifflmError("--data, --best-of and --rounds are for SGDD checkpoints")
     if args.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
             f"--split {args.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"

@@ -87,6 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="SGDD: interpolation weight of B in [0, 1]")
     parser.add_argument("--length", type=int, default=None, help="SGDD: output tokens (default: predicted)")
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        default=None,
+        help="SGDD: decode N candidates, keep the one the encoder finds closest (default 1)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="SGDD: correction rounds (re-mask the least likely tokens, keep if closer)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1, help="samples per prompt")
     parser.add_argument("--device", default="cpu")
@@ -268,12 +280,14 @@ def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Flags checked before any model is loaded: counts, finite numbers, a writable --animate path."""
-    for flag in ("block_length", "gen_length", "length"):
+    for flag in ("block_length", "gen_length", "length", "best_of"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.steps is not None and args.steps < 0:
         raise DifflmError(f"--steps must be >= 0 (0 needs --threshold or --factor), got {args.steps}")
+    if args.rounds < 0:
+        raise DifflmError(f"--rounds must be >= 0, got {args.rounds}")
     if args.batch_size < 1:
         raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {args.batch_size}")
     for flag in ("temperature", "top_p", "threshold", "factor", "cfg_scale", "alpha"):
@@ -293,6 +307,8 @@ TASK_FLAGS: dict[str, tuple[str, ...]] = {
     "block_attention": ("qwen3_llada_pretrain", "qwen3_llada_sft"),
     "text": ("sgdd",),
     "interpolate": ("sgdd",),
+    "best_of": ("sgdd",),
+    "rounds": ("sgdd",),
 }
 
 

@@ -1,12 +1,6 @@
-"""Decode SGDD vectors into text, score reconstructions / paraphrases, and the `sample` entry.
+"""Score SGDD reconstructions / paraphrases (`difflm eval`) and the `difflm sample` entry.
 
-Decoding goes through the one engine (`difflm.sampling.unmask.infill`): each row's length is
-chosen first (the model's length head, or given), positions past it stay [PAD] and are attended
-out, and the rest is revealed MaskGIT-style (confidence, cosine reveal schedule, 16 steps). For
-guidance the conditional and unconditional rows differ only in `cond_drop`, so the engine stacks
-them into one forward and combines the logits as cond + w * (cond - uncond).
-
-Metrics compare token ids with the reference's own WordPiece ids (the best the decoder can write:
+Decoding (plain, best-of-N, correction rounds) lives in `difflm.evaluate.sgdd_decode`. Metrics compare token ids with the reference's own WordPiece ids (the best the decoder can write:
 MiniLM's vocabulary is lower-cased), and BLEU / chrF on the decoded strings of both.
 """
 
@@ -15,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -22,73 +17,19 @@ from torch import Tensor
 from difflm.config import system_config
 from difflm.errors import DifflmError
 from difflm.evaluate.metrics import bleu, chrf, exact_match, token_accuracy
+from difflm.evaluate.sgdd_decode import Verification, decode_vectors, verified_decode
 from difflm.models.encoder import check_texts, warn_truncated
 from difflm.pretrained import Pretrained
-from difflm.sampling.unmask import SampleConfig, infill
 from difflm.systems.sgdd import (
     SGDDSystemConfig,
     build_examples,
     build_task,
     load_encoder,
+    read_file_examples,
     split_examples,
     tokenize_targets,
 )
 from difflm.train.trainer import collate, step_generator
-
-
-def sample_config(
-    scfg: SGDDSystemConfig, length: int, cfg_scale: float, suppress: list[int], **kw
-) -> SampleConfig:
-    return SampleConfig(
-        gen_length=length,
-        steps=min(scfg.sample_steps, length),
-        reveal_schedule=scfg.reveal_schedule,
-        remasking=scfg.remasking,
-        cfg_scale=cfg_scale,
-        suppress_tokens=suppress,
-        **kw,
-    )
-
-
-@torch.no_grad()
-def decode_vectors(
-    pre: Pretrained,
-    vectors: Tensor,
-    *,
-    cfg_scale: float,
-    lengths: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    temperature: float = 0.0,
-) -> list[list[int]]:
-    """Token ids of the text each vector [B, D] decodes to (length from the head unless given)."""
-    if cfg_scale < 0:
-        raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
-    model, tok = pre.model, pre.tokenizer
-    device = next(model.parameters()).device
-    vectors = vectors.to(device)
-    lengths = (
-        model.predict_length(vectors)
-        if lengths is None
-        else lengths.to(device).clamp(1, model.config.block_size)
-    )
-    width = int(lengths.max())
-    fill = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, W]
-    ids = torch.full(fill.shape, tok.pad_token_id, dtype=torch.long, device=device)
-    suppress = sorted(i for i in tok.special_ids if i != tok.mask_token_id)
-    scfg = system_config(pre.config, SGDDSystemConfig)
-    cfg = sample_config(scfg, width, cfg_scale, suppress, temperature=temperature)
-    drop = torch.zeros(len(vectors), dtype=torch.bool, device=device)
-    result = infill(
-        model,
-        ids,
-        fill,
-        cfg,
-        attention_mask=fill.long(),
-        generator=generator,
-        model_kwargs={"cond": vectors, "cond_drop": drop},
-        uncond_kwargs={"cond_drop": ~drop},
-    )
-    return [row[:n].tolist() for row, n in zip(result.tokens, lengths.tolist(), strict=True)]
 
 
 def embed_texts(encoder, texts: list[str]) -> Tensor:
@@ -120,41 +61,65 @@ def score(pre: Pretrained, encoder, source_vectors: Tensor, data, outputs: list[
 
 
 def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
-    """Held-out reconstruction / paraphrase metrics with and without guidance, and the val loss.
+    """Reconstruction / paraphrase metrics with and without guidance (and with verification when
+    `args.best_of` > 1 or `args.rounds` > 0), the val loss, and the decoding time per sentence.
 
-    With `args.split == "train"` the same metrics on the first training examples instead (as many
-    as there are held-out ones): a memorisation check, to tell a data-limited decoder from a
-    broken one."""
+    The examples are the held-out split, or with `args.split == "train"` as many training ones (a
+    memorisation check), or with `args.data` every example of that file (see `read_file_examples`)."""
     cfg, scfg = pre.config, system_config(pre.config, SGDDSystemConfig)
-    split = getattr(args, "split", "val")
-    pairs = split_examples(cfg, split)[: scfg.holdout]
+    split = "file" if args.data else args.split
+    pairs = read_file_examples(args.data) if args.data else split_examples(cfg, split)[: scfg.holdout]
     if args.max_batches:
         pairs = pairs[: args.max_batches * args.batch_size]
     encoder = load_encoder(cfg.model.encoder)
     data = build_examples(pairs, encoder, pre.tokenizer, cfg, scfg.encode_batch_size)
-    sources = [s for s, _ in pairs]
     out = {
         "phase": scfg.phase,
         "split": split,
+        "data": args.data,
         "examples": len(pairs),
         "loss": diffusion_loss(pre, data, args),
+        "length_acc": float((pre.model.predict_length(data.vectors) == data.lengths).float().mean()),
     }
-    out["length_acc"] = float((pre.model.predict_length(data.vectors) == data.lengths).float().mean())
-    settings = [("cfg0", 0.0, False), (f"cfg{scfg.cfg_scale:g}", scfg.cfg_scale, False)]
-    settings += [(f"cfg{scfg.cfg_scale:g}_oracle_len", scfg.cfg_scale, True)]
-    for name, w, oracle in settings:
-        outputs = []
-        for start in range(0, len(pairs), args.batch_size):
-            stop = start + args.batch_size
-            lengths = data.lengths[start:stop] if oracle else None
-            gen = torch.Generator().manual_seed(args.seed)
-            outputs += decode_vectors(
-                pre, data.vectors[start:stop], cfg_scale=w, lengths=lengths, generator=gen
-            )
+    w = scfg.cfg_scale
+    settings = [
+        ("cfg0", 0.0, False, None),
+        (f"cfg{w:g}", w, False, None),
+        (f"cfg{w:g}_oracle_len", w, True, None),
+    ]
+    verify = Verification(candidates=args.best_of, rounds=args.rounds)
+    if verify.candidates > 1 or verify.rounds > 0:
+        settings.append((f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}", w, False, verify))
+    for name, scale, oracle, verification in settings:
+        start = time.perf_counter()
+        outputs = decode_all(pre, encoder, data, scale, oracle, verification, args)
+        seconds = time.perf_counter() - start
         metrics = score(pre, encoder, data.vectors, data, outputs)
         out.update({f"{name}_{k}": v for k, v in metrics.items()})
-        out[f"{name}_example"] = f"{sources[0]} -> {pre.tokenizer.decode(outputs[0])}"
+        out[f"{name}_ms_per_sentence"] = 1000 * seconds / len(pairs)
+        out[f"{name}_examples"] = [
+            {"source": s, "output": pre.tokenizer.decode(ids)}
+            for (s, _), ids in zip(pairs[:3], outputs[:3], strict=True)
+        ]
     return out
+
+
+def decode_all(
+    pre: Pretrained, encoder, data, cfg_scale: float, oracle: bool, verification, args: argparse.Namespace
+) -> list[list[int]]:
+    """Every example's output ids, `args.batch_size` vectors at a time, seeded per batch."""
+    outputs = []
+    for start in range(0, len(data), args.batch_size):
+        stop = start + args.batch_size
+        lengths = data.lengths[start:stop] if oracle else None
+        gen = torch.Generator().manual_seed(args.seed)
+        vectors = data.vectors[start:stop]
+        if verification is None:
+            outputs += decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths, generator=gen)
+        else:
+            found = verified_decode(pre, encoder, vectors, verification, cfg_scale=cfg_scale, generator=gen)
+            outputs += found.as_lists()
+    return outputs
 
 
 @torch.no_grad()
@@ -188,9 +153,15 @@ def sample_sgdd(pre: Pretrained, args: argparse.Namespace) -> int:
     w = scfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     lengths = None if args.length is None else torch.full((len(vectors),), args.length)
     gen = torch.Generator().manual_seed(args.seed)
-    outputs = decode_vectors(
-        pre, vectors, cfg_scale=w, lengths=lengths, generator=gen, temperature=args.temperature
-    )
+    verify = Verification(candidates=args.best_of or 1, rounds=args.rounds)
+    if verify.candidates > 1 or verify.rounds:
+        outputs = verified_decode(
+            pre, encoder, vectors, verify, cfg_scale=w, generator=gen, lengths=lengths
+        ).as_lists()
+    else:
+        outputs = decode_vectors(
+            pre, vectors, cfg_scale=w, lengths=lengths, generator=gen, temperature=args.temperature
+        )
     for text, ids in zip(texts, outputs, strict=True):
         decoded = pre.tokenizer.decode(ids)
         print(json.dumps({"input": text, "output": decoded}) if args.json else f"{text}\n  -> {decoded}")

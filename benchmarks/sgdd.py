@@ -1,0 +1,198 @@
+"""SGDD phase 1: reconstruction from the frozen encoder's vector, with and without verification.
+
+    python benchmarks/sgdd.py --run scratch=runs/sgdd_scratch --run minilm=runs/sgdd_minilm \
+        --out docs/results/sgdd [--grid 1:0,4:0,8:0,1:2,8:2,8:4] [--examples 500]
+
+Each run folder is a finished `difflm train` SGDD run. For each run and each (N, R) of the grid
+(N candidates kept by the encoder's cosine, R correction rounds; 1:0 is plain decoding), the
+held-out sentences are decoded at the run's CFG scale and 16 steps and scored: exact match, token
+accuracy, BLEU, chrF, cosine(input, output), and the wall time per sentence at --batch-size. Plain
+decoding is also timed at batch 1 (the latency a user sees). Writes results.json, table.md,
+samples.md, curves.png and command.txt into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from difflm.config import system_config
+from difflm.evaluate.sgdd import score
+from difflm.evaluate.sgdd_decode import Verification, decode_vectors, verified_decode
+from difflm.pretrained import Pretrained, load_pretrained
+from difflm.systems.sgdd import SGDDSystemConfig, build_examples, load_encoder, split_examples
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--run", action="append", required=True, metavar="NAME=PATH", help="a finished run (repeat)"
+    )
+    p.add_argument("--out", required=True, help="results folder (e.g. docs/results/sgdd)")
+    p.add_argument("--grid", default="1:0,4:0,8:0,1:2,8:2", help="N:R settings, comma-separated")
+    p.add_argument("--examples", type=int, default=500, help="held-out sentences scored")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--latency-sentences", type=int, default=50, help="sentences timed at batch 1")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def val_curve(run: Path) -> list[tuple[int, float]]:
+    records = [
+        json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"val_loss"' in line
+    ]
+    return [(r["step"], r["val_loss"]) for r in records]
+
+
+def training_minutes(run: Path) -> float:
+    """From the log's creation to its last write (the run's wall time, evaluation included)."""
+    log = run / "log.jsonl"
+    born = os.stat(log).st_birthtime if hasattr(os.stat(log), "st_birthtime") else None
+    if born is None:
+        import subprocess
+
+        born = float(subprocess.run(["stat", "-c", "%W", str(log)], capture_output=True, text=True).stdout)
+    return (log.stat().st_mtime - born) / 60
+
+
+def decode(pre: Pretrained, encoder, vectors: torch.Tensor, n: int, r: int, batch: int, seed: int):
+    """Outputs for every vector and the seconds it took."""
+    scale = system_config(pre.config, SGDDSystemConfig).cfg_scale
+    outputs, start = [], time.perf_counter()
+    for i in range(0, len(vectors), batch):
+        gen = torch.Generator().manual_seed(seed)
+        chunk = vectors[i : i + batch]
+        if n == 1 and r == 0:
+            outputs += decode_vectors(pre, chunk, cfg_scale=scale, generator=gen)
+        else:
+            found = verified_decode(
+                pre, encoder, chunk, Verification(candidates=n, rounds=r), cfg_scale=scale, generator=gen
+            )
+            outputs += found.as_lists()
+    return outputs, time.perf_counter() - start
+
+
+def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argparse.Namespace) -> dict:
+    pre = load_pretrained(run)
+    cfg = pre.config
+    encoder = load_encoder(cfg.model.encoder)
+    pairs = split_examples(cfg, "val")[: args.examples]
+    data = build_examples(pairs, encoder, pre.tokenizer, cfg, 128)
+    params = sum(p.numel() for p in {id(p): p for p in pre.model.parameters()}.values())
+    result = {
+        "name": name,
+        "run": str(run),
+        "decoder": cfg.model.decoder,
+        "params": params,
+        "bf16_mb": params * 2 / 2**20,
+        "steps": int(pre.path.name.removeprefix("step-")),
+        "train_minutes": training_minutes(run),
+        "curve": val_curve(run),
+        "settings": [],
+        "samples": [],
+    }
+    with torch.no_grad():
+        _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], 1, 0, 1, args.seed)
+        result["latency_ms_batch1"] = 1000 * latency / min(args.latency_sentences, len(pairs))
+        for n, r in grid:
+            outputs, seconds = decode(pre, encoder, data.vectors, n, r, args.batch_size, args.seed)
+            metrics = score(pre, encoder, data.vectors, data, outputs)
+            row = {"N": n, "R": r, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
+            result["settings"].append(row)
+            print(f"{name} N={n} R={r}: {json.dumps(row)}", flush=True)
+            result["samples"].append(
+                {
+                    "N": n,
+                    "R": r,
+                    "pairs": [
+                        (s, pre.tokenizer.decode(o)) for (s, _), o in zip(pairs[:8], outputs[:8], strict=True)
+                    ],
+                }
+            )
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| decoder | params | train | N | R | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for res in results:
+        for row in res["settings"]:
+            lines.append(
+                f"| {res['name']} | {res['params'] / 1e6:.1f} M | {res['train_minutes']:.0f} min, {res['steps']} steps "
+                f"| {row['N']} | {row['R']} | {100 * row['exact_match']:.1f} | {100 * row['token_acc']:.1f} "
+                f"| {row['bleu']:.1f} | {row['chrf']:.1f} | {row['cosine']:.3f} | {row['ms_per_sentence']:.0f} |"
+            )
+    lines.append("")
+    for res in results:
+        lines.append(
+            f"- {res['name']}: plain decoding (16 steps, CFG) at batch 1: {res['latency_ms_batch1']:.0f} ms per sentence"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def samples(results: list[dict]) -> str:
+    out = []
+    for res in results:
+        for block in res["samples"]:
+            out.append(f"## {res['name']}, N={block['N']}, R={block['R']}\n")
+            out += [f"- `{src}`\n  -> `{hyp}`" for src, hyp in block["pairs"]]
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for res in results:
+        steps, losses = zip(*res["curve"], strict=True)
+        minutes = [s / res["steps"] * res["train_minutes"] for s in steps]
+        ax.plot(minutes, losses, label=f"{res['name']} ({res['params'] / 1e6:.0f} M params)")
+    ax.set_xlabel("training wall time (min, one core each)")
+    ax.set_ylabel("held-out diffusion loss (nats/token)")
+    ax.set_title("SGDD phase 1 on sentences_en")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    grid = [tuple(int(x) for x in item.split(":")) for item in args.grid.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = []
+    for spec in args.run:
+        name, _, path = spec.partition("=")
+        results.append(evaluate_run(name, Path(path), grid, args))
+    meta = {
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "eval_wall_minutes": (time.perf_counter() - start) / 60,
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32",
+    }
+    (out / "results.json").write_text(json.dumps({**meta, "runs": results}, indent=1))
+    (out / "table.md").write_text(table(results))
+    (out / "samples.md").write_text(samples(results))
+    (out / "command.txt").write_text(meta["command"] + "\n")
+    plot_curves(results, out / "curves.png")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

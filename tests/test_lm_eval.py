@@ -164,9 +164,14 @@ def test_bad_settings_and_rolling_loglikelihood_are_refused_in_one_line(llada_fo
         lm_for(llada_folder).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("w3",), 0)])
 
 
-def test_chat_template_is_the_tokenizer_one(llada_folder):
+def test_chat_template_is_the_tokenizer_one(tmp_path, llada_folder):
     lm = lm_for(llada_folder)
     assert lm.apply_chat_template([{"role": "user", "content": "w5 w6"}]) == "w0 w5 w6 w1"
+    manager = TaskManager(include_path=str(write_tasks(tmp_path)), include_defaults=False)
+    out = simple_evaluate(
+        model=lm, tasks=["tiny_gen"], task_manager=manager, apply_chat_template=True, limit=1
+    )
+    assert out["samples"]["tiny_gen"][0]["arguments"][0][0] == "w0 w3 w4 w5 w1"  # the prompt lm-eval sent
 
 
 # ----------------------------------------------------------------------------- whole runs

@@ -176,7 +176,10 @@ class DifflmLM(TemplateLM):
         results = []
         for pair, context, continuation in tqdm(requests, desc="loglikelihood", disable=disable_tqdm):
             if not continuation:
-                raise DifflmError(f"empty continuation for context {pair[0][-40:]!r}: nothing to score")
+                raise DifflmError(
+                    f"continuation {pair[1]!r} adds no token to its context {pair[0][-40:]!r} (tokenized "
+                    "together they merge): nothing to score"
+                )
             keep = self.max_length - len(continuation)
             if keep < 1:
                 raise DifflmError(

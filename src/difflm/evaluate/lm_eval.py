@@ -91,7 +91,8 @@ class HarnessSettings:
 
 class DifflmLM(TemplateLM):
     """lm-eval's `difflm` model: `pretrained` is a difflm checkpoint (step or run folder) or a
-    published snapshot folder; `batch_size` is rows per forward (prompts generated together, or
+    published snapshot folder, loaded on `device` (default cuda when there is one), or a loaded
+    `Pretrained`, used where it is; `batch_size` is rows per forward (prompts generated together, or
     ELBO draws of one request); the other model_args are `HarnessSettings`. `max_batch_size` is
     accepted because lm-eval always passes it; automatic batch sizes are not supported."""
 

@@ -1,14 +1,17 @@
 """LLaDA and Dream run natively: published key layouts, forwards against independent references
-(hand-written LLaDA, HF Qwen2 for Dream + its logits shift), exact caches, snapshot loading, `difflm sample`."""
+(hand-written LLaDA, HF Qwen2 for Dream + its logits shift), exact caches, snapshot loading, `difflm sample`,
+`difflm inspect DIR`'s key mapping."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -245,3 +248,52 @@ def test_incomplete_or_foreign_snapshots_are_refused_in_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(DifflmError, match="holds a 'llama' model"):
         check_snapshot(folder)
+
+
+@pytest.mark.parametrize(
+    ("family", "lines"),
+    [
+        ("llada", [
+            r"model\.transformer\.blocks\.0\.q_proj\.weight  x2 layers +->  LLaDABlock\.q_proj\.weight \(Linear\) +\[32, 32\] +F32 +ok",
+            r"model\.transformer\.blocks\.0\.k_proj\.weight  x2 layers +->  LLaDABlock\.k_proj\.weight \(Linear\) +\[16, 32\] +F32 +ok",
+            r"model\.transformer\.wte\.weight +->  LLaDAStack\.transformer\.wte\.weight \(Embedding\) +\[64, 32\] +F32 +ok",
+        ]),
+        ("dream", [
+            r"model\.layers\.0\.self_attn\.q_proj\.bias  x2 layers +->  Attention\.q_proj\.bias \(Linear\) +\[32\] +F32 +ok",
+            r"model\.norm\.weight +->  DreamBaseModel\.norm\.weight \(RMSNorm\) +\[32\] +F32 +ok",
+            r"lm_head\.weight +->  DreamForMaskedLM\.lm_head\.weight \(Linear\) +\[64, 32\] +F32 +ok",
+        ]),
+    ],
+)  # fmt: skip
+def test_inspect_maps_every_published_key_onto_difflm(tmp_path, capsys, family, lines):
+    folder = published_folder(tmp_path, family)
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for line in lines:
+        assert any(re.fullmatch(line, text.rstrip()) for text in out), line
+    keys = len(FAMILIES[family]().state_dict())
+    assert out[-1] == f"{keys} ok"
+
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lost = [text for text in out if text.rstrip().endswith(f"shard missing ({shard.name})")]
+    assert lost and out[-1] == f"{keys - len(lost)} ok, {len(lost)} shard missing"
+
+
+def test_inspect_reports_missing_and_unexpected_keys(tmp_path, capsys):
+    folder = published_folder(tmp_path, "llada")
+    weights = dict(tiny_llada().state_dict())
+    weights.pop("model.transformer.blocks.1.ff_norm.weight")
+    weights["model.transformer.rotary.inv_freq"] = torch.ones(4)
+    for file in folder.glob("model*.safetensors*"):
+        file.unlink()
+    save_file(weights, folder / "model.safetensors")
+    assert main(["inspect", str(folder)]) == 0
+    out = [text.split() for text in capsys.readouterr().out.splitlines()]
+    assert ["model.transformer.blocks.1.ff_norm.weight", "->", "LLaDABlock.ff_norm.weight", "(RMSNorm)",
+            "[32]", "-", "missing"] in out  # fmt: skip
+    assert ["model.transformer.rotary.inv_freq", "->", "-", "[4]", "F32", "unexpected"] in out
+    assert ["model.transformer.blocks.0.ff_norm.weight", "->", "LLaDABlock.ff_norm.weight", "(RMSNorm)",
+            "[32]", "F32", "ok"] in out  # the layer left alone is no group  # fmt: skip

@@ -26,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "Diffusion vs autoregressive on one prompt: side-by-side GIF, speed."),
     "data": ("data", "List or fetch the named corpora."),
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),
-    "inspect": ("inspect", "Compare key names and shapes of two checkpoints."),
+    "inspect": (
+        "inspect",
+        "Compare key names and shapes of two checkpoints, or map a snapshot's keys onto difflm's model.",
+    ),
     "export": ("export", "Copy a checkpoint for sharing: weights in bf16, no optimizer state."),
     "serve": ("serve", "OpenAI-compatible HTTP server with batched sampling and a live playground."),
 }

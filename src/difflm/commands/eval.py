@@ -1,4 +1,5 @@
-"""`difflm eval CKPT`: the metrics of a checkpoint on its validation split, chosen by its task."""
+"""`difflm eval CKPT`: the metrics of a checkpoint on its validation split, chosen by its task;
+with `--tasks`, lm-evaluation-harness tasks (e.g. gsm8k) through the `difflm` lm-eval model."""
 
 from __future__ import annotations
 
@@ -74,6 +75,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gen-length", type=int, default=256, help="tokens generated per continuation (forcing)"
     )
+    harness = parser.add_argument_group(
+        "lm-evaluation-harness (needs difflm[lmeval]; --batch-size is rows per forward, and "
+        "--device, --precision, --json, --no-verify apply)"
+    )
+    harness.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval tasks (e.g. gsm8k) instead of the val metrics"
+    )
+    harness.add_argument(
+        "--model-args",
+        default="",
+        help="the model's settings, as lm_eval's --model_args: e.g. gen_length=256,steps=256,block_length=32,"
+        "cache=dual,threshold=0.9,mc_num=128,seed=1234 (difflm.evaluate.lm_eval.HarnessSettings)",
+    )
+    harness.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
+    harness.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="only the first N documents of each task (a fraction if < 1)",
+    )
+    harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default)")
+    harness.add_argument(
+        "--apply-chat-template", action="store_true", help="format prompts with the tokenizer's chat template"
+    )
 
 
 def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
@@ -134,9 +159,46 @@ def check_args(args: argparse.Namespace) -> None:
         raise DifflmError(f"--rounds must be >= 0, got {args.rounds}")
 
 
+def run_tasks(args: argparse.Namespace) -> int:
+    """`--tasks`: lm-eval's simple_evaluate with a `DifflmLM` over the checkpoint."""
+    import torch
+
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table, simple_parse_args_string
+
+        from difflm.evaluate.lm_eval import DifflmLM
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("lm_eval"):
+            raise
+        raise DifflmError("--tasks needs lm-evaluation-harness: pip install 'difflm[lmeval]'") from None
+    from difflm.pretrained import load_pretrained
+    from difflm.train.trainer import autocast, resolve_device
+
+    check_args(args)
+    resolve_device(args.device, "--device")
+    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
+    lm = DifflmLM(pre, batch_size=args.batch_size, **simple_parse_args_string(args.model_args))
+    with autocast(torch.device(args.device), args.precision):
+        results = simple_evaluate(
+            model=lm,
+            tasks=args.tasks.split(","),
+            task_manager=TaskManager(include_path=args.include_path),
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            apply_chat_template=args.apply_chat_template,
+            log_samples=False,
+        )
+    print(json.dumps(results["results"], default=str) if args.json else make_table(results))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint == "poem-completion":
         return poem_completion.main(args)
+    if args.tasks:
+        return run_tasks(args)
     import torch
 
     from difflm.pretrained import load_pretrained

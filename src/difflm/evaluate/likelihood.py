@@ -6,6 +6,9 @@ w(t) * sum of CE on masked tokens / L. Its mean is an upper bound on the NLL per
 parameterisation (the mask token's logit is -inf, as the sampler bans it): the bound of the model
 the sampler draws from, and tighter than the plain softmax's (see diffusion/losses.py). Draws use
 a fixed seed: the same checkpoint always gets the same number.
+
+`continuation_elbo` scores one continuation given its context (lm-eval's loglikelihood requests)
+with the lower-variance estimator of LLaDA's evaluation code, described at the function.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from difflm.config import DiffusionConfig
+from difflm.sampling.cache import takes
+from difflm.sampling.unmask import mask_token_of
 from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import collate, step_generator, to_device
 
@@ -101,3 +108,55 @@ def ar_nll(
         max_batches=max_batches,
         progress=progress,
     )
+
+
+@torch.no_grad()
+def continuation_elbo(
+    model, context: Tensor, continuation: Tensor, *, samples: int, batch_size: int, generator: torch.Generator
+) -> tuple[float, bool]:
+    """(ELBO of log p(continuation | context), is_greedy) by Monte Carlo over `samples` draws.
+
+    LLaDA's paper writes the bound with t ~ U(0, 1), each continuation token masked with
+    probability t and the masked tokens' log-probs weighted by 1/t. Its evaluation code uses the
+    lower-variance form used here: draw the NUMBER of masked tokens l uniformly in 1..L (L the
+    continuation's length), mask a uniformly random l-subset, and weight the masked tokens'
+    log-probs by L/l. Both have the same expectation, a lower bound on log p; with L = 1 every draw
+    masks the one token with weight 1, so the value is exactly log p(token | context). Log-probs
+    use SUBS (the mask token's logit is -inf, as the sampler draws), like `elbo_nll`.
+
+    is_greedy: one extra forward with the whole continuation masked; True when the argmax at every
+    continuation position equals the continuation, i.e. one-step greedy decoding would produce it
+    (cheap; exact for one token, a stand-in for multi-step decoding otherwise).
+    context [P], continuation [L] (L >= 1) are token ids on the model's device; all draws come
+    from `generator` (a CPU generator), so a seed fixes the result.
+    """
+    P, L = len(context), len(continuation)
+    counts = torch.randint(1, L + 1, (samples, 1), generator=generator)  # l per draw
+    ranks = torch.rand(samples, L, generator=generator).argsort(dim=1)  # a random permutation per draw
+    hidden = torch.cat([torch.ones(1, L, dtype=torch.bool), ranks < counts])  # row 0: all masked (greedy)
+    hidden = F.pad(hidden, (P, 0)).to(context.device)  # [1 + samples, P + L], the context never masked
+    clean = torch.cat([context, continuation]).expand_as(hidden)
+    scores, greedy = [], True
+    for rows in torch.arange(len(hidden)).split(batch_size):
+        logp, argmax = _masked_log_probs(model, clean[rows], hidden[rows])  # [n, P + L] each
+        scores.append(logp.sum(dim=1))
+        if rows[0] == 0:
+            greedy = bool((argmax[0, P:] == continuation).all())
+    weights = (L / counts[:, 0]).to(context.device)  # [samples]
+    return float((torch.cat(scores)[1:] * weights).mean()), greedy
+
+
+def _masked_log_probs(model, clean: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """log p of the clean token [n, T] at the hidden positions (0 elsewhere) and the argmax [n, T]
+    there, from one forward on `clean` with `hidden` replaced by the mask (SUBS log-probs); only
+    hidden positions go through the vocabulary projection when the model takes `logits_at`."""
+    mask_id = mask_token_of(model)
+    noisy = clean.masked_fill(hidden, mask_id)
+    logits = model(noisy, logits_at=hidden) if takes(model, "logits_at") else model(noisy)[hidden]  # [N, V]
+    logits = logits.float().index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    logp = logits.log_softmax(dim=-1)
+    out = torch.zeros(clean.shape, dtype=torch.float32, device=clean.device)
+    out[hidden] = logp.gather(1, clean[hidden][:, None])[:, 0]
+    argmax = torch.full_like(clean, -1)
+    argmax[hidden] = logp.argmax(dim=-1)
+    return out, argmax

@@ -2,13 +2,15 @@
 
     python benchmarks/sgdd.py --run scratch=runs/sgdd_scratch --run minilm=runs/sgdd_minilm \
         --out docs/results/sgdd [--grid 1:0,4:0,8:0,1:2,8:2,8:4] [--examples 500]
+    python benchmarks/sgdd.py --merge OUT_A --merge OUT_B --out docs/results/sgdd
 
 Each run folder is a finished `difflm train` SGDD run. For each run and each (N, R) of the grid
 (N candidates kept by the encoder's cosine, R correction rounds; 1:0 is plain decoding), the
 held-out sentences are decoded at the run's CFG scale and 16 steps and scored: exact match, token
 accuracy, BLEU, chrF, cosine(input, output), and the wall time per sentence at --batch-size. Plain
 decoding is also timed at batch 1 (the latency a user sees). Writes results.json, table.md,
-samples.md, curves.png and command.txt into --out.
+samples.md, curves.png and command.txt into --out. `--merge` combines the results.json of
+earlier runs of this script (e.g. one process per decoder, run side by side) into one folder.
 """
 
 from __future__ import annotations
@@ -172,24 +174,31 @@ def plot_curves(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
+    if not args.run and not args.merge:
+        raise SystemExit("give --run NAME=PATH (repeat) or --merge DIR (repeat)")
     grid = [tuple(int(x) for x in item.split(":")) for item in args.grid.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = []
-    for spec in args.run:
-        name, _, path = spec.partition("=")
-        results.append(evaluate_run(name, Path(path), grid, args))
+    results = [
+        evaluate_run(name, Path(path), grid, args) for name, _, path in (s.partition("=") for s in args.run)
+    ]
     meta = {
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "eval_wall_minutes": (time.perf_counter() - start) / 60,
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32",
     }
+    commands = [meta["command"]]
+    for folder in args.merge:
+        earlier = json.loads((Path(folder) / "results.json").read_text())
+        results += earlier["runs"]
+        commands.insert(0, earlier["command"])
+        meta.setdefault("merged", []).append({k: v for k, v in earlier.items() if k != "runs"})
     (out / "results.json").write_text(json.dumps({**meta, "runs": results}, indent=1))
     (out / "table.md").write_text(table(results))
     (out / "samples.md").write_text(samples(results))
-    (out / "command.txt").write_text(meta["command"] + "\n")
+    (out / "command.txt").write_text("\n".join(commands) + "\n")
     plot_curves(results, out / "curves.png")
     print(table(results))
 

@@ -164,7 +164,9 @@ def test_eval_scores_a_file_with_verification(trained):
     assert metrics["cfg2_examples"][1]["source"] == "an owl flew over the barn."
     pairs = trained / "pairs.jsonl"
     pairs.write_text(json.dumps({"source": "a dog ran.", "target": "the dog was running."}) + "\n")
-    assert eval_sgdd(pre, args(data=str(pairs)))["examples"] == 1
+    paraphrase = eval_sgdd(pre, args(data=str(pairs)))
+    assert paraphrase["examples"] == 1 and paraphrase["copy_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert paraphrase["copy_exact_match"] == 0 and "copy_bleu" not in metrics  # only for real pairs
 
 
 def test_cli_rejects_bad_verification_flags(trained):

@@ -81,6 +81,10 @@ def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
         "loss": diffusion_loss(pre, data, args),
         "length_acc": float((pre.model.predict_length(data.vectors) == data.lengths).float().mean()),
     }
+    if any(source != target for source, target in pairs):  # paraphrases: the copy-the-input baseline
+        ids, lengths = tokenize_targets(pre.tokenizer, [s for s, _ in pairs], cfg.model.block_size)
+        copies = [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)]
+        out.update({f"copy_{k}": v for k, v in score(pre, encoder, data.vectors, data, copies).items()})
     w = scfg.cfg_scale
     settings = [
         ("cfg0", 0.0, False, None),

@@ -4,7 +4,7 @@
         --out-dir OUT [--n-poems 100] [--ratios 0.1,...,0.6] [--candidates 3]
 
 The same as `difflm eval poem-completion ...` (protocol in difflm.evaluate.poem_completion):
-writes OUT/results.csv, OUT/table.md and OUT/plot.png and prints the table. Both checkpoints must
+writes OUT/results.csv, OUT/results.json, OUT/table.md and OUT/plot.png and prints the table. Both checkpoints must
 share a tokenizer and be trained on the split's train.jsonl (examples/poems.sh does all steps).
 """
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the masked positions")
     parser.add_argument("--batch-size", type=int, default=50, help="poems per forward pass")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON object")
     args = parser.parse_args(argv)
     try:
         return poem_completion.main(args)

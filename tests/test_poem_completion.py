@@ -12,6 +12,7 @@ from difflm.evaluate.metrics import bleu, chrf, exact_match, token_accuracy
 from difflm.evaluate.poem_completion import (
     Case,
     CompletionConfig,
+    bootstrap_ci,
     build_cases,
     fill_ar_left,
     fill_ar_rescored,
@@ -59,8 +60,20 @@ def test_accuracy_and_chrf_on_a_hand_made_two_poem_case(tokenizer: CharTokenizer
     assert token_accuracy([[1, 2], [3]], [[1, 0], [3]]) == 2 / 3
     assert exact_match([[1, 2], [3]], [[1, 0], [3]]) == 1 / 2
     assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
-    table = markdown_table([{"method": "m", "ratio": 0.1, "accuracy": 0.5, "chrf": 40.0}], "t")
-    assert "| 0.1 | 0.5000 | 40.00 |" in table
+    row = {"method": "m", "ratio": 0.1, "accuracy": 0.5, "chrf": 40.0, "acc_ci95": (0.25, 0.75)}
+    assert "| 0.1 | 0.5000 [0.250, 0.750] | 40.00 |" in markdown_table([row], "t")
+
+
+def test_bootstrap_interval_over_poems() -> None:
+    cases = [Case(ids=[0] * 6, positions=[1, 2, 3, 4]) for _ in range(20)]
+    same = torch.full((20,), 2)  # every poem: 2 of 4 right
+    assert bootstrap_ci(same, None, cases, seed=0) == (0.5, 0.5)
+    assert bootstrap_ci(same, same, cases, seed=0) == (0.0, 0.0)  # paired: no difference at all
+    mixed = torch.tensor([4, 0] * 10)  # half the poems all right, half all wrong
+    low, high = bootstrap_ci(mixed, None, cases, seed=0)
+    assert 0.25 < low < 0.5 < high < 0.75 and bootstrap_ci(mixed, None, cases, seed=0) == (low, high)
+    better = bootstrap_ci(mixed + (mixed == 0), mixed, cases, seed=1)  # +1 of 4 on half the poems
+    assert better[0] > 0 and better[1] <= 0.25 + 1e-9
 
 
 def test_bad_ratios_and_misaligned_metrics_raise() -> None:

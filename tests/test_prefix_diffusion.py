@@ -196,12 +196,21 @@ def test_compare_writes_one_gif_with_equal_frames(tmp_path: Path, trained: Path)
 
 
 @pytest.mark.slow
-def test_poem_completion_benchmark_end_to_end(tmp_path: Path, trained: Path, split_dir: Path) -> None:
+def test_poem_completion_benchmark_end_to_end(tmp_path: Path, trained: Path, split_dir: Path, capsys) -> None:
     bench = ["eval", "poem-completion", "--diffusion", str(trained / "diff"), "--ar", str(trained / "ar")]
     bench += ["--split-dir", str(split_dir), "--out-dir", str(tmp_path / "bench"), "--n-poems", "2"]
     assert main([*bench, "--ratios", "0.2,0.5", "--prefix-len", "4", "--candidates", "2"]) == 0
     rows = (tmp_path / "bench/results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 3 and (tmp_path / "bench/plot.png").is_file()
+    external = ["--poems", str(poem_file(tmp_path / "mine.jsonl")), "--json", "--ratios", "0.3"]
+    bench = [*bench[:6], "--out-dir", str(tmp_path / "mine"), "--n-poems", "2", "--prefix-len", "4"]
+    capsys.readouterr()
+    assert main([*bench, *external]) == 0
+    found = json.loads(capsys.readouterr().out)["rows"]
+    assert {r["method"] for r in found} == {"diffusion", "ar_left_to_right", "ar_rescored"}
+    diffusion = next(r for r in found if r["method"] == "diffusion")
+    low, high = diffusion["acc_ci95"]
+    assert low <= diffusion["accuracy"] <= high and len(diffusion["minus_ar_ci95"]) == 2
 
 
 def test_compare_takes_a_hugging_face_causal_lm(tmp_path: Path, trained: Path) -> None:

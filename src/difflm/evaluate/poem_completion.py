@@ -1,7 +1,8 @@
 """Poem completion: fill masked characters of unseen test poems, diffusion vs autoregressive.
 
 Protocol (identical for every model and run):
-- Poems: the first `n_poems` of the split's test.jsonl (already a seeded order), each as its
+- Poems: the first `n_poems` of the split's test.jsonl (already a seeded order; or of any JSONL of
+  poems given with --poems, in file order), each as its
   training document (`document_ids`: text + EOS), truncated to the shorter of both models' lengths.
 - Masked positions: for poem i and ratio r, a torch.Generator seeded from (seed, i, r) draws
   round(r * n) of the n eligible positions: non-special tokens that are not the line separator
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from difflm.config import opt
-from difflm.data.poems import SEPARATOR, load_split
+from difflm.data.poems import SEPARATOR, load_poems, load_split, poem_text
 from difflm.data.tokenizers import Tokenizer
 from difflm.errors import DifflmError
 from difflm.evaluate.metrics import chrf, token_accuracy
@@ -302,6 +304,31 @@ def score(cases: Sequence[Case], preds: Sequence[Sequence[int]], tokenizer: Toke
     }
 
 
+def correct_per_poem(cases: Sequence[Case], preds: Sequence[Sequence[int]]) -> Tensor:
+    """Correctly filled positions per poem [P]."""
+    return torch.tensor(
+        [
+            sum(int(a == b) for a, b in zip(p, c.answers, strict=True))
+            for c, p in zip(cases, preds, strict=True)
+        ]
+    )
+
+
+def bootstrap_ci(
+    hits: Tensor, baseline: Tensor | None, cases: Sequence[Case], seed: int, draws: int = 2000
+) -> tuple[float, float]:
+    """95% percentile interval of the micro accuracy (minus the baseline's on the same poems, when
+    given) over `draws` resamples of the poems with replacement, seeded."""
+    masked = torch.tensor([len(c.positions) for c in cases], dtype=torch.float64)  # [P]
+    pick = torch.randint(len(cases), (draws, len(cases)), generator=torch.Generator().manual_seed(seed))
+    total = masked[pick].sum(1).clamp(min=1)  # [draws]
+    value = hits.double()[pick].sum(1) / total
+    if baseline is not None:
+        value = value - baseline.double()[pick].sum(1) / total
+    low, high = torch.quantile(value, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return round(low, 4), round(high, 4)
+
+
 def _check_pair(diffusion: Pretrained, ar: Pretrained) -> None:
     if diffusion.tokenizer.fingerprint() != ar.tokenizer.fingerprint():
         raise DifflmError(
@@ -338,21 +365,28 @@ def _fill_all(
 def run_poem_completion(
     diffusion: Pretrained,
     ar: Pretrained,
-    split_dir: str | Path,
+    texts: Sequence[str],
     cfg: CompletionConfig,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """One row per (method, ratio): accuracy, chrF, masked count, seconds."""
+    """One row per (method, ratio): accuracy with its 95% bootstrap interval over poems, chrF,
+    masked count, seconds; diffusion rows also the interval of (diffusion - AR left-to-right)."""
     _check_pair(diffusion, ar)
     tokenizer = diffusion.tokenizer
     max_length = min(diffusion.config.data.block_size, ar.config.data.block_size)
-    cases = build_cases(load_split(split_dir, "test"), tokenizer, max_length, cfg)
+    cases = build_cases(texts, tokenizer, max_length, cfg)
     rows = []
     for ratio, ratio_cases in cases.items():
         with torch.no_grad():
             preds, seconds = _fill_all(diffusion, ar, ratio_cases, tokenizer, cfg)
+        hits = {m: correct_per_poem(ratio_cases, p) for m, p in preds.items()}
         for method in preds:
             row = {"method": method, "ratio": ratio, **score(ratio_cases, preds[method], tokenizer)}
+            row["acc_ci95"] = bootstrap_ci(hits[method], None, ratio_cases, cfg.seed)
+            if method == "diffusion":
+                row["minus_ar_ci95"] = bootstrap_ci(
+                    hits[method], hits["ar_left_to_right"], ratio_cases, cfg.seed
+                )
             row.update(poems=len(ratio_cases), seconds=seconds[method])
             rows.append(row)
             log(
@@ -362,12 +396,18 @@ def run_poem_completion(
 
 
 def write_outputs(rows: list[dict], out_dir: str | Path, title: str = "Poem completion") -> dict[str, Path]:
-    """results.csv, table.md and plot.png (accuracy and chrF against the mask ratio)."""
+    """results.csv, results.json, table.md and plot.png (accuracy and chrF against the mask ratio)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "results.csv", "table": out / "table.md", "plot": out / "plot.png"}
+    paths = {
+        "csv": out / "results.csv",
+        "json": out / "results.json",
+        "table": out / "table.md",
+        "plot": out / "plot.png",
+    }
+    paths["json"].write_text(json.dumps(rows, indent=1), encoding="utf-8")
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     paths["table"].write_text(markdown_table(rows, title), encoding="utf-8")
@@ -376,16 +416,21 @@ def write_outputs(rows: list[dict], out_dir: str | Path, title: str = "Poem comp
 
 
 def markdown_table(rows: list[dict], title: str) -> str:
-    """Ratios as rows; per method an accuracy and a chrF column."""
+    """Ratios as rows; per method an accuracy (with its 95% interval over poems) and a chrF column."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ratios = list(dict.fromkeys(r["ratio"] for r in rows))
     by = {(r["method"], r["ratio"]): r for r in rows}
     head = "| mask ratio | " + " | ".join(f"{m} acc | {m} chrF" for m in methods) + " |"
     lines = [f"### {title}", "", head, "|---" * (1 + 2 * len(methods)) + "|"]
     for ratio in ratios:
-        cells = [f"{by[m, ratio]['accuracy']:.4f} | {by[m, ratio]['chrf']:.2f}" for m in methods]
+        cells = [_cell(by[m, ratio]) for m in methods]
         lines.append(f"| {ratio:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict) -> str:
+    low, high = row["acc_ci95"]
+    return f"{row['accuracy']:.4f} [{low:.3f}, {high:.3f}] | {row['chrf']:.2f}"
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
@@ -419,6 +464,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ar", default=None, help="autoregressive checkpoint (same tokenizer)")
     group.add_argument("--split-dir", default=None, help="folder written by `difflm data build-poems`")
     group.add_argument(
+        "--poems",
+        default=None,
+        help="score this JSONL of poems instead (title, author, content: build-poems' input)",
+    )
+    group.add_argument(
         "--out-dir", default="poem_completion", help="where results.csv, table.md, plot.png go"
     )
     group.add_argument("--n-poems", type=int, default=100)
@@ -434,9 +484,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments and write its outputs."""
-    missing = [
-        f"--{n.replace('_', '-')}" for n in ("diffusion", "ar", "split_dir") if getattr(args, n) is None
-    ]
+    missing = [f"--{n}" for n in ("diffusion", "ar") if getattr(args, n) is None]
+    if (args.split_dir is None) == (args.poems is None):
+        missing.append("exactly one of --split-dir / --poems")
     if missing:
         raise DifflmError(f"poem-completion needs {', '.join(missing)}")
     try:
@@ -452,9 +502,18 @@ def main(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         batch_size=args.batch_size,
     )
+    texts = (
+        load_split(args.split_dir, "test")
+        if args.poems is None
+        else [poem_text(p) for p in load_poems(args.poems)[0]]
+    )
     diffusion, ar = load_pretrained(args.diffusion, args.device), load_pretrained(args.ar, args.device)
-    rows = run_poem_completion(diffusion, ar, args.split_dir, cfg)
+    log = (lambda _: None) if args.json else print
+    rows = run_poem_completion(diffusion, ar, texts, cfg, log)
     paths = write_outputs(rows, args.out_dir)
+    if args.json:
+        print(json.dumps({"poems": args.poems or args.split_dir, "rows": rows}))
+        return 0
     print(paths["table"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -110,6 +110,9 @@ def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argpar
             row = {"N": n, "R": r, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
             result["settings"].append(row)
             print(f"{name} N={n} R={r}: {json.dumps(row)}", flush=True)
+            (Path(args.out) / f"partial_{name}.json").write_text(
+                json.dumps(result, indent=1)
+            )  # survives a kill
             result["samples"].append(
                 {
                     "N": n,

@@ -193,8 +193,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, fp32",
     }
     commands = [meta["command"]]
-    for folder in args.merge:
-        earlier = json.loads((Path(folder) / "results.json").read_text())
+    for where in args.merge:
+        earlier = json.loads(
+            (Path(where) / "results.json" if Path(where).is_dir() else Path(where)).read_text()
+        )
+        if "runs" not in earlier:  # a partial_NAME.json: one run, stopped before its last setting
+            earlier = {"command": f"(partial: {where})", "runs": [earlier]}
         results += earlier["runs"]
         commands.insert(0, earlier["command"])
         meta.setdefault("merged", []).append({k: v for k, v in earlier.items() if k != "runs"})

@@ -25,7 +25,7 @@ from difflm.config import load_config, system_config
 from difflm.evaluate.forcing import ContinuationConfig, forcing_metrics
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.systems.forcing import ForcingSystemConfig
-from difflm.train.systems import build_run
+from difflm.systems.registry import build_run
 from difflm.train.trainer import train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -30,7 +30,7 @@ from difflm.data.corpora import resolve_corpus
 from difflm.pretrained import load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.unmask import SampleConfig, generate
-from difflm.train.systems import build_run
+from difflm.systems.registry import build_run
 from difflm.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from difflm.data.blocks import text_blocks
 from difflm.data.corpora import resolve_corpus
 from difflm.evaluate.likelihood import ar_nll, elbo_nll
 from difflm.evaluate.metrics import word_quality, words
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.unmask import SampleConfig, generate
-from difflm.train.systems import text_blocks
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,9 +17,9 @@ from difflm.errors import DifflmError
 from difflm.models import BUILDERS, MODEL_CONFIGS
 from difflm.models.size import check_fits, estimate_params
 from difflm.pretrained import load_pretrained, offline_hub
+from difflm.systems.registry import build_run
 from difflm.train import checkpoint as ckpt
 from difflm.train.run_folder import TrainingInterrupted, claim_output_dir
-from difflm.train.systems import build_run
 from difflm.train.trainer import train
 from tests.test_trainer import tiny_overrides
 

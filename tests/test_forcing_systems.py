@@ -23,7 +23,7 @@ from difflm.models.dfgpt import DFGPT, DFGPTConfig
 from difflm.pretrained import load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.systems.forcing import DiffusionForcingTask
-from difflm.train.systems import build_run
+from difflm.systems.registry import build_run
 from difflm.train.trainer import train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

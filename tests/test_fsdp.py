@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from difflm.config import load_config
-from difflm.train.systems import build_run
+from difflm.systems.registry import build_run
 from difflm.train.trainer import train
 
 from .test_trainer import _free_port, losses, tiny_overrides

@@ -15,8 +15,8 @@ from difflm.config import load_config  # noqa: E402
 from difflm.errors import DifflmError  # noqa: E402
 from difflm.pretrained import load_pretrained  # noqa: E402
 from difflm.serve.models import load_served  # noqa: E402
+from difflm.systems.registry import build_run  # noqa: E402
 from difflm.train import lora  # noqa: E402
-from difflm.train.systems import build_run  # noqa: E402
 from difflm.train.trainer import train  # noqa: E402
 from tests.qwen3_llada_fixtures import sft_overrides  # noqa: E402
 

@@ -18,7 +18,7 @@ from difflm.data.tokenizers import CharTokenizer
 from difflm.errors import DifflmError
 from difflm.pretrained import load_pretrained
 from difflm.systems.prefix_diffusion import PrefixDiffusionConfig, PrefixDiffusionTask
-from difflm.train.systems import build_run
+from difflm.systems.registry import build_run
 from difflm.train.trainer import split_batch, train
 
 LINES = ["春风吹过山岗", "夜里的河流", "我们在灯下读信", "雪落在远方", "大海是蓝色的梦", "一只鸟飞过屋顶"]

@@ -25,7 +25,7 @@ from difflm.models.block_attention import block_attention_bias
 from difflm.models.layers import padding_bias
 from difflm.pretrained import Pretrained
 from difflm.systems.qwen3_llada import sample
-from difflm.train.systems import build_run
+from difflm.systems.registry import build_run
 from difflm.train.trainer import collate
 from tests.qwen3_llada_fixtures import pretrain_overrides, save_tokenizer, sft_overrides
 

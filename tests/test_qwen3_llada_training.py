@@ -14,8 +14,8 @@ from transformers import AutoModelForMaskedLM, Qwen3Config, Qwen3ForCausalLM
 from difflm.commands import sample as sample_command
 from difflm.config import load_config
 from difflm.pretrained import load_pretrained
+from difflm.systems.registry import build_run
 from difflm.train.optim import build_optimizer
-from difflm.train.systems import build_run
 from difflm.train.trainer import train
 from tests.qwen3_llada_fixtures import pretrain_overrides, sft_overrides
 

@@ -22,9 +22,9 @@ from difflm.evaluate.sgdd import decode_vectors, eval_sgdd, sample_sgdd
 from difflm.models.sgdd import project_table
 from difflm.pretrained import load_pretrained
 from difflm.sampling.unmask import SampleConfig, infill
+from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder, split_examples, tokenize_targets
 from difflm.train.optim import build_optimizer
-from difflm.train.systems import build_run
 from difflm.train.trainer import collate, step_generator, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -28,8 +28,8 @@ from difflm.evaluate.sgdd_decode import (
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
 from difflm.pretrained import load_pretrained
+from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder
-from difflm.train.systems import build_run
 from difflm.train.trainer import train
 from tests.test_sgdd import SENTENCES, args, tiny_config
 

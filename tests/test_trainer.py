@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from difflm.config import load_config
 from difflm.errors import DifflmError
+from difflm.systems.registry import build_run
 from difflm.train import checkpoint as ckpt
-from difflm.train.systems import build_run
 from difflm.train.trainer import train
 
 TINY = [

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "Train a model from a recipe (YAML + dotted overrides)."),
     "sample": ("sample", "Generate from a checkpoint (iterative unmasking, or AR for causal models)."),
     "eval": ("eval", "Evaluate a checkpoint (ELBO perplexity bound, AR loss, system metrics)."),
+    "systems": ("systems", "List the systems (recipe tasks) and what each can do: train, eval, sample."),
     "compare": ("compare", "Diffusion vs autoregressive on one prompt: side-by-side GIF, speed."),
     "data": ("data", "List or fetch the named corpora."),
     "convert": ("convert", "Convert a Hugging Face checkpoint into a difflm diffusion model."),

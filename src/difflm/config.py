@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from difflm.errors import DifflmError
+from difflm.fields import opt
 
 DEVICE_NAMES = r"auto|cpu|mps|cuda(:\d+)?"
 MAX_INT = 2**63 - 1  # every int in a config fits a C int64 (seeds, steps, sizes)
@@ -47,14 +48,6 @@ def check_range(
             f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
         )
         raise DifflmError(f"{key} must be in {interval}, got {value}")
-
-
-def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
-    """A dataclass field with help text (and choices) kept next to its declaration."""
-    metadata = {"help": help, **({"choices": choices} if choices else {})}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
-    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
@@ -234,7 +227,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     task: str = opt(
-        "masked_diffusion", "What to train: the loss and batches (see difflm.train.systems.SYSTEMS)."
+        "masked_diffusion", "What to train: the loss and batches (see difflm.systems.registry.SYSTEMS)."
     )
     model: Any = opt(None, "Model section; `family` picks the model and its config dataclass.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data section."})

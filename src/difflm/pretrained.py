@@ -43,7 +43,7 @@ def load_pretrained(where: str | Path, device: str | torch.device = "cpu", verif
 
     if snapshots.is_snapshot(Path(where)):
         with offline_hub():
-            return snapshots.load_snapshot(Path(where), device)
+            return Pretrained(*snapshots.load_snapshot(Path(where), device), Path(where))
     path = ckpt.resolve_checkpoint(where, verify=verify)
     cfg = config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
     with offline_hub():

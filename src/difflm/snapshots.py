@@ -97,17 +97,16 @@ def load_tokenizer(path: Path, mask_token_id: int) -> HFTokenizer:
     return HFTokenizer(tok)
 
 
-def load_snapshot(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A `difflm.pretrained.Pretrained` (model in the denoiser protocol, tokenizer, a masked-diffusion
-    run config) for a snapshot folder."""
+def load_snapshot(
+    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, HFTokenizer, RunConfig]:
+    """The parts of a `difflm.pretrained.Pretrained` for a snapshot folder: the model in the denoiser
+    protocol, its tokenizer and a masked-diffusion run config."""
     from difflm.models.decoder import as_denoiser
-    from difflm.pretrained import Pretrained
 
     check_snapshot(path)
     model = as_denoiser(load_model(path, device, dtype))
-    return Pretrained(
-        model, load_tokenizer(path, model.mask_token_id), RunConfig(task="masked_diffusion"), path
-    )
+    return model, load_tokenizer(path, model.mask_token_id), RunConfig(task="masked_diffusion")
 
 
 # ----------------------------------------------------------------------------- key mapping

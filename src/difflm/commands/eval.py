@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import pkgutil
 import time
-from typing import TYPE_CHECKING
 
 from difflm.errors import DifflmError
 from difflm.evaluate import poem_completion
-
-if TYPE_CHECKING:
-    from difflm.pretrained import Pretrained
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,54 +95,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
-    from difflm.evaluate.likelihood import elbo_nll
-    from difflm.train.systems import text_blocks
-
-    _, _, val = text_blocks(pre.config.data, pre.tokenizer)
-    block_length = args.block_length or pre.config.diffusion.block_length
-    nll = elbo_nll(
-        pre.model,
-        val,
-        schedule=pre.config.diffusion.schedule,
-        mask_token_id=pre.tokenizer.mask_token_id,
-        vocab_size=pre.tokenizer.vocab_size,
-        batch_size=args.batch_size,
-        samples=args.samples,
-        seed=args.seed,
-        max_batches=args.max_batches,
-        block_length=block_length,
-    )
-    return {
-        "val_elbo_nll": nll,
-        "val_ppl_bound": math.exp(nll),
-        "samples": args.samples,
-        "block_length": block_length,
-    }
-
-
-def eval_autoregressive(pre: Pretrained, args: argparse.Namespace) -> dict:
-    from difflm.evaluate.likelihood import ar_nll
-    from difflm.train.systems import text_blocks
-
-    _, _, val = text_blocks(pre.config.data, pre.tokenizer)
-    nll = ar_nll(pre.model, val, batch_size=args.batch_size, max_batches=args.max_batches)
-    return {"val_loss": nll, "val_ppl": math.exp(nll)}
-
-
-# task -> "module:function" (imported when used)
-EVALUATORS: dict[str, str] = {
-    "masked_diffusion": f"{__name__}:eval_masked_diffusion",
-    "qwen3_llada_pretrain": f"{__name__}:eval_masked_diffusion",  # full attention (no block bias)
-    "autoregressive": f"{__name__}:eval_autoregressive",
-    "sgdd": "difflm.evaluate.sgdd:eval_sgdd",
-    "prefix_diffusion": "difflm.systems.prefix_diffusion:eval_prefix_system",
-    "poems_ar": "difflm.systems.prefix_diffusion:eval_prefix_system",
-    "teacher_forcing": "difflm.evaluate.forcing:eval_forcing",
-    "diffusion_forcing": "difflm.evaluate.forcing:eval_forcing",
-}
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Counts checked before anything is loaded (`--max-batches 0` would otherwise mean 'all')."""
     for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length", "best_of"):
@@ -202,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from difflm.pretrained import load_pretrained
+    from difflm.systems.registry import get_system, resolve
     from difflm.train.trainer import autocast, resolve_device
 
     check_args(args)
@@ -213,14 +160,15 @@ def run(args: argparse.Namespace) -> int:
         raise DifflmError(
             f"--split {args.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
         )
-    if pre.config.task not in EVALUATORS:
-        raise DifflmError(f"no evaluator for task '{pre.config.task}'; known: {', '.join(EVALUATORS)}")
+    system = get_system(pre.config.task)
+    if system.evaluate is None:
+        raise DifflmError(f"task '{system.name}' has no evaluator (see difflm systems)")
     start = time.perf_counter()
     with autocast(torch.device(args.device), args.precision):
         metrics = {
             "checkpoint": str(pre.path),
             "task": pre.config.task,
-            **pkgutil.resolve_name(EVALUATORS[pre.config.task])(pre, args),
+            **resolve(system.evaluate)(pre, args),
         }
     metrics["precision"] = args.precision
     metrics["seconds"] = round(time.perf_counter() - start, 2)

@@ -3,7 +3,7 @@
 Masked-diffusion checkpoints go through the one unmasking engine (`difflm.sampling.unmask`),
 autoregressive ones through the KV-cached AR decoder; both can be traced, animated to a GIF or
 HTML page, and replayed live in the terminal. torch and the samplers are imported when a command
-runs (`SAMPLERS` names them), so `difflm sample --help` stays fast.
+runs (the system registry names them), so `difflm sample --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pkgutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,9 +22,7 @@ from difflm.errors import DifflmError
 if TYPE_CHECKING:
     import torch
 
-    from difflm.pretrained import Pretrained
     from difflm.sampling.trace import Trace
-    from difflm.sampling.unmask import SampleConfig, SampleResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,100 +159,6 @@ def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[tor
     return ids, mask
 
 
-def sample_config(args: argparse.Namespace, tokenizer, bd3_block: int | None = None) -> SampleConfig:
-    """The engine's settings from the flags; a block-diffusion checkpoint (`bd3_block` K) decodes
-    block-causally in blocks of K unless --block-length says otherwise."""
-    from difflm.sampling.unmask import SampleConfig
-
-    return SampleConfig(
-        gen_length=args.gen_length,
-        steps=args.gen_length if args.steps is None else args.steps,
-        block_length=args.block_length or bd3_block,
-        block_causal=bd3_block is not None,
-        reveal_schedule=args.reveal_schedule,
-        remasking=args.remasking,
-        threshold=args.threshold,
-        factor=args.factor,
-        cache=args.cache,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        mode=args.mode,
-        cfg_scale=args.cfg_scale or 0.0,
-        suppress_tokens=sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id),
-    )
-
-
-def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
-    if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
-        raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
-    from difflm.sampling.unmask import generate
-
-    cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
-    config = getattr(pre.model, "config", None)
-    max_length = (
-        getattr(config, "block_size", None)  # difflm transformer, SGDD
-        or getattr(config, "max_position_embeddings", None)  # Qwen3-LLaDA
-        or getattr(pre.model, "max_length", None)  # HF masked LMs
-    )
-    return generate(
-        pre.model,
-        ids,
-        cfg,
-        attention_mask=mask,
-        generator=generator,
-        trace=bool(args.animate or args.live),
-        max_length=max_length,
-    )
-
-
-def sample_autoregressive(
-    pre: Pretrained, args: argparse.Namespace, ids, mask, generator, use_cache: bool = True
-) -> SampleResult:
-    """KV-cached decoding; `use_cache=False` (models without a cache, e.g. DFGPT in teacher-forcing
-    mode) recomputes a sliding window of block_size tokens, so it may run past the model's length."""
-    from difflm.sampling.autoregressive import generate_ar
-
-    if args.gen_length < 1:
-        raise DifflmError(f"--gen-length must be >= 1, got {args.gen_length}")
-    limit = pre.model.config.block_size
-    if use_cache and ids.shape[1] + args.gen_length > limit:
-        raise DifflmError(
-            f"prompt of {ids.shape[1]} tokens + gen length {args.gen_length} exceeds the model's length {limit}; "
-            "shorten the prompt or lower --gen-length"
-        )
-    return generate_ar(
-        pre.model,
-        ids,
-        max_new_tokens=args.gen_length,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        generator=generator,
-        attention_mask=mask,
-        trace=bool(args.animate or args.live),
-        use_cache=use_cache,
-    )
-
-
-def sample_uncached(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
-    return sample_autoregressive(pre, args, ids, mask, generator, use_cache=False)
-
-
-# task -> "module:function" (imported when used): samplers of whole texts, and of prompts to continue
-TEXT_SAMPLERS: dict[str, str] = {"sgdd": "difflm.evaluate.sgdd:sample_sgdd"}
-SAMPLERS: dict[str, str] = {
-    "qwen3_llada_pretrain": "difflm.systems.qwen3_llada:sample",
-    "qwen3_llada_sft": "difflm.systems.qwen3_llada:sample",
-    "masked_diffusion": f"{__name__}:sample_masked",
-    "prefix_diffusion": f"{__name__}:sample_masked",
-    "poems_ar": f"{__name__}:sample_autoregressive",
-    "autoregressive": f"{__name__}:sample_autoregressive",
-    "teacher_forcing": f"{__name__}:sample_uncached",
-    "diffusion_forcing": "difflm.systems.forcing:sample_diffusion_forcing",
-}
-
-
 def corpus_words(name_or_path: str) -> set[str]:
     """The set of words of a corpus (a name from `difflm data list` or a text file)."""
     from difflm.data.corpora import resolve_corpus
@@ -346,22 +249,24 @@ def run(args: argparse.Namespace) -> int:
 
     from difflm.evaluate.metrics import word_quality
     from difflm.pretrained import load_pretrained
+    from difflm.systems.registry import get_system, resolve
     from difflm.train.trainer import resolve_device
 
     check_args(args)
     resolve_device(args.device, "--device")
     pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
     check_task_flags(pre.config.task, args)
-    if pre.config.task in TEXT_SAMPLERS:  # conditioned on whole texts, not prompts to continue
-        return pkgutil.resolve_name(TEXT_SAMPLERS[pre.config.task])(pre, args)
-    if pre.config.task not in SAMPLERS:
-        raise DifflmError(f"no sampler for task '{pre.config.task}'; known: {', '.join(SAMPLERS)}")
+    system = get_system(pre.config.task)
+    if system.sample_texts:  # conditioned on whole texts, not prompts to continue
+        return resolve(system.sample_texts)(pre, args)
+    if system.sample is None:
+        raise DifflmError(f"task '{system.name}' has no sampler (see difflm systems)")
     prompts = read_prompts(args)
     ids, mask = encode_batch(pre.tokenizer, prompts, chat=args.chat)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     with torch.no_grad():
-        sampler = pkgutil.resolve_name(SAMPLERS[pre.config.task])
+        sampler = resolve(system.sample)
         result = sampler(pre, args, ids.to(args.device), mask.to(args.device), generator)
     seconds = time.perf_counter() - start
     vocabulary = corpus_words(args.word_check) if args.word_check else None

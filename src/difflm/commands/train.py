@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflm.train.systems import build_run
+    from difflm.systems.registry import build_run
     from difflm.train.trainer import train
 
     if args.help_config:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflm.config import system_config
+from difflm.data.blocks import text_blocks
 from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import ar_nll
 from difflm.evaluate.metrics import bleu, chrf
@@ -35,7 +36,6 @@ from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.forcing import sample_forcing
 from difflm.systems.forcing import ForcingSystemConfig, sampling_diffusion
-from difflm.train.systems import text_blocks
 from difflm.train.trainer import collate
 
 

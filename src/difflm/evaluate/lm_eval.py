@@ -33,9 +33,9 @@ from lm_eval.api.registry import model_registry
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from difflm.config import opt
 from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import continuation_elbo
+from difflm.fields import opt
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.cache import CACHE_MODES
 from difflm.sampling.settings import REMASKING, SampleConfig

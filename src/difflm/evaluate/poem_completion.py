@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from difflm.config import opt
 from difflm.data.poems import SEPARATOR, load_poems, load_split, poem_text
 from difflm.data.tokenizers import Tokenizer
 from difflm.errors import DifflmError
 from difflm.evaluate.metrics import chrf, token_accuracy
+from difflm.fields import opt
 from difflm.models.layers import KVCache
 from difflm.models.transformer import Transformer
 from difflm.pretrained import Pretrained, load_pretrained

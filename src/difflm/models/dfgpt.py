@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflm.config import opt
 from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.errors import DifflmError
+from difflm.fields import opt
 from difflm.models.layers import GeluMLP, timestep_embedding
 
 FUSIONS = ("add", "concat")

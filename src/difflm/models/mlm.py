@@ -42,8 +42,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from difflm.config import opt
 from difflm.errors import DifflmError
+from difflm.fields import opt
 
 log = logging.getLogger(__name__)
 

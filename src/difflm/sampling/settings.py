@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from difflm.config import opt
 from difflm.errors import DifflmError
+from difflm.fields import opt
 from difflm.sampling.cache import CACHE_MODES
 from difflm.sampling.draw import REVEAL_SCHEDULES
 
@@ -124,3 +125,25 @@ class SampleConfig:
         """Sizes of the blocks covering n positions (the last one may be shorter)."""
         size = n if self.block_length is None else min(self.block_length, n)
         return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+def sample_config(args: Any, tokenizer: Any, bd3_block: int | None = None) -> SampleConfig:
+    """The engine's settings from `difflm sample`'s flags (`args`, a namespace); a block-diffusion
+    checkpoint (`bd3_block` K) decodes block-causally in blocks of K unless --block-length says otherwise."""
+    return SampleConfig(
+        gen_length=args.gen_length,
+        steps=args.gen_length if args.steps is None else args.steps,
+        block_length=args.block_length or bd3_block,
+        block_causal=bd3_block is not None,
+        reveal_schedule=args.reveal_schedule,
+        remasking=args.remasking,
+        threshold=args.threshold,
+        factor=args.factor,
+        cache=args.cache,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        mode=args.mode,
+        cfg_scale=args.cfg_scale or 0.0,
+        suppress_tokens=sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id),
+    )

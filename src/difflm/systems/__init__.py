@@ -1,1 +1,1 @@
-"""System builders: one module per system, registered in difflm.train.systems.SYSTEMS."""
+"""Systems: one module per system (build, evaluate, sample), all listed in `registry.SYSTEMS`."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from difflm.config import RunConfig, model_family, opt, system_config
+from difflm.data.blocks import text_blocks
 from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.errors import DifflmError
 from difflm.models import build_model
@@ -87,8 +88,6 @@ def build_forcing(cfg: RunConfig) -> Run:
     """The `teacher_forcing` / `diffusion_forcing` system: DFGPT on packed text blocks."""
     if model_family(cfg.model) != "dfgpt":
         raise DifflmError(f"task '{cfg.task}' trains model.family=dfgpt, got {model_family(cfg.model)}")
-    from difflm.train.systems import text_blocks  # here: train.systems imports this module for SYSTEMS
-
     system_config(cfg, ForcingSystemConfig)  # validate the sampling defaults now, not at eval time
     tokenizer, train, val = text_blocks(cfg.data)
     flag = cfg.model.use_diffusion_forcing

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from difflm.config import RunConfig, model_family, opt, system_config
+from difflm.data.blocks import text_blocks
 from difflm.data.poems import SPLITS, load_split
 from difflm.data.prefix import DEFAULT_RATES, IGNORE_INDEX, PrefixCollator
 from difflm.data.tokenizers import CharTokenizer, HFTokenizer, Tokenizer, build_tokenizer
@@ -45,6 +46,7 @@ from difflm.models import build_model
 from difflm.models.layers import padding_bias
 from difflm.models.mlm import hf_config_dict, load_mlm
 from difflm.pretrained import Pretrained
+from difflm.systems.text import fill_derived
 from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import Run
 
@@ -117,8 +119,6 @@ def poem_tokenizer(split_dir: str | Path, spec: str) -> Tokenizer:
 
 def run_data(cfg: RunConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, object, object]:
     """(tokenizer, train, val): padded poems from a split folder, else packed text blocks."""
-    from difflm.train.systems import text_blocks  # here: train.systems imports this module
-
     if not is_poem_split(cfg.data.path):
         return text_blocks(cfg.data, tokenizer)
     tokenizer = tokenizer or poem_tokenizer(cfg.data.path, cfg.data.tokenizer)
@@ -242,8 +242,6 @@ def _json_safe(data: dict) -> dict:
 
 
 def build_prefix_diffusion(cfg: RunConfig) -> Run:
-    from difflm.train.systems import fill_derived
-
     scfg = system_config(cfg, PrefixDiffusionConfig)
     _check_lengths(cfg, scfg)
     family = model_family(cfg.model)
@@ -261,8 +259,6 @@ def build_prefix_diffusion(cfg: RunConfig) -> Run:
 def build_poems_ar(cfg: RunConfig) -> Run:
     if model_family(cfg.model) != "transformer":
         raise DifflmError(f"task 'poems_ar' trains model.family=transformer, got {model_family(cfg.model)}")
-    from difflm.train.systems import fill_derived
-
     tokenizer, train, val = run_data(cfg)
     fill_derived(cfg, tokenizer, causal=True)
     return Run(build_model("transformer", cfg.model), DocumentARTask(), train, val, tokenizer)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from difflm.config import RunConfig, model_family, opt, system_config
+from difflm.data.blocks import text_blocks
 from difflm.data.conversations import conversation_splits
 from difflm.data.tokenizers import Tokenizer, build_tokenizer
 from difflm.errors import DifflmError
@@ -33,9 +34,10 @@ from difflm.models.block_attention import block_attention_bias
 from difflm.models.layers import KVCache
 from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada, load_qwen3_llada
 from difflm.pretrained import Pretrained
+from difflm.sampling.settings import sample_config
 from difflm.sampling.unmask import SampleResult, generate
 from difflm.train.tasks import MaskedDiffusionTask
-from difflm.train.trainer import Run
+from difflm.train.trainer import Run, evaluate_loss
 
 Batch = dict[str, Tensor]
 FAMILY = "qwen3_llada"
@@ -130,8 +132,6 @@ def build_task(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusionTask:
 
 
 def build_pretrain(cfg: RunConfig) -> Run:
-    from difflm.train.systems import text_blocks  # here: train.systems imports this module
-
     _check_family(cfg)
     if cfg.diffusion.loss == "sft":
         raise DifflmError(
@@ -143,18 +143,34 @@ def build_pretrain(cfg: RunConfig) -> Run:
     return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
 
 
-def build_sft(cfg: RunConfig) -> Run:
-    _check_family(cfg)
-    tokenizer = _hf_tokenizer(cfg)
-    train, val = conversation_splits(
+def sft_splits(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[object, object]:
+    """(train, val): one padded example per conversation record."""
+    return conversation_splits(
         cfg.data.path,
         tokenizer,
         cfg.data.block_size,
         cfg.data.val_fraction,
         field=cfg.data.field or "conversations",
     )
+
+
+def build_sft(cfg: RunConfig) -> Run:
+    _check_family(cfg)
+    tokenizer = _hf_tokenizer(cfg)
+    train, val = sft_splits(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
     return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
+
+
+def eval_sft(pre: Pretrained, args: argparse.Namespace) -> dict:
+    """`difflm eval CKPT` for qwen3_llada_sft: the training loss (`diffusion.loss`, answers only,
+    under the training bias) on the held-out conversations, with a fixed noise seed. The packed-text
+    ELBO of `qwen3_llada_pretrain` does not apply: SFT data are conversation records, not text."""
+    val = sft_splits(pre.config, pre.tokenizer)[1]
+    tc = dataclasses.replace(pre.config.train, batch_size=args.batch_size, precision="fp32", seed=args.seed)
+    task = build_task(pre.config, pre.tokenizer)
+    batches = args.max_batches or max(1, len(val) // args.batch_size)
+    return {"val_loss": evaluate_loss(pre.model, task, val, tc, batches=batches)}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -202,8 +218,6 @@ def sample(
 ) -> SampleResult:
     """`difflm sample` on a Qwen3-LLaDA checkpoint. `--block-attention` samples under the block bias
     of training; an SFT checkpoint may generate EOS and fills everything after its first EOS."""
-    from difflm.commands.sample import sample_config  # here: commands.sample imports this module
-
     cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
     eos = pre.tokenizer.eos_token_id
     if pre.config.task == "qwen3_llada_sft" and eos is not None:

@@ -35,8 +35,13 @@ from difflm.systems.sgdd import SGDDSystemConfig, build_examples, load_encoder, 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="append", default=[], metavar="NAME=PATH", help="a finished run (repeat)")
     p.add_argument(
-        "--run", action="append", required=True, metavar="NAME=PATH", help="a finished run (repeat)"
+        "--merge",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an earlier --out folder or partial_NAME.json (repeat)",
     )
     p.add_argument("--out", required=True, help="results folder (e.g. docs/results/sgdd)")
     p.add_argument("--grid", default="1:0,4:0,8:0,1:2,8:2", help="N:R settings, comma-separated")

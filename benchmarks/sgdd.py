@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,13 +61,12 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
 
 
 def training_minutes(run: Path) -> float:
-    """From the log's creation to its last write (the run's wall time, evaluation included)."""
+    """From the log's creation to its last write (the run's wall time, evaluation included);
+    the creation time comes from GNU `stat`, since Python's os.stat has no birth time on Linux."""
     log = run / "log.jsonl"
-    born = os.stat(log).st_birthtime if hasattr(os.stat(log), "st_birthtime") else None
-    if born is None:
-        import subprocess
-
-        born = float(subprocess.run(["stat", "-c", "%W", str(log)], capture_output=True, text=True).stdout)
+    born = float(
+        subprocess.run(["stat", "-c", "%W", str(log)], capture_output=True, text=True, check=True).stdout
+    )
     return (log.stat().st_mtime - born) / 60
 
 

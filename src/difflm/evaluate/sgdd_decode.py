@@ -259,9 +259,9 @@ def token_logprobs(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor) 
         if not masked.any():
             continue
         inputs = ids.masked_fill(masked, pre.tokenizer.mask_token_id).to(device)
-        logits = pre.model(inputs, attention_bias=bias, cond=vectors.to(device)).float().cpu()  # [B, W, V]
-        logp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]  # [B, W]
-        out = torch.where(masked, logp, out)
+        at = masked.to(device)  # only the scored positions go through the vocabulary projection
+        logits = pre.model(inputs, attention_bias=bias, cond=vectors.to(device), logits_at=at)  # [N, V]
+        out[masked] = logits.float().cpu().log_softmax(-1).gather(-1, ids[masked][:, None])[:, 0]
     return out
 
 

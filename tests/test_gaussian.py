@@ -267,3 +267,19 @@ def test_q_sample_coefficients_come_from_float64():
     k = torch.arange(-1, 1000)
     sa, s1a = diff._coefs(k)
     assert torch.equal(sa[:, 0], a.sqrt().float()) and torch.equal(s1a[:, 0], (1 - a).sqrt().float())
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_snr_scale_multiplies_every_level_snr(scale):
+    """snr_scale s: SNR'(k) = s SNR(k) at every level, clean stays clean, s = 1 is the plain schedule."""
+    plain, shifted = make(), make(snr_scale=scale)
+    k = torch.arange(1000)
+    a = torch.cumprod(1 - make_betas("cosine", 1000), dim=0)  # float64
+    torch.testing.assert_close(shifted.snr(k), (scale * a / (1 - a)).float(), rtol=1e-6, atol=0)
+    assert shifted.alpha_bar(torch.tensor(-1)) == 1.0
+    assert torch.equal(make(snr_scale=1.0).alpha_bar(k), plain.alpha_bar(k))
+
+
+def test_snr_scale_must_be_positive():
+    with pytest.raises(DifflmError, match="snr_scale must be > 0"):
+        GaussianConfig(snr_scale=0.0)

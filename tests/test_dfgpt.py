@@ -126,6 +126,19 @@ def test_diffusion_loss_parts_and_determinism():
     assert model.wte.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
 
 
+def test_target_grad_off_detaches_only_the_diffusion_target():
+    """Same loss either way; without target_grad the embeddings get the gradient of a detached target."""
+    idx, grads, losses = tokens(), {}, {}
+    for flag in (True, False):
+        torch.manual_seed(0)
+        model = DFGPT(config(use_diffusion_forcing=True, target_grad=flag))
+        loss, _ = model.diffusion_loss(idx, torch.Generator().manual_seed(3))
+        loss.backward()
+        losses[flag], grads[flag] = loss.item(), model.wte.weight.grad.clone()
+    assert losses[True] == losses[False]
+    assert not torch.equal(grads[True], grads[False])
+
+
 def test_diffusion_forcing_overfits_one_batch():
     torch.manual_seed(0)
     model = DFGPT(config(use_diffusion_forcing=True))

@@ -10,7 +10,7 @@ and a linear head returns the objective's prediction in embedding space: `model(
 
 Clean embeddings and rounding.  The clean target of token w is `sqrt(D) * wte[w] / |wte[w]|`:
 unit RMS per dimension, the scale of the unit-variance noise.  Gradients flow into `wte` through
-both the input and the target; the fixed norm removes the collapse where all embeddings shrink to 0
+both the input and the target (`target_grad=False`: the input and the rounding head only); the fixed norm removes the collapse where all embeddings shrink to 0
 (noise-free x_t would make every objective trivial), and the rounding cross-entropy, with logits
 `x0_hat . wte[w] / |wte[w]|` (the tied embedding, normalised), keeps tokens apart.  Because every
 clean embedding has the same norm, nearest-embedding decoding equals the argmax of these logits.
@@ -46,6 +46,11 @@ class DFGPTConfig:
         False, "False: plain GPT (next-token loss). True: Diffusion Forcing denoiser in embedding space."
     )
     fusion: str = opt("add", "How the noise-level embedding joins the token: add, or concat + MLP.", FUSIONS)
+    target_grad: bool = opt(
+        True,
+        "Let the diffusion loss move the embeddings through its clean target; false detaches the "
+        "target, so the loss cannot shrink by pulling the embeddings of different tokens together.",
+    )
     gaussian: GaussianConfig = field(
         default_factory=GaussianConfig,
         metadata={"help": "Gaussian diffusion (used when use_diffusion_forcing)."},
@@ -222,7 +227,8 @@ class DFGPT(nn.Module):
         noise = noise.to(x0.device)
         x_t = diff.q_sample(x0, k, noise)
         pred = (net or self)(x_t, k)  # [B, L, D]
-        loss_diffusion = diff.training_loss(pred, x0, noise, k)
+        target = x0 if self.config.target_grad else x0.detach()
+        loss_diffusion = diff.training_loss(pred, target, noise, k)
         x0_hat, _ = diff.split_prediction(pred, x_t, k)
         logits = self.round_logits(x0_hat.clamp(-gcfg.clip_noise, gcfg.clip_noise))  # [B, L, V]
         nll = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())

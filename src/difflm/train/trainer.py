@@ -180,11 +180,60 @@ def _open_sink(name: str, output_dir: Path, run_config: dict):
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Loop:
+    """What every step needs, built once by `train`: one object instead of a long argument list."""
+
+    cfg: RunConfig
+    run: Run
+    model: nn.Module  # the bare model: evaluation and checkpoints
+    wrapped: nn.Module  # what the step calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    rank: int
+    world_size: int
+    logger: Logger
+    stop: int  # the last step of this invocation
+
+
 def train(cfg: RunConfig, run: Run) -> TrainState:
     """Train `run` as configured; returns the final state. Resumable and DDP-aware."""
     init_distributed()
     rank, world_size = world()
     tc = cfg.train
+    _check_batch(tc, run, world_size)
+    claim_output_dir(tc, is_writer=rank == 0)
+    if world_size > 1:
+        dist.barrier()  # the writer may have moved an old run aside
+    loop, state = _setup(cfg, run, rank, world_size)
+    bar = tqdm(
+        total=loop.stop,
+        initial=state.step,
+        disable=rank != 0 or not tc.progress,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    try:
+        with StopSignals() as signals:
+            while state.step < loop.stop:
+                record = _train_step(loop, state)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
+                stopping = _any_rank(signals.requested is not None, loop.device)
+                _after_step(loop, state, record, stopping)
+                if stopping:
+                    raise TrainingInterrupted(
+                        f"stopped by {signals.requested or 'a signal'} after step {state.step} (checkpoint "
+                        f"saved): continue with train.resume=latest train.output_dir={tc.output_dir}"
+                    )
+    finally:
+        bar.close()
+        loop.logger.close()
+    return state
+
+
+def _check_batch(tc: TrainConfig, run: Run, world_size: int) -> None:
     if tc.batch_size % (world_size * tc.grad_accum):
         raise DifflmError(
             f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
@@ -195,9 +244,11 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
             f"the training split has {len(run.train_data)} sequences, fewer than train.batch_size={tc.batch_size}: "
             "lower train.batch_size or data.block_size, or use more data"
         )
-    claim_output_dir(tc, is_writer=rank == 0)
-    if world_size > 1:
-        dist.barrier()  # the writer may have moved an old run aside
+
+
+def _setup(cfg: RunConfig, run: Run, rank: int, world_size: int) -> tuple[Loop, TrainState]:
+    """Model on its device (adapters, shards), optimizer, loss scale, resumed state and logger."""
+    tc = cfg.train
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     model = run.model.to(device)
@@ -218,26 +269,8 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
     wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 and not sharded else model
     logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
     stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
-    bar = tqdm(
-        total=stop, initial=state.step, disable=rank != 0 or not tc.progress, desc="train", dynamic_ncols=True
-    )
-    try:
-        with StopSignals() as signals:
-            while state.step < stop:
-                record = _train_step(cfg, run, wrapped, optimizer, scaler, state, device, rank, world_size)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
-                stopping = _any_rank(signals.requested is not None, device)
-                _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, stopping)
-                if stopping:
-                    raise TrainingInterrupted(
-                        f"stopped by {signals.requested or 'a signal'} after step {state.step} (checkpoint "
-                        f"saved): continue with train.resume=latest train.output_dir={tc.output_dir}"
-                    )
-    finally:
-        bar.close()
-        logger.close()
-    return state
+    loop = Loop(cfg, run, model, wrapped, optimizer, scaler, device, rank, world_size, logger, stop)
+    return loop, state
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -249,13 +282,13 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
-def _train_step(cfg, run, model, optimizer, scaler, state, device, rank, world_size) -> dict:
-    tc = cfg.train
+def _train_step(loop: Loop, state: TrainState) -> dict:
+    tc, run, model, device, scaler = loop.cfg.train, loop.run, loop.wrapped, loop.device, loop.scaler
     t0 = time.perf_counter()
     batch = collate([run.train_data[i] for i in _next_indices(run, tc, state)])
     torch.manual_seed(tc.seed + state.step)  # dropout: a function of the step, like the noise
     prepared = run.task.prepare(batch, step_generator(tc.seed, state.step))
-    local = split_batch(prepared, world_size, rank)
+    local = split_batch(prepared, loop.world_size, loop.rank)
     model.train()
     total, metrics = 0.0, {}
     for i in range(tc.grad_accum):
@@ -272,12 +305,12 @@ def _train_step(cfg, run, model, optimizer, scaler, state, device, rank, world_s
             f"loss became {total} at step {state.step}: lower train.lr or use train.precision=fp32"
         )
     lr = get_lr(state.step, tc)
-    set_lr(optimizer, lr)
-    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+    set_lr(loop.optimizer, lr)
+    scaler.unscale_(loop.optimizer)  # clip the true gradients (a no-op unless fp16)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale backs off
+    scaler.step(loop.optimizer)  # fp16: skipped when a gradient overflowed, and the scale backs off
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    loop.optimizer.zero_grad(set_to_none=True)
     loss_value = _mean_across(total, device)
     tokens = prepared["input_ids"].numel()
     state.step += 1
@@ -312,41 +345,48 @@ def _mean_across(value: float, device: torch.device) -> float:
     return tensor.item() / world_size
 
 
-def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, stopping=False) -> None:
-    tc = cfg.train
-    last = state.step == stop
+def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = False) -> None:
+    tc = loop.cfg.train
+    last = state.step == loop.stop
     if state.step % tc.log_every == 0 or last or stopping:
-        logger.log(record, echo=not tc.progress)
+        loop.logger.log(record, echo=not tc.progress)
     if (tc.eval_every and state.step % tc.eval_every == 0) or last:
-        state.val_loss = evaluate_loss(model, run.task, run.val_data, tc)
-        logger.log({"step": state.step, "val_loss": state.val_loss})
+        state.val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
+        loop.logger.log({"step": state.step, "val_loss": state.val_loss})
     if (tc.save_every and state.step % tc.save_every == 0) or last or stopping:
-        if fsdp.is_sharded(model):
-            fsdp.save_sharded(
-                tc.output_dir,
-                state.step,
-                model=model,
-                optimizer=optimizer,
-                build=lambda: build_model(model_family(cfg.model), cfg.model),
-                run_config=to_dict(cfg),
-                trainer_state=asdict(state),
-                tokenizer=run.tokenizer,
-                keep_last=tc.keep_last,
-            )
-        elif rank == 0:
-            ckpt.save_checkpoint(
-                tc.output_dir,
-                state.step,
-                model=model,
-                optimizer=optimizer,
-                run_config=to_dict(cfg),
-                trainer_state=asdict(state),
-                tokenizer=run.tokenizer,
-                keep_last=tc.keep_last,
-                extra_files=_adapter_files(cfg, model),
-            )
-        if world()[1] > 1:
-            dist.barrier()
+        _save(loop, state)
+
+
+def _save(loop: Loop, state: TrainState) -> None:
+    """The step folder: written by rank 0, or by every rank when FSDP shards the model."""
+    cfg, model = loop.cfg, loop.model
+    tc = cfg.train
+    if fsdp.is_sharded(model):
+        fsdp.save_sharded(
+            tc.output_dir,
+            state.step,
+            model=model,
+            optimizer=loop.optimizer,
+            build=lambda: build_model(model_family(cfg.model), cfg.model),
+            run_config=to_dict(cfg),
+            trainer_state=asdict(state),
+            tokenizer=loop.run.tokenizer,
+            keep_last=tc.keep_last,
+        )
+    elif loop.rank == 0:
+        ckpt.save_checkpoint(
+            tc.output_dir,
+            state.step,
+            model=model,
+            optimizer=loop.optimizer,
+            run_config=to_dict(cfg),
+            trainer_state=asdict(state),
+            tokenizer=loop.run.tokenizer,
+            keep_last=tc.keep_last,
+            extra_files=_adapter_files(cfg, model),
+        )
+    if loop.world_size > 1:
+        dist.barrier()
 
 
 def _adapter_files(cfg: RunConfig, model: nn.Module) -> list[Path]:

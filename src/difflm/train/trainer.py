@@ -8,6 +8,13 @@ uninterrupted run would have done, and 2 processes see the same noise as 1 (DDP 
 
 fp16 autocast gets a dynamic loss scale (torch.amp.GradScaler): without it small gradients
 underflow to zero in half precision. Its state lives in trainer_state.json, so resuming stays exact.
+
+Habits of nanoGPT and MDLM: `train.ema` keeps an average of the weights (train/ema.py) that
+validation and the inference weights use; `train.keep_best` writes checkpoints/best/ whenever the
+periodic val loss improves and `train.patience` stops a run that has stopped improving (the best
+loss and the evaluations since it live in TrainState, so a resumed run counts on exactly);
+`train.compile` compiles the model for the step; the log carries achieved `tflops` and, where the
+device's peak is known, `mfu` (train/flops.py).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from difflm.data.packing import batch_order
 from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.train import checkpoint as ckpt
-from difflm.train import fsdp, lora
+from difflm.train import flops, fsdp, lora
+from difflm.train.ema import EMA
 from difflm.train.optim import build_optimizer, get_lr, set_lr
 from difflm.train.run_folder import StopSignals, TrainingInterrupted, claim_output_dir, trim_log
 
@@ -63,6 +71,8 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     val_loss: float | None = None
+    best_val_loss: float | None = None  # the lowest periodic val loss so far (train.keep_best, patience)
+    evals_since_best: int = 0  # periodic evaluations since it
     grad_scaler: dict | None = None  # fp16's GradScaler state (scale, growth tracker), else None
 
 
@@ -187,7 +197,7 @@ class Loop:
     cfg: RunConfig
     run: Run
     model: nn.Module  # the bare model: evaluation and checkpoints
-    wrapped: nn.Module  # what the step calls: the model, or its DDP wrapper
+    wrapped: nn.Module  # what the step calls: the model, compiled and/or in its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
@@ -195,6 +205,10 @@ class Loop:
     world_size: int
     logger: Logger
     stop: int  # the last step of this invocation
+    ema: EMA | None = None
+    shape: tuple[int, int, int] | None = None  # (layers, heads, head width) for the FLOPs estimate
+    n_params: int = 0
+    peak_flops: float | None = None  # one device's FLOP/s, when known
 
 
 def train(cfg: RunConfig, run: Run) -> TrainState:
@@ -221,7 +235,9 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
                 stopping = _any_rank(signals.requested is not None, loop.device)
-                _after_step(loop, state, record, stopping)
+                if _after_step(loop, state, record, stopping):
+                    _log_early_stop(loop, state)
+                    break
                 if stopping:
                     raise TrainingInterrupted(
                         f"stopped by {signals.requested or 'a signal'} after step {state.step} (checkpoint "
@@ -258,18 +274,38 @@ def _setup(cfg: RunConfig, run: Run, rank: int, world_size: int) -> tuple[Loop, 
     if sharded:  # before the optimizer, which then holds sharded state
         model = fsdp.shard_model(model)
     optimizer = build_optimizer(model, tc)
-    state = TrainState()
+    state, ema = TrainState(), None
     if tc.resume:
-        state = _resume(tc, model, optimizer)
+        state, ema = _resume(tc, model, optimizer)
         if rank == 0:
             trim_log(tc.output_dir, state.step)  # steps after the checkpoint are replayed
+    if tc.ema and ema is None:
+        ema = EMA(model, tc.ema)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     if state.grad_scaler and scaler.is_enabled():
         scaler.load_state_dict(state.grad_scaler)
-    wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 and not sharded else model
+    wrapped = torch.compile(model) if tc.compile else model  # shares the model's parameters
+    if world_size > 1 and not sharded:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped)
     logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
     stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
-    loop = Loop(cfg, run, model, wrapped, optimizer, scaler, device, rank, world_size, logger, stop)
+    loop = Loop(
+        cfg,
+        run,
+        model,
+        wrapped,
+        optimizer,
+        scaler,
+        device,
+        rank,
+        world_size,
+        logger,
+        stop,
+        ema=ema,
+        shape=flops.attention_shape(getattr(model, "config", None)),
+        n_params=sum(p.numel() for p in model.parameters()),
+        peak_flops=flops.peak_flops(device, tc.peak_tflops),
+    )
     return loop, state
 
 
@@ -311,18 +347,32 @@ def _train_step(loop: Loop, state: TrainState) -> dict:
     scaler.step(loop.optimizer)  # fp16: skipped when a gradient overflowed, and the scale backs off
     scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
+    if loop.ema:
+        loop.ema.update()
     loss_value = _mean_across(total, device)
     tokens = prepared["input_ids"].numel()
     state.step += 1
     state.tokens_seen += tokens
-    elapsed = time.perf_counter() - t0
-    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tokens / elapsed, **metrics}
+    tok_s = tokens / (time.perf_counter() - t0)
+    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tok_s, **metrics}
+    record.update(_utilisation(loop, tok_s, prepared["input_ids"].shape[-1]))
     if grad_norm is not None:
         record["grad_norm"] = fsdp.full_value(grad_norm)
     if scaler.is_enabled():
         state.grad_scaler = scaler.state_dict()
         record["grad_scale"] = state.grad_scaler["scale"]
     return record
+
+
+def _utilisation(loop: Loop, tok_s: float, seq_len: int) -> dict[str, float]:
+    """Achieved TFLOP/s of all processes together and, when the device's peak is known, the MFU."""
+    if loop.shape is None:
+        return {}
+    achieved = flops.flops_per_token(loop.shape, loop.n_params, seq_len) * tok_s
+    out = {"tflops": achieved / 1e12}
+    if loop.peak_flops:
+        out["mfu"] = achieved / (loop.peak_flops * loop.world_size)
+    return out
 
 
 def _next_indices(run: Run, tc: TrainConfig, state: TrainState) -> list[int]:
@@ -345,16 +395,54 @@ def _mean_across(value: float, device: torch.device) -> float:
     return tensor.item() / world_size
 
 
-def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = False) -> None:
+def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = False) -> bool:
+    """Log, evaluate, save; True when train.patience ran out (the checkpoint is written then too)."""
     tc = loop.cfg.train
     last = state.step == loop.stop
     if state.step % tc.log_every == 0 or last or stopping:
         loop.logger.log(record, echo=not tc.progress)
-    if (tc.eval_every and state.step % tc.eval_every == 0) or last:
-        state.val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
+    periodic = bool(tc.eval_every) and state.step % tc.eval_every == 0 or state.step == tc.max_steps
+    out_of_patience = False
+    if periodic or last:
+        with loop.ema.applied() if loop.ema else contextlib.nullcontext():
+            state.val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
         loop.logger.log({"step": state.step, "val_loss": state.val_loss})
-    if (tc.save_every and state.step % tc.save_every == 0) or last or stopping:
+        # an early stop_at_step's evaluation is no periodic one: a resumed run must count the same
+        out_of_patience = periodic and _track_best(loop, state)
+    if (tc.save_every and state.step % tc.save_every == 0) or last or stopping or out_of_patience:
         _save(loop, state)
+    return out_of_patience and not last
+
+
+def _track_best(loop: Loop, state: TrainState) -> bool:
+    """Keep the best val loss (and checkpoints/best/); True when train.patience evaluations passed
+    without a better one."""
+    tc = loop.cfg.train
+    if state.best_val_loss is not None and state.val_loss >= state.best_val_loss:
+        state.evals_since_best += 1
+        return bool(tc.patience) and state.evals_since_best >= tc.patience
+    state.best_val_loss, state.evals_since_best = state.val_loss, 0
+    if tc.keep_best and loop.rank == 0:
+        ckpt.save_best(
+            tc.output_dir,
+            model=loop.model,
+            run_config=to_dict(loop.cfg),
+            trainer_state=asdict(state),
+            tokenizer=loop.run.tokenizer,
+            extra_files=_adapter_files(loop.cfg, loop.model),
+            ema=loop.ema,
+        )
+    if tc.keep_best and loop.world_size > 1:
+        dist.barrier()
+    return False
+
+
+def _log_early_stop(loop: Loop, state: TrainState) -> None:
+    reason = (
+        f"no better val loss than {state.best_val_loss:.4g} in {state.evals_since_best} evaluations "
+        f"(train.patience): stopped at step {state.step}, checkpoint saved"
+    )
+    loop.logger.log({"step": state.step, "early_stop": reason})
 
 
 def _save(loop: Loop, state: TrainState) -> None:
@@ -384,6 +472,7 @@ def _save(loop: Loop, state: TrainState) -> None:
             tokenizer=loop.run.tokenizer,
             keep_last=tc.keep_last,
             extra_files=_adapter_files(cfg, model),
+            ema=loop.ema,
         )
     if loop.world_size > 1:
         dist.barrier()
@@ -418,13 +507,20 @@ def evaluate_loss(
     return sum(losses) / len(losses)
 
 
-def _resume(tc: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def _resume(
+    tc: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[TrainState, EMA | None]:
+    """The checkpoint's weights, optimizer and state; its EMA when it kept one and we keep one."""
     path = ckpt.resolve_checkpoint(tc.resume, tc.output_dir)
+    ema = None
     if fsdp.is_sharded(model):
         fsdp.load_sharded(path, model, optimizer)
     else:
+        if tc.ema and (path / ckpt.EMA_FILE).is_file():  # the average first: EMA copies the model
+            ckpt.load_weights(model, path, ckpt.EMA_FILE)
+            ema = EMA(model, tc.ema)
         ckpt.load_weights(model, path)
         ckpt.load_optimizer(optimizer, path)
     data = ckpt.read_json(path / ckpt.STATE_FILE)
     tqdm.write(f"resumed from {path} at step {data['step']}")
-    return TrainState(**data)
+    return TrainState(**data), ema

@@ -242,7 +242,9 @@ class TrainConfig:
             raise DifflmError("train.lora with train.strategy=fsdp is not supported: use train.strategy=ddp")
         for key in ("ema", "keep_best"):
             if getattr(self, key) and self.strategy == "fsdp":
-                raise DifflmError(f"train.{key} with train.strategy=fsdp is not supported: use train.strategy=ddp")
+                raise DifflmError(
+                    f"train.{key} with train.strategy=fsdp is not supported: use train.strategy=ddp"
+                )
         for name in self.log_to:
             if name not in ("tensorboard", "wandb"):
                 raise DifflmError(f"train.log_to: unknown logger '{name}'; choose from tensorboard, wandb")

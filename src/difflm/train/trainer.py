@@ -395,6 +395,15 @@ def _mean_across(value: float, device: torch.device) -> float:
     return tensor.item() / world_size
 
 
+def _from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's value on every process, so that decisions taken on it agree across processes."""
+    if world()[1] == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, 0)
+    return tensor.item()
+
+
 def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = False) -> bool:
     """Log, evaluate, save; True when train.patience ran out (the checkpoint is written then too)."""
     tc = loop.cfg.train
@@ -405,7 +414,8 @@ def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = Fa
     out_of_patience = False
     if periodic or last:
         with loop.ema.applied() if loop.ema else contextlib.nullcontext():
-            state.val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
+            val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
+        state.val_loss = _from_rank0(val_loss, loop.device)  # best and patience: one decision
         loop.logger.log({"step": state.step, "val_loss": state.val_loss})
         # an early stop_at_step's evaluation is no periodic one: a resumed run must count the same
         out_of_patience = periodic and _track_best(loop, state)

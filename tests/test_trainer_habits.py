@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difflm.cli import main
 from difflm.config import load_config
 from difflm.errors import DifflmError
 from difflm.models.transformer import Transformer, TransformerConfig
@@ -135,9 +136,9 @@ def test_ema_is_the_hand_computed_average(tmp_path):
         assert state.val_loss == ScriptedTask().loss(held, {"input_ids": torch.stack(DATA[:4])})[0].item()
 
 
-def test_ema_resume_is_exact_and_eval_loads_the_average(tmp_path):
+def test_ema_resume_is_exact(tmp_path):
     extra = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2", "train.ema=0.9")
-    full = load_config(RECIPE, tiny_overrides(tmp_path, "full", *extra, "train.keep_best=true"))
+    full = load_config(RECIPE, tiny_overrides(tmp_path, "full", *extra))
     train(full, build_run(full))
     part = load_config(RECIPE, tiny_overrides(tmp_path, "part", *extra, "train.stop_at_step=2"))
     train(part, build_run(part))
@@ -147,11 +148,20 @@ def test_ema_resume_is_exact_and_eval_loads_the_average(tmp_path):
     for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE):
         a, b = (load_file(str(tmp_path / r / "checkpoints/step-4" / name)) for r in ("full", "part"))
         assert same(a, b), name
-    best = tmp_path / "full/checkpoints/best"
-    pre = load_pretrained(best)  # what `difflm eval RUN/checkpoints/best` and `sample` load
+
+
+def test_eval_and_sample_take_the_best_folder_with_its_average(tmp_path, capsys):
+    extra = ("train.max_steps=2", "train.eval_every=1", "train.ema=0.9", "train.keep_best=true")
+    cfg = load_config(RECIPE, tiny_overrides(tmp_path, "r", *extra))
+    train(cfg, build_run(cfg))
+    best = tmp_path / "r/checkpoints/best"
+    pre = load_pretrained(best)  # what `difflm eval` / `sample` / `serve` load
     ema = load_file(str(best / ckpt.EMA_FILE))
     assert pre.path == best and all(torch.equal(pre.model.state_dict()[k], ema[k]) for k in ema)
     assert not same(ema, load_file(str(best / ckpt.MODEL_FILE)))
+    assert main(["eval", str(best), "--device", "cpu"]) == 0
+    assert main(["sample", str(best), "--prompt", "the", "--gen-length", "8", "--device", "cpu"]) == 0
+    assert str(best) in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU

@@ -439,7 +439,7 @@ def _track_best(loop: Loop, state: TrainState) -> bool:
             run_config=to_dict(loop.cfg),
             trainer_state=asdict(state),
             tokenizer=loop.run.tokenizer,
-            extra_files=_adapter_files(loop.cfg, loop.model),
+            extra_files=_adapter_files(loop),
             ema=loop.ema,
         )
     if tc.keep_best and loop.world_size > 1:
@@ -481,19 +481,22 @@ def _save(loop: Loop, state: TrainState) -> None:
             trainer_state=asdict(state),
             tokenizer=loop.run.tokenizer,
             keep_last=tc.keep_last,
-            extra_files=_adapter_files(cfg, model),
+            extra_files=_adapter_files(loop),
             ema=loop.ema,
         )
     if loop.world_size > 1:
         dist.barrier()
 
 
-def _adapter_files(cfg: RunConfig, model: nn.Module) -> list[Path]:
-    """LoRA runs: the adapters alone, written beside the checkpoint for save_checkpoint to move in."""
-    if not cfg.train.lora.r:
+def _adapter_files(loop: Loop) -> list[Path]:
+    """LoRA runs: the adapters alone (averaged when train.ema is on, like every inference weight),
+    written beside the checkpoint for save_checkpoint to move in."""
+    tc = loop.cfg.train
+    if not tc.lora.r:
         return []
-    staging = ckpt.checkpoints_dir(cfg.train.output_dir) / ".adapters"
-    return lora.write_adapters(model, cfg.train.lora, model_family(cfg.model), staging)
+    staging = ckpt.checkpoints_dir(tc.output_dir) / ".adapters"
+    with loop.ema.applied() if loop.ema else contextlib.nullcontext():
+        return lora.write_adapters(loop.model, tc.lora, model_family(loop.cfg.model), staging)
 
 
 @torch.no_grad()

@@ -54,6 +54,19 @@ def test_lora_sft_trains_adapters_only_and_merges_for_serving(tmp_path) -> None:
     assert not served.autoregressive and not lora.has_adapters(served.pre.model)
 
 
+def test_lora_adapter_files_hold_the_ema_adapters(tmp_path) -> None:
+    extra = ("train.max_steps=2", "train.lora.r=4", "train.lr=1e-2", "train.ema=0.5")
+    cfg = load_config(None, sft_overrides(tmp_path, "sft", *extra))
+    train(cfg, build_run(cfg))
+    step = tmp_path / "sft/checkpoints/step-2"
+    adapters = load_file(str(step / lora.ADAPTER_FILE))
+    ema, raw = (load_file(str(step / name)) for name in ("ema.safetensors", "model.safetensors"))
+    named = {k.replace(".default.", "."): k for k in ema if ".lora_" in k}  # peft drops the adapter name
+    assert set(adapters) == set(named)
+    assert all(torch.equal(adapters[k], ema[named[k]]) for k in adapters)
+    assert not all(torch.equal(adapters[k], raw[named[k]]) for k in adapters)
+
+
 def _base_logits(cfg, weights: dict) -> torch.Tensor:
     from difflm.config import model_family
     from difflm.models import build_model

@@ -179,6 +179,22 @@ class TrainConfig:
     log_every: int = opt(10, "Log train metrics every N steps.")
     save_every: int = opt(500, "Checkpoint every N steps and at the end (0 = only at the end).")
     keep_last: int = opt(3, "Checkpoints to keep (0 = keep all).")
+    keep_best: bool = opt(
+        False, "Write the model to checkpoints/best/ whenever the periodic val loss improves."
+    )
+    patience: int = opt(
+        0, "Stop after this many evaluations without a better val loss, with a checkpoint (0 = off)."
+    )
+    ema: float = opt(
+        0.0,
+        "Decay of an exponential moving average of the weights (e.g. 0.9999; 0 = off): validation "
+        "and the inference weights (ema.safetensors) use it.",
+    )
+    compile: bool = opt(False, "torch.compile the model for training (pays on GPUs, rarely on CPUs).")
+    peak_tflops: float = opt(
+        0.0,
+        "Peak TFLOP/s of one device, for the MFU in the log (0 = look the CUDA GPU up; none on CPU).",
+    )
     resume: str | None = opt(None, "'latest', a step folder name like 'step-500', or a checkpoint path.")
     overwrite: bool = opt(
         False,
@@ -206,6 +222,8 @@ class TrainConfig:
             "eval_every",
             "save_every",
             "keep_last",
+            "patience",
+            "peak_tflops",
         ):
             check_range(f"train.{key}", getattr(self, key), 0)
         for key in ("beta1", "beta2"):
@@ -213,12 +231,20 @@ class TrainConfig:
         for key in ("log_every", "eval_batches", "stop_at_step"):
             check_range(f"train.{key}", getattr(self, key), 1)
         check_range("train.seed", self.seed, 0)
+        check_range("train.ema", self.ema, 0.0, 1.0, open_high=True)
+        if self.patience and not self.eval_every:
+            raise DifflmError("train.patience counts periodic evaluations: set train.eval_every > 0")
         if not re.fullmatch(DEVICE_NAMES, self.device):
             raise DifflmError(
                 f"train.device={self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
             )
         if self.lora.r and self.strategy == "fsdp":
             raise DifflmError("train.lora with train.strategy=fsdp is not supported: use train.strategy=ddp")
+        for key in ("ema", "keep_best"):
+            if getattr(self, key) and self.strategy == "fsdp":
+                raise DifflmError(
+                    f"train.{key} with train.strategy=fsdp is not supported: use train.strategy=ddp"
+                )
         for name in self.log_to:
             if name not in ("tensorboard", "wandb"):
                 raise DifflmError(f"train.log_to: unknown logger '{name}'; choose from tensorboard, wandb")

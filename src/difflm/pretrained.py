@@ -37,8 +37,9 @@ class Pretrained:
 
 
 def load_pretrained(where: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Pretrained:
-    """`where`: a step folder, a run folder (its latest checkpoint is used), or an HF snapshot of a
-    published diffusion LM (LLaDA, Dream, a converted Qwen3-LLaDA: `difflm.snapshots`)."""
+    """`where`: a step folder, a run folder (its latest checkpoint is used), `RUN/checkpoints/best`,
+    or an HF snapshot of a published diffusion LM (LLaDA, Dream, a converted Qwen3-LLaDA:
+    `difflm.snapshots`). A run that kept an EMA of its weights loads the average (ema.safetensors)."""
     from difflm import snapshots
 
     if snapshots.is_snapshot(Path(where)):
@@ -50,7 +51,7 @@ def load_pretrained(where: str | Path, device: str | torch.device = "cpu", verif
         model = build_model(model_family(cfg.model), cfg.model)
         if cfg.train.lora.r:  # trained with LoRA: load base + adapters, then merge them into the weights
             model = lora.add_adapters(model, cfg.train.lora, model_family(cfg.model))
-        ckpt.load_weights(model, path)
+        ckpt.load_weights(model, path, ckpt.inference_file(path))
         if cfg.train.lora.r:
             model = lora.merge(model)
         tokenizer = load_tokenizer(path)

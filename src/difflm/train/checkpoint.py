@@ -2,6 +2,8 @@
 
 Layout of `{output_dir}/checkpoints/step-{N}/`:
   model.safetensors      weights (a tied tensor stored once; its other names listed in the manifest)
+  ema.safetensors        (train.ema only) the averaged weights, same names: what `load_pretrained`
+                         loads for eval and sample; model.safetensors keeps the raw ones for resume
   optimizer.safetensors  optimizer tensors; param groups and scalars in the metadata
   difflm.json            the whole run config, so `sample`/`eval` need only this path
   trainer_state.json     step, epoch, batch in epoch, tokens seen, last val loss
@@ -14,7 +16,11 @@ The folder is written under a temporary name and renamed into place; `checkpoint
 (a one-line text file naming the step folder) is replaced after the rename. A crash at any moment
 leaves the last good checkpoint, and `latest`, untouched. Old checkpoints are pruned by renaming
 them to `.trash-step-N` first, so a kill while pruning never leaves a half-deleted step folder;
-leftover `.trash-*` / `.old-*` folders are removed by the next save.
+leftover `.trash-*` / `.old-*` folders are removed by the next save (an `.old-NAME` whose NAME
+is missing, a swap killed between its two renames, is renamed back instead).
+
+`checkpoints/best/` (train.keep_best) is the same layout without the optimizer, replaced by the
+same swap whenever the val loss improves; its trainer_state holds that step and val loss.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,7 +40,12 @@ from safetensors.torch import load_file, load_model, save_file
 
 from difflm.errors import DifflmError
 
+if TYPE_CHECKING:
+    from difflm.train.ema import EMA
+
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+BEST_NAME = "best"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RUN_CONFIG_FILE = "difflm.json"
 STATE_FILE = "trainer_state.json"
@@ -63,6 +74,7 @@ def save_checkpoint(
     tokenizer: Any = None,
     keep_last: int = 0,
     extra_files: Sequence[Path] = (),
+    ema: EMA | None = None,
 ) -> Path:
     """Write step folder `step-N` atomically; `extra_files` (written elsewhere, e.g. the FSDP
     shards of every rank) are moved in before the manifest."""
@@ -79,12 +91,25 @@ def save_checkpoint(
         optimizer=optimizer,
         tokenizer=tokenizer,
         extra_files=extra_files,
+        ema=ema,
     )
     _swap_into_place(tmp, final)
     _write_latest(root, final.name)
     if keep_last > 0:
         _prune(root, keep_last, step)
     return final
+
+
+def save_best(output_dir: str | Path, **folder: Any) -> Path:
+    """Replace `checkpoints/best/` with a new folder (`write_folder`'s keywords): written aside, then
+    swapped in, so a crash at any moment leaves the previous best whole."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root, (".old-",))
+    tmp = root / f".tmp-{BEST_NAME}-{os.getpid()}"
+    write_folder(tmp, **folder)
+    _swap_into_place(tmp, root / BEST_NAME)
+    return root / BEST_NAME
 
 
 def write_folder(
@@ -96,12 +121,16 @@ def write_folder(
     optimizer: torch.optim.Optimizer | None = None,
     tokenizer: Any = None,
     extra_files: Sequence[Path] = (),
+    ema: EMA | None = None,
 ) -> None:
     """Write one checkpoint into a fresh `folder` (replaced if it exists); `extra_files` are moved
     in; the manifest is written last."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     _save_model_file(model, folder / MODEL_FILE)
+    if ema is not None:
+        with ema.applied():
+            _save_model_file(model, folder / EMA_FILE)
     tied = _tied_names(model, folder / MODEL_FILE)
     if hasattr(getattr(model, "config", None), "save_pretrained"):
         model.config.save_pretrained(folder)  # HF families: config.json for from_pretrained
@@ -138,10 +167,19 @@ def export_checkpoint(
 
 def remove_leftovers(root: Path, prefixes: tuple[str, ...]) -> list[Path]:
     """Delete the hidden folders a killed save or prune left behind (`.tmp-*`, `.trash-*`, `.old-*`)."""
+    _undo_swaps(root)
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefixes)] if root.is_dir() else []
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return found
+
+
+def _undo_swaps(root: Path) -> None:
+    """A kill between `_swap_into_place`'s two renames leaves `.old-NAME` and no NAME: put it back."""
+    for old in root.glob(".old-*"):
+        final = root / old.name.removeprefix(".old-")
+        if old.is_dir() and not final.exists():
+            old.rename(final)
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -251,7 +289,10 @@ def read_latest(root: Path) -> str:
 
 def verify_checkpoint(path: Path, hashes: bool = True) -> None:
     if not path.is_dir():
-        raise DifflmError(f"checkpoint '{path}' not found: pass a step folder, a run folder, or 'latest'")
+        raise DifflmError(
+            f"checkpoint '{path}' not found: pass a step folder, a run folder (its latest step), "
+            "RUN/checkpoints/best, or 'latest'"
+        )
     for name, size, digest in _manifest_entries(path):
         file = path / name
         if not file.is_file() or file.stat().st_size != size:
@@ -317,14 +358,20 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load `model.safetensors` into `model`: every tensor must match by name and shape, no extras.
+def inference_file(path: Path) -> str:
+    """The weights to evaluate and sample with: the EMA when the run kept one, else the raw ones."""
+    return EMA_FILE if (path / EMA_FILE).is_file() else MODEL_FILE
+
+
+def load_weights(model: torch.nn.Module, path: Path, name: str = MODEL_FILE) -> None:
+    """Load `path/name` (model.safetensors or ema.safetensors) into `model`: every tensor must match
+    by name and shape, no extras.
 
     The tied names the manifest declares are the only keys allowed to be absent from the file, and
     each must be tied to its declared source in `model`. (Format 1 manifests declare none: the
     model's own ties are used.) Non-finite parameters are refused (buffers may hold -inf masks).
     """
-    file = path / MODEL_FILE
+    file = path / name
     try:
         with safe_open(str(file), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

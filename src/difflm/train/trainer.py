@@ -8,6 +8,13 @@ uninterrupted run would have done, and 2 processes see the same noise as 1 (DDP 
 
 fp16 autocast gets a dynamic loss scale (torch.amp.GradScaler): without it small gradients
 underflow to zero in half precision. Its state lives in trainer_state.json, so resuming stays exact.
+
+Habits of nanoGPT and MDLM: `train.ema` keeps an average of the weights (train/ema.py) that
+validation and the inference weights use; `train.keep_best` writes checkpoints/best/ whenever the
+periodic val loss improves and `train.patience` stops a run that has stopped improving (the best
+loss and the evaluations since it live in TrainState, so a resumed run counts on exactly);
+`train.compile` compiles the model for the step; the log carries achieved `tflops` and, where the
+device's peak is known, `mfu` (train/flops.py).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from difflm.data.packing import batch_order
 from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.train import checkpoint as ckpt
-from difflm.train import fsdp, lora
+from difflm.train import flops, fsdp, lora
+from difflm.train.ema import EMA
 from difflm.train.optim import build_optimizer, get_lr, set_lr
 from difflm.train.run_folder import StopSignals, TrainingInterrupted, claim_output_dir, trim_log
 
@@ -63,6 +71,8 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     val_loss: float | None = None
+    best_val_loss: float | None = None  # the lowest periodic val loss so far (train.keep_best, patience)
+    evals_since_best: int = 0  # periodic evaluations since it
     grad_scaler: dict | None = None  # fp16's GradScaler state (scale, growth tracker), else None
 
 
@@ -180,11 +190,66 @@ def _open_sink(name: str, output_dir: Path, run_config: dict):
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Loop:
+    """What every step needs, built once by `train`: one object instead of a long argument list."""
+
+    cfg: RunConfig
+    run: Run
+    model: nn.Module  # the bare model: evaluation and checkpoints
+    wrapped: nn.Module  # what the step calls: the model, compiled and/or in its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    rank: int
+    world_size: int
+    logger: Logger
+    stop: int  # the last step of this invocation
+    ema: EMA | None = None
+    shape: tuple[int, int, int] | None = None  # (layers, heads, head width) for the FLOPs estimate
+    n_params: int = 0
+    peak_flops: float | None = None  # one device's FLOP/s, when known
+
+
 def train(cfg: RunConfig, run: Run) -> TrainState:
     """Train `run` as configured; returns the final state. Resumable and DDP-aware."""
     init_distributed()
     rank, world_size = world()
     tc = cfg.train
+    _check_batch(tc, run, world_size)
+    claim_output_dir(tc, is_writer=rank == 0)
+    if world_size > 1:
+        dist.barrier()  # the writer may have moved an old run aside
+    loop, state = _setup(cfg, run, rank, world_size)
+    bar = tqdm(
+        total=loop.stop,
+        initial=state.step,
+        disable=rank != 0 or not tc.progress,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    try:
+        with StopSignals() as signals:
+            while state.step < loop.stop:
+                record = _train_step(loop, state)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
+                stopping = _any_rank(signals.requested is not None, loop.device)
+                if _after_step(loop, state, record, stopping):
+                    _log_early_stop(loop, state)
+                    break
+                if stopping:
+                    raise TrainingInterrupted(
+                        f"stopped by {signals.requested or 'a signal'} after step {state.step} (checkpoint "
+                        f"saved): continue with train.resume=latest train.output_dir={tc.output_dir}"
+                    )
+    finally:
+        bar.close()
+        loop.logger.close()
+    return state
+
+
+def _check_batch(tc: TrainConfig, run: Run, world_size: int) -> None:
     if tc.batch_size % (world_size * tc.grad_accum):
         raise DifflmError(
             f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
@@ -195,9 +260,11 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
             f"the training split has {len(run.train_data)} sequences, fewer than train.batch_size={tc.batch_size}: "
             "lower train.batch_size or data.block_size, or use more data"
         )
-    claim_output_dir(tc, is_writer=rank == 0)
-    if world_size > 1:
-        dist.barrier()  # the writer may have moved an old run aside
+
+
+def _setup(cfg: RunConfig, run: Run, rank: int, world_size: int) -> tuple[Loop, TrainState]:
+    """Model on its device (adapters, shards), optimizer, loss scale, resumed state and logger."""
+    tc = cfg.train
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     model = run.model.to(device)
@@ -207,37 +274,39 @@ def train(cfg: RunConfig, run: Run) -> TrainState:
     if sharded:  # before the optimizer, which then holds sharded state
         model = fsdp.shard_model(model)
     optimizer = build_optimizer(model, tc)
-    state = TrainState()
+    state, ema = TrainState(), None
     if tc.resume:
-        state = _resume(tc, model, optimizer)
+        state, ema = _resume(tc, model, optimizer)
         if rank == 0:
             trim_log(tc.output_dir, state.step)  # steps after the checkpoint are replayed
+    if tc.ema and ema is None:
+        ema = EMA(model, tc.ema)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     if state.grad_scaler and scaler.is_enabled():
         scaler.load_state_dict(state.grad_scaler)
-    wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 and not sharded else model
+    wrapped = torch.compile(model) if tc.compile else model  # shares the model's parameters
+    if world_size > 1 and not sharded:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped)
     logger = Logger(Path(tc.output_dir), tc, to_dict(cfg), enabled=rank == 0)
     stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
-    bar = tqdm(
-        total=stop, initial=state.step, disable=rank != 0 or not tc.progress, desc="train", dynamic_ncols=True
+    loop = Loop(
+        cfg,
+        run,
+        model,
+        wrapped,
+        optimizer,
+        scaler,
+        device,
+        rank,
+        world_size,
+        logger,
+        stop,
+        ema=ema,
+        shape=flops.attention_shape(getattr(model, "config", None)),
+        n_params=sum(p.numel() for p in model.parameters()),
+        peak_flops=flops.peak_flops(device, tc.peak_tflops),
     )
-    try:
-        with StopSignals() as signals:
-            while state.step < stop:
-                record = _train_step(cfg, run, wrapped, optimizer, scaler, state, device, rank, world_size)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_s']:.0f}")
-                stopping = _any_rank(signals.requested is not None, device)
-                _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, stopping)
-                if stopping:
-                    raise TrainingInterrupted(
-                        f"stopped by {signals.requested or 'a signal'} after step {state.step} (checkpoint "
-                        f"saved): continue with train.resume=latest train.output_dir={tc.output_dir}"
-                    )
-    finally:
-        bar.close()
-        logger.close()
-    return state
+    return loop, state
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -249,13 +318,13 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
-def _train_step(cfg, run, model, optimizer, scaler, state, device, rank, world_size) -> dict:
-    tc = cfg.train
+def _train_step(loop: Loop, state: TrainState) -> dict:
+    tc, run, model, device, scaler = loop.cfg.train, loop.run, loop.wrapped, loop.device, loop.scaler
     t0 = time.perf_counter()
     batch = collate([run.train_data[i] for i in _next_indices(run, tc, state)])
     torch.manual_seed(tc.seed + state.step)  # dropout: a function of the step, like the noise
     prepared = run.task.prepare(batch, step_generator(tc.seed, state.step))
-    local = split_batch(prepared, world_size, rank)
+    local = split_batch(prepared, loop.world_size, loop.rank)
     model.train()
     total, metrics = 0.0, {}
     for i in range(tc.grad_accum):
@@ -272,24 +341,38 @@ def _train_step(cfg, run, model, optimizer, scaler, state, device, rank, world_s
             f"loss became {total} at step {state.step}: lower train.lr or use train.precision=fp32"
         )
     lr = get_lr(state.step, tc)
-    set_lr(optimizer, lr)
-    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+    set_lr(loop.optimizer, lr)
+    scaler.unscale_(loop.optimizer)  # clip the true gradients (a no-op unless fp16)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale backs off
+    scaler.step(loop.optimizer)  # fp16: skipped when a gradient overflowed, and the scale backs off
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.ema:
+        loop.ema.update()
     loss_value = _mean_across(total, device)
     tokens = prepared["input_ids"].numel()
     state.step += 1
     state.tokens_seen += tokens
-    elapsed = time.perf_counter() - t0
-    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tokens / elapsed, **metrics}
+    tok_s = tokens / (time.perf_counter() - t0)
+    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tok_s, **metrics}
+    record.update(_utilisation(loop, tok_s, prepared["input_ids"].shape[-1]))
     if grad_norm is not None:
         record["grad_norm"] = fsdp.full_value(grad_norm)
     if scaler.is_enabled():
         state.grad_scaler = scaler.state_dict()
         record["grad_scale"] = state.grad_scaler["scale"]
     return record
+
+
+def _utilisation(loop: Loop, tok_s: float, seq_len: int) -> dict[str, float]:
+    """Achieved TFLOP/s of all processes together and, when the device's peak is known, the MFU."""
+    if loop.shape is None:
+        return {}
+    achieved = flops.flops_per_token(loop.shape, loop.n_params, seq_len) * tok_s
+    out = {"tflops": achieved / 1e12}
+    if loop.peak_flops:
+        out["mfu"] = achieved / (loop.peak_flops * loop.world_size)
+    return out
 
 
 def _next_indices(run: Run, tc: TrainConfig, state: TrainState) -> list[int]:
@@ -312,49 +395,108 @@ def _mean_across(value: float, device: torch.device) -> float:
     return tensor.item() / world_size
 
 
-def _after_step(cfg, run, model, optimizer, state, logger, record, rank, stop, stopping=False) -> None:
-    tc = cfg.train
-    last = state.step == stop
+def _from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's value on every process, so that decisions taken on it agree across processes."""
+    if world()[1] == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, 0)
+    return tensor.item()
+
+
+def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = False) -> bool:
+    """Log, evaluate, save; True when train.patience ran out (the checkpoint is written then too)."""
+    tc = loop.cfg.train
+    last = state.step == loop.stop
     if state.step % tc.log_every == 0 or last or stopping:
-        logger.log(record, echo=not tc.progress)
-    if (tc.eval_every and state.step % tc.eval_every == 0) or last:
-        state.val_loss = evaluate_loss(model, run.task, run.val_data, tc)
-        logger.log({"step": state.step, "val_loss": state.val_loss})
-    if (tc.save_every and state.step % tc.save_every == 0) or last or stopping:
-        if fsdp.is_sharded(model):
-            fsdp.save_sharded(
-                tc.output_dir,
-                state.step,
-                model=model,
-                optimizer=optimizer,
-                build=lambda: build_model(model_family(cfg.model), cfg.model),
-                run_config=to_dict(cfg),
-                trainer_state=asdict(state),
-                tokenizer=run.tokenizer,
-                keep_last=tc.keep_last,
-            )
-        elif rank == 0:
-            ckpt.save_checkpoint(
-                tc.output_dir,
-                state.step,
-                model=model,
-                optimizer=optimizer,
-                run_config=to_dict(cfg),
-                trainer_state=asdict(state),
-                tokenizer=run.tokenizer,
-                keep_last=tc.keep_last,
-                extra_files=_adapter_files(cfg, model),
-            )
-        if world()[1] > 1:
-            dist.barrier()
+        loop.logger.log(record, echo=not tc.progress)
+    periodic = bool(tc.eval_every) and state.step % tc.eval_every == 0 or state.step == tc.max_steps
+    out_of_patience = False
+    if periodic or last:
+        with loop.ema.applied() if loop.ema else contextlib.nullcontext():
+            val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
+        state.val_loss = _from_rank0(val_loss, loop.device)  # best and patience: one decision
+        loop.logger.log({"step": state.step, "val_loss": state.val_loss})
+        # an early stop_at_step's evaluation is no periodic one: a resumed run must count the same
+        out_of_patience = periodic and _track_best(loop, state)
+    if (tc.save_every and state.step % tc.save_every == 0) or last or stopping or out_of_patience:
+        _save(loop, state)
+    return out_of_patience and not last
 
 
-def _adapter_files(cfg: RunConfig, model: nn.Module) -> list[Path]:
-    """LoRA runs: the adapters alone, written beside the checkpoint for save_checkpoint to move in."""
-    if not cfg.train.lora.r:
+def _track_best(loop: Loop, state: TrainState) -> bool:
+    """Keep the best val loss (and checkpoints/best/); True when train.patience evaluations passed
+    without a better one."""
+    tc = loop.cfg.train
+    if state.best_val_loss is not None and state.val_loss >= state.best_val_loss:
+        state.evals_since_best += 1
+        return bool(tc.patience) and state.evals_since_best >= tc.patience
+    state.best_val_loss, state.evals_since_best = state.val_loss, 0
+    if tc.keep_best and loop.rank == 0:
+        ckpt.save_best(
+            tc.output_dir,
+            model=loop.model,
+            run_config=to_dict(loop.cfg),
+            trainer_state=asdict(state),
+            tokenizer=loop.run.tokenizer,
+            extra_files=_adapter_files(loop),
+            ema=loop.ema,
+        )
+    if tc.keep_best and loop.world_size > 1:
+        dist.barrier()
+    return False
+
+
+def _log_early_stop(loop: Loop, state: TrainState) -> None:
+    reason = (
+        f"no better val loss than {state.best_val_loss:.4g} in {state.evals_since_best} evaluations "
+        f"(train.patience): stopped at step {state.step}, checkpoint saved"
+    )
+    loop.logger.log({"step": state.step, "early_stop": reason})
+
+
+def _save(loop: Loop, state: TrainState) -> None:
+    """The step folder: written by rank 0, or by every rank when FSDP shards the model."""
+    cfg, model = loop.cfg, loop.model
+    tc = cfg.train
+    if fsdp.is_sharded(model):
+        fsdp.save_sharded(
+            tc.output_dir,
+            state.step,
+            model=model,
+            optimizer=loop.optimizer,
+            build=lambda: build_model(model_family(cfg.model), cfg.model),
+            run_config=to_dict(cfg),
+            trainer_state=asdict(state),
+            tokenizer=loop.run.tokenizer,
+            keep_last=tc.keep_last,
+        )
+    elif loop.rank == 0:
+        ckpt.save_checkpoint(
+            tc.output_dir,
+            state.step,
+            model=model,
+            optimizer=loop.optimizer,
+            run_config=to_dict(cfg),
+            trainer_state=asdict(state),
+            tokenizer=loop.run.tokenizer,
+            keep_last=tc.keep_last,
+            extra_files=_adapter_files(loop),
+            ema=loop.ema,
+        )
+    if loop.world_size > 1:
+        dist.barrier()
+
+
+def _adapter_files(loop: Loop) -> list[Path]:
+    """LoRA runs: the adapters alone (averaged when train.ema is on, like every inference weight),
+    written beside the checkpoint for save_checkpoint to move in."""
+    tc = loop.cfg.train
+    if not tc.lora.r:
         return []
-    staging = ckpt.checkpoints_dir(cfg.train.output_dir) / ".adapters"
-    return lora.write_adapters(model, cfg.train.lora, model_family(cfg.model), staging)
+    staging = ckpt.checkpoints_dir(tc.output_dir) / ".adapters"
+    with loop.ema.applied() if loop.ema else contextlib.nullcontext():
+        return lora.write_adapters(loop.model, tc.lora, model_family(loop.cfg.model), staging)
 
 
 @torch.no_grad()
@@ -378,13 +520,20 @@ def evaluate_loss(
     return sum(losses) / len(losses)
 
 
-def _resume(tc: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def _resume(
+    tc: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[TrainState, EMA | None]:
+    """The checkpoint's weights, optimizer and state; its EMA when it kept one and we keep one."""
     path = ckpt.resolve_checkpoint(tc.resume, tc.output_dir)
+    ema = None
     if fsdp.is_sharded(model):
         fsdp.load_sharded(path, model, optimizer)
     else:
+        if tc.ema and (path / ckpt.EMA_FILE).is_file():  # the average first: EMA copies the model
+            ckpt.load_weights(model, path, ckpt.EMA_FILE)
+            ema = EMA(model, tc.ema)
         ckpt.load_weights(model, path)
         ckpt.load_optimizer(optimizer, path)
     data = ckpt.read_json(path / ckpt.STATE_FILE)
     tqdm.write(f"resumed from {path} at step {data['step']}")
-    return TrainState(**data)
+    return TrainState(**data), ema

@@ -227,3 +227,32 @@ def test_compile_trains_a_tiny_model(tmp_path):
 def test_bad_habit_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(DifflmError, match=message):
         load_config(RECIPE, tiny_overrides(tmp_path, "x", *overrides))
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def test_init_from_starts_a_diffusion_run_from_ar_weights(tmp_path):
+    """AR -> diffusion: the bidirectional model starts from the causal run's weights (an lr of 1e-30
+    moves no fp32 weight of size ~0.02, so the saved step-1 weights are the starting ones)."""
+    ar = load_config("recipes/shakespeare_char_ar.yaml", tiny_overrides(tmp_path, "ar", "train.max_steps=2"))
+    train(ar, build_run(ar))
+    frozen = (
+        "train.max_steps=1",
+        "train.lr=1e-30",
+        "train.min_lr=1e-30",
+        f"train.init_from={tmp_path / 'ar'}",
+    )
+    cfg = config(tmp_path, "mdm", *frozen)
+    train(cfg, build_run(cfg))
+    start = load_file(str(tmp_path / "ar/checkpoints/step-2" / ckpt.MODEL_FILE))
+    assert same(load_file(str(tmp_path / "mdm/checkpoints/step-1" / ckpt.MODEL_FILE)), start)
+    assert load_pretrained(tmp_path / "mdm").config.model.causal is False
+
+
+def test_init_from_a_different_shape_is_a_one_line_error(tmp_path):
+    ar = load_config("recipes/shakespeare_char_ar.yaml", tiny_overrides(tmp_path, "ar", "train.max_steps=1"))
+    train(ar, build_run(ar))
+    cfg = config(tmp_path, "mdm", "model.n_embd=16", f"train.init_from={tmp_path / 'ar'}")
+    with pytest.raises(DifflmError, match="shape"):
+        train(cfg, build_run(cfg))

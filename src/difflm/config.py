@@ -196,6 +196,11 @@ class TrainConfig:
         "Peak TFLOP/s of one device, for the MFU in the log (0 = look the CUDA GPU up; none on CPU).",
     )
     resume: str | None = opt(None, "'latest', a step folder name like 'step-500', or a checkpoint path.")
+    init_from: str | None = opt(
+        None,
+        "Start from the weights of this checkpoint (a run or step folder of the same architecture; "
+        "optimizer and step start fresh), e.g. an AR run's weights for a bidirectional diffusion run.",
+    )
     overwrite: bool = opt(
         False,
         "Train into an output_dir that holds another run, moving that run aside to {output_dir}.old-TIME.",

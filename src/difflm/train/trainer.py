@@ -267,6 +267,9 @@ def _setup(cfg: RunConfig, run: Run, rank: int, world_size: int) -> tuple[Loop, 
     tc = cfg.train
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
+    if tc.init_from and not tc.resume:  # the weights `load_pretrained` would give (EMA if kept)
+        source = ckpt.resolve_checkpoint(tc.init_from)
+        ckpt.load_weights(run.model, source, ckpt.inference_file(source))
     model = run.model.to(device)
     if tc.lora.r:  # freeze the model, train adapters only
         model = lora.add_adapters(model, tc.lora, model_family(cfg.model))

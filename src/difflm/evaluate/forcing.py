@@ -155,7 +155,7 @@ def judge_nll(judge: DFGPT, prompts: Tensor, continuations: Tensor) -> float:
         raise DifflmError("the judge must be a teacher_forcing checkpoint (use_diffusion_forcing=false)")
     device = next(judge.parameters()).device
     seq = torch.cat([prompts, continuations], dim=1).to(device)  # [N, P+G]
-    P, T, block = prompts.shape[1], seq.shape[1], judge.config.block_size
+    P, T, block = prompts.shape[1], seq.shape[1], judge.max_length
     total, t = 0.0, P
     while t < T:
         hi = min(T, t + max(1, block // 2))  # score targets t..hi-1

@@ -149,7 +149,7 @@ def sample_sgdd(pre: Pretrained, args: argparse.Namespace) -> int:
         raise DifflmError("no text given: pass --text TEXT (repeatable) or --interpolate A B")
     check_texts(texts)
     encoder = load_encoder(pre.config.model.encoder)
-    tokenize_targets(pre.tokenizer, texts, pre.model.config.block_size)  # warns on over-long texts
+    tokenize_targets(pre.tokenizer, texts, pre.model.max_length)  # warns on over-long texts
     vectors = encoder.encode(texts)  # [N, D]
     if args.interpolate:
         vectors = interpolate(vectors[0], vectors[1], args.alpha, encoder.config.normalize)[None]

@@ -94,6 +94,9 @@ class Block(nn.Module):
 
 
 class DFGPT(nn.Module):
+    """Diffusion Forcing's GPT: continuous (embedding-space) noise, so a `SequenceModel` but no
+    masked `Denoiser` (models/protocol.py)."""
+
     def __init__(self, config: DFGPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -128,6 +131,10 @@ class DFGPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ shared trunk
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
 
     def _trunk(self, h: Tensor) -> Tensor:
         """Positions, causal blocks, final norm: [B, L, D] -> [B, L, D]."""

@@ -137,6 +137,10 @@ class SGDDConfig:
 class SGDD(nn.Module):
     """Denoiser conditioned on a sentence vector: (ids [B, L], vector [B, encoder_dim]) -> logits."""
 
+    supports_kv_cache = False  # SGDD decodes one block: a cache would have nothing to reuse
+    supports_logits_at = True
+    logits_shift = 0
+
     def __init__(self, config: SGDDConfig) -> None:
         super().__init__()
         if config.pad_token_id is None or config.mask_token_id is None:
@@ -155,6 +159,10 @@ class SGDD(nn.Module):
             if config.length_head
             else None
         )
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -160,7 +160,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The denoiser: token ids [B, Q] -> logits [B, Q, V]."""
+    """The denoiser: token ids [B, Q] -> logits [B, Q, V] (models/protocol.py: `Denoiser`)."""
+
+    supports_kv_cache = True
+    supports_logits_at = True
+    logits_shift = 0
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -205,6 +209,10 @@ class Transformer(nn.Module):
                 module.reset_parameters()
         if self.config.cond_dim is not None:
             nn.init.normal_(self.null_cond, mean=0.0, std=0.02)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied head counted once); optionally without the token embedding."""

@@ -225,7 +225,7 @@ def sample(
         cfg = dataclasses.replace(cfg, suppress_tokens=allowed, eos_token_id=eos, eos_mode="fill")
     align = (-ids.shape[1]) % cfg.block_length if cfg.block_causal else 0  # BD3: prompt padded to blocks
     prompt_length, length = ids.shape[1], align + ids.shape[1] + cfg.gen_length
-    limit = pre.config.model.max_position_embeddings
+    limit = pre.model.max_length
     if length > limit:
         raise DifflmError(
             f"prompt of {prompt_length} tokens + gen length {cfg.gen_length} exceeds the model's {limit} positions"

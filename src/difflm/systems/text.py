@@ -93,12 +93,6 @@ def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generato
     if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
     cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
-    config = getattr(pre.model, "config", None)
-    max_length = (
-        getattr(config, "block_size", None)  # difflm transformer, SGDD
-        or getattr(config, "max_position_embeddings", None)  # Qwen3-LLaDA
-        or getattr(pre.model, "max_length", None)  # HF masked LMs
-    )
     return generate(
         pre.model,
         ids,
@@ -106,7 +100,7 @@ def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generato
         attention_mask=mask,
         generator=generator,
         trace=bool(args.animate or args.live),
-        max_length=max_length,
+        max_length=pre.model.max_length,
     )
 
 
@@ -117,7 +111,7 @@ def sample_autoregressive(
     mode) recomputes a sliding window of block_size tokens, so it may run past the model's length."""
     if args.gen_length < 1:
         raise DifflmError(f"--gen-length must be >= 1, got {args.gen_length}")
-    limit = pre.model.config.block_size
+    limit = pre.model.max_length
     if use_cache and ids.shape[1] + args.gen_length > limit:
         raise DifflmError(
             f"prompt of {ids.shape[1]} tokens + gen length {args.gen_length} exceeds the model's length {limit}; "

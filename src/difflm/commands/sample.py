@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from difflm.commands.flags import add_flags, options_from
 from difflm.errors import DifflmError
+from difflm.sampling.settings import SampleOptions
 
 if TYPE_CHECKING:
     import torch
@@ -27,103 +29,10 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a step folder or a run folder (its latest checkpoint)")
-    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
-    parser.add_argument("--prompt-file", default=None, help="a file with one prompt per line")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="denoising steps (default: gen length; 0 with --threshold/--factor: each block until filled)",
-    )
-    parser.add_argument("--block-length", type=int, default=None)
-    parser.add_argument(
-        "--block-attention",
-        action="store_true",
-        help="attend under the block bias of training (prompt + own block [+ earlier]); needs --block-length",
-    )
-    parser.add_argument(
-        "--chat",
-        action="store_true",
-        help="format each prompt as a chat turn (chat template, else as in SFT)",
-    )
-    parser.add_argument(
-        "--schedule", default=None, help="Diffusion Forcing scheduling matrix (pyramid, full_sequence, ...)"
-    )
-    parser.add_argument("--horizon", type=int, default=None, help="Diffusion Forcing tokens per chunk")
-    parser.add_argument("--reveal-schedule", default="even", choices=("even", "cosine", "linear"))
-    parser.add_argument(
-        "--remasking",
-        default="low_confidence",
-        choices=("low_confidence", "random", "random_topk", "margin", "entropy"),
-    )
-    parser.add_argument("--mode", default="keep", choices=("keep", "resample"))
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument(
-        "--threshold", type=float, default=None, help="reveal every token with confidence >= this"
-    )
-    parser.add_argument(
-        "--factor", type=float, default=None, help="reveal the n best with (n+1)(1 - c_n) < factor"
-    )
-    parser.add_argument(
-        "--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache within a block"
-    )
-    parser.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=None,
-        help="classifier-free guidance weight (default 0; SGDD: its system.cfg_scale)",
-    )
-    parser.add_argument(
-        "--text", action="append", default=None, help="SGDD: a text to reconstruct/paraphrase (repeat)"
-    )
-    parser.add_argument(
-        "--interpolate", nargs=2, metavar=("A", "B"), default=None, help="SGDD: decode between two texts"
-    )
-    parser.add_argument("--alpha", type=float, default=0.5, help="SGDD: interpolation weight of B in [0, 1]")
-    parser.add_argument("--length", type=int, default=None, help="SGDD: output tokens (default: predicted)")
-    parser.add_argument(
-        "--best-of",
-        type=int,
-        default=None,
-        help="SGDD: decode N candidates, keep the one the encoder finds closest (default 1)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=0,
-        help="SGDD: correction rounds (re-mask the least likely tokens, keep if closer)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per sample, then one for the run (tokens, seconds, forwards)",
-    )
-    parser.add_argument(
-        "--word-check",
-        default=None,
-        metavar="CORPUS",
-        help="score each sample's words against a corpus (name or file): share found there, longest repeat",
-    )
-    parser.add_argument(
-        "--animate", default=None, help="write an animation of the first sample (.gif or .html)"
-    )
-    parser.add_argument(
-        "--live", action="store_true", help="replay the denoising of the first sample in the terminal"
-    )
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the checkpoint's files (sizes only)",
-    )
+    add_flags(parser, SampleOptions)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args: SampleOptions) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -171,7 +80,7 @@ def token_strings(tokenizer) -> Callable[[list[int]], list[str]]:
     return lambda ids: [tokenizer.decode([i]) for i in ids]
 
 
-def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
+def show_trace(trace: Trace, tokenizer, args: SampleOptions) -> None:
     from difflm.sampling.trace import render_gif, render_html, render_live
 
     if args.live:
@@ -181,7 +90,7 @@ def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
         print(f"animation: {render(trace, token_strings(tokenizer), args.animate)}")
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: SampleOptions) -> None:
     """Flags checked before any model is loaded: counts, finite numbers, a writable --animate path."""
     for flag in ("block_length", "gen_length", "length", "best_of"):
         value = getattr(args, flag)
@@ -215,7 +124,7 @@ TASK_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_task_flags(task: str, args: argparse.Namespace) -> None:
+def check_task_flags(task: str, args: SampleOptions) -> None:
     for flag, tasks in TASK_FLAGS.items():
         if getattr(args, flag, None) not in (None, False) and task not in tasks:
             raise DifflmError(
@@ -244,7 +153,7 @@ def check_output_file(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
         out.unlink()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     import torch
 
     from difflm.evaluate.metrics import word_quality
@@ -252,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from difflm.systems.registry import get_system, resolve
     from difflm.train.trainer import resolve_device
 
+    args = options_from(SampleOptions, parsed)
     check_args(args)
     resolve_device(args.device, "--device")
-    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
+    pre = load_pretrained(parsed.checkpoint, args.device, verify=not args.no_verify)
     check_task_flags(pre.config.task, args)
     system = get_system(pre.config.task)
     if system.sample_texts:  # conditioned on whole texts, not prompts to continue

@@ -38,8 +38,7 @@ from difflm.evaluate.likelihood import continuation_elbo
 from difflm.fields import opt
 from difflm.models.protocol import max_length_of
 from difflm.pretrained import Pretrained, load_pretrained
-from difflm.sampling.cache import CACHE_MODES
-from difflm.sampling.settings import REMASKING, SampleConfig
+from difflm.sampling.settings import CACHE_MODES, REMASKING, SampleConfig
 from difflm.sampling.unmask import generate
 from difflm.serve.models import DIFFUSION_TASKS
 

@@ -46,8 +46,7 @@ from torch import Tensor
 from difflm.errors import DifflmError
 from difflm.models.layers import KVCache
 from difflm.models.protocol import Denoiser, check_denoiser
-
-CACHE_MODES = ("none", "prefix", "dual")
+from difflm.sampling.settings import CACHE_MODES
 
 CACHE_KWARGS = ("position_offset", "kv_cache", "attend_len")
 

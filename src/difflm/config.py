@@ -230,13 +230,9 @@ class RunConfig:
         "masked_diffusion", "What to train: the loss and batches (see difflm.systems.registry.SYSTEMS)."
     )
     model: Any = opt(None, "Model section; `family` picks the model and its config dataclass.")
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data section."})
-    diffusion: DiffusionConfig = field(
-        default_factory=DiffusionConfig, metadata={"help": "Masked diffusion."}
-    )
-    train: TrainConfig = field(
-        default_factory=TrainConfig, metadata={"help": "Optimization and checkpoints."}
-    )
+    data: DataConfig = opt(DataConfig(), "Data section.")
+    diffusion: DiffusionConfig = opt(DiffusionConfig(), "Masked diffusion.")
+    train: TrainConfig = opt(TrainConfig(), "Optimization and checkpoints.")
     system: dict = opt(
         {}, "System-specific settings, typed by the system's own dataclass (see `system_config`)."
     )

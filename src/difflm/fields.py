@@ -12,6 +12,8 @@ import copy
 import dataclasses
 from typing import Any
 
+REQUIRED: Any = dataclasses.MISSING  # `opt(REQUIRED, "...")`: a field with no default
+
 
 def opt(default: Any, help: str, choices: tuple | None = None, metavar: Any = None, **kw: Any) -> Any:
     """A dataclass field with help text (and choices, and a command-line metavar) kept next to its

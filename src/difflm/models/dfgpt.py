@@ -19,7 +19,7 @@ clean embedding has the same norm, nearest-embedding decoding equals the argmax 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,7 @@ class DFGPTConfig:
         False, "False: plain GPT (next-token loss). True: Diffusion Forcing denoiser in embedding space."
     )
     fusion: str = opt("add", "How the noise-level embedding joins the token: add, or concat + MLP.", FUSIONS)
-    gaussian: GaussianConfig = field(
-        default_factory=GaussianConfig,
-        metadata={"help": "Gaussian diffusion (used when use_diffusion_forcing)."},
-    )
+    gaussian: GaussianConfig = opt(GaussianConfig(), "Gaussian diffusion (used when use_diffusion_forcing).")
 
     def __post_init__(self) -> None:
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:

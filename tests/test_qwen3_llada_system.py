@@ -51,7 +51,7 @@ def prepared_batch(run, seed: int = 0, n: int = 4):
 
 def hand_loss(name: str, logits, batch, prepared) -> torch.Tensor:
     """The recipe's losses written out position by position."""
-    x, noisy, noised, p = batch["input_ids"], prepared["noisy"], prepared["noised"], prepared["p_mask"]
+    x, noisy, noised, p = batch["input_ids"], prepared["noisy"], prepared["noised"], prepared["inv_weight"]
     B, L = x.shape
     logp = F.log_softmax(logits.double(), dim=-1)  # [B, L, V]
     total = torch.zeros((), dtype=torch.float64)
@@ -70,7 +70,7 @@ def hand_loss(name: str, logits, batch, prepared) -> torch.Tensor:
     return total
 
 
-@pytest.mark.parametrize("name", ["guidelines", "dllm", "soft_ce", "sft"])
+@pytest.mark.parametrize("name", ["elbo", "dllm", "soft_ce", "sft"])
 def test_task_wires_the_chosen_loss(tmp_path, name):
     extra = ["system.block_attention=true", "system.block_length=2", f"diffusion.loss={name}"]
     overrides = sft_overrides if name == "sft" else pretrain_overrides

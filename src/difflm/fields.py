@@ -15,12 +15,21 @@ from typing import Any
 REQUIRED: Any = dataclasses.MISSING  # `opt(REQUIRED, "...")`: a field with no default
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, metavar: Any = None, **kw: Any) -> Any:
-    """A dataclass field with help text (and choices, and a command-line metavar) kept next to its
-    declaration; a list, dict or dataclass default is copied for every instance."""
+def opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    metavar: Any = None,
+    aliases: dict[str, str] | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with help text (and choices, a command-line metavar, and old names of a
+    choice that configs may still hold: `aliases`, old -> new) kept next to its declaration; a list,
+    dict or dataclass default is copied for every instance."""
     metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
-    if metavar is not None:
-        metadata["metavar"] = metavar
+    for key, value in (("metavar", metavar), ("aliases", aliases)):
+        if value is not None:
+            metadata[key] = value
     if (
         isinstance(default, (list, dict))
         or dataclasses.is_dataclass(default)

@@ -135,7 +135,7 @@ def build_pretrain(cfg: RunConfig) -> Run:
     _check_family(cfg)
     if cfg.diffusion.loss == "sft":
         raise DifflmError(
-            "diffusion.loss=sft needs prompts; pretraining has none: use guidelines, dllm or soft_ce"
+            "diffusion.loss=sft needs prompts; pretraining has none: use elbo, dllm or soft_ce"
         )
     tokenizer = _hf_tokenizer(cfg)
     tokenizer, train, val = text_blocks(cfg.data, tokenizer)

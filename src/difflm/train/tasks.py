@@ -1,4 +1,5 @@
-"""Tasks: how each system corrupts a batch and scores the model on it (see trainer.Task).
+"""Tasks: how each system corrupts a batch and scores the model on it (see trainer.Task), i.e. the
+training objective; not the recipe's `task:`, which names the system (docs/architecture.md).
 
 `prepare` runs on the whole global batch (on the CPU, with the step's generator) so the noise does
 not depend on how the batch is split across processes or micro-batches; `loss` runs per micro-batch.

@@ -26,17 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(harness, HarnessOptions)
 
 
-def check_args(args: EvalOptions) -> None:
+def check_args(opts: EvalOptions) -> None:
     """Counts checked before anything is loaded (`--max-batches 0` would otherwise mean 'all')."""
     for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length", "best_of"):
-        value = getattr(args, flag)
+        value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.rounds < 0:
-        raise DifflmError(f"--rounds must be >= 0, got {args.rounds}")
+    if opts.rounds < 0:
+        raise DifflmError(f"--rounds must be >= 0, got {opts.rounds}")
 
 
-def run_tasks(args: EvalOptions, harness: HarnessOptions, checkpoint: str) -> int:
+def run_tasks(opts: EvalOptions, harness: HarnessOptions, checkpoint: str) -> int:
     """`--tasks`: lm-eval's simple_evaluate with a `DifflmLM` over the checkpoint."""
     import torch
 
@@ -53,11 +53,11 @@ def run_tasks(args: EvalOptions, harness: HarnessOptions, checkpoint: str) -> in
     from difflm.pretrained import load_pretrained
     from difflm.train.trainer import autocast, resolve_device
 
-    check_args(args)
-    resolve_device(args.device, "--device")
-    pre = load_pretrained(checkpoint, args.device, verify=not args.no_verify)
-    lm = DifflmLM(pre, batch_size=args.batch_size, **simple_parse_args_string(harness.model_args))
-    with autocast(torch.device(args.device), args.precision):
+    check_args(opts)
+    resolve_device(opts.device, "--device")
+    pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
+    lm = DifflmLM(pre, batch_size=opts.batch_size, **simple_parse_args_string(harness.model_args))
+    with autocast(torch.device(opts.device), opts.precision):
         results = simple_evaluate(
             model=lm,
             tasks=harness.tasks.split(","),
@@ -67,23 +67,23 @@ def run_tasks(args: EvalOptions, harness: HarnessOptions, checkpoint: str) -> in
             apply_chat_template=harness.apply_chat_template,
             log_samples=False,
         )
-    print(json.dumps(results["results"], default=str) if args.json else make_table(results))
+    print(json.dumps(results["results"], default=str) if opts.json else make_table(results))
     return 0
 
 
 def run(parsed: argparse.Namespace) -> int:
-    args, checkpoint = options_from(EvalOptions, parsed), parsed.checkpoint
+    opts, checkpoint = options_from(EvalOptions, parsed), parsed.checkpoint
     if checkpoint == "poem-completion":
         from difflm.evaluate.poem_completion import main
 
-        return main(options_from(PoemOptions, parsed), args)
+        return main(options_from(PoemOptions, parsed), opts)
     harness = options_from(HarnessOptions, parsed)
     if harness.tasks:
-        return run_tasks(args, harness, checkpoint)
-    return run_metrics(args, checkpoint)
+        return run_tasks(opts, harness, checkpoint)
+    return run_metrics(opts, checkpoint)
 
 
-def run_metrics(args: EvalOptions, checkpoint: str) -> int:
+def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
     """The metrics of `checkpoint` from its system's evaluator, printed."""
     import torch
 
@@ -91,28 +91,28 @@ def run_metrics(args: EvalOptions, checkpoint: str) -> int:
     from difflm.systems.registry import get_system, resolve
     from difflm.train.trainer import autocast, resolve_device
 
-    check_args(args)
-    resolve_device(args.device, "--device")
-    pre = load_pretrained(checkpoint, args.device, verify=not args.no_verify)
-    if (args.data or args.best_of > 1 or args.rounds) and pre.config.task != "sgdd":
+    check_args(opts)
+    resolve_device(opts.device, "--device")
+    pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
+    if (opts.data or opts.best_of > 1 or opts.rounds) and pre.config.task != "sgdd":
         raise DifflmError("--data, --best-of and --rounds are for SGDD checkpoints")
-    if args.split != "val" and pre.config.task != "sgdd":
+    if opts.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
-            f"--split {args.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
+            f"--split {opts.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
         )
     system = get_system(pre.config.task)
     if system.evaluate is None:
         raise DifflmError(f"task '{system.name}' has no evaluator (see difflm systems)")
     start = time.perf_counter()
-    with autocast(torch.device(args.device), args.precision):
+    with autocast(torch.device(opts.device), opts.precision):
         metrics = {
             "checkpoint": str(pre.path),
             "task": pre.config.task,
-            **resolve(system.evaluate)(pre, args),
+            **resolve(system.evaluate)(pre, opts),
         }
-    metrics["precision"] = args.precision
+    metrics["precision"] = opts.precision
     metrics["seconds"] = round(time.perf_counter() - start, 2)
-    if args.json:
+    if opts.json:
         print(json.dumps(metrics))
     else:
         for key, value in metrics.items():

@@ -27,9 +27,12 @@ from difflm.sampling.unmask import SampleConfig, generate
 class FullLogits(nn.Module):
     """The same denoiser behind a forward without `logits_at`: every position gets logits."""
 
+    supports_kv_cache, supports_logits_at, logits_shift = True, False, 0
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.inner, self.config, self.mask_token_id = model, model.config, model.mask_token_id
+        self.max_length = model.max_length
 
     def forward(self, input_ids, attention_bias=None, position_offset=0, kv_cache=None, attend_len=None):
         return self.inner(

@@ -3,16 +3,16 @@
 # pretraining on WikiText-2 (test split), SFT on PAWS paraphrase pairs turned into conversations
 # ("Paraphrase: A" -> B), then chat sampling. Everything is written under OUT (never the repo).
 #
-#   examples/qwen3_llada_small.sh OUT [DATA_DIR]
+#   examples/qwen3_llada_small.sh OUT DATA_DIR
 #
-# DATA_DIR holds wikitext2_test.txt and paws_pairs.jsonl (default: ../shared/data). Run it from
+# DATA_DIR holds wikitext2_test.txt and paws_pairs.jsonl. Run it from
 # the repository root (it reads recipes/). PRE_STEPS / SFT_STEPS (environment) set the step
 # counts; the defaults kept each run under ~15 minutes on a 2-core CPU shared with other jobs
 # (~10 s a step); the recipes' own 600 / 300 steps suit an idle machine.
 set -euo pipefail
 
-OUT=${1:?usage: $0 OUT [DATA_DIR]}
-DATA=${2:-../shared/data}
+OUT=${1:?usage: $0 OUT DATA_DIR}
+DATA=${2:?usage: $0 OUT DATA_DIR}
 PRE_STEPS=${PRE_STEPS:-64}
 SFT_STEPS=${SFT_STEPS:-80}
 mkdir -p "$OUT"

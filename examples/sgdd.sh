@@ -3,10 +3,15 @@
 # (paraphrase QQP pairs, starting from phase 1), evaluation and sampling. Run from the repo root.
 # The corpus embeddings are computed once and cached under data.cache_dir (the first run's
 # encoding pass is the slow part on CPU); later runs and epochs load them.
+#
+#   examples/sgdd.sh DATA_DIR [OUT]
+#
+# DATA_DIR holds sentences_en.txt (one sentence a line) and qqp_pairs.jsonl (paraphrase pairs);
+# OUT (default runs) receives the run folders.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
-DATA=${DATA:-../shared/data}
-OUT=${OUT:-runs}
+DATA=${1:?usage: $0 DATA_DIR [OUT]}
+OUT=${2:-runs}
 
 # Phase 1, the decoder that starts out knowing English: a BERT stack shaped like MiniLM and started
 # from its weights (model.decoder=encoder), 1400 steps; 72 min on one core of a 2-core CPU (fp32).

@@ -25,6 +25,10 @@ class MockDenoiser(nn.Module):
     cannot flip an argmax. `cond` [B, V] (optional) is added to the logits, `None` = unconditional.
     """
 
+    supports_kv_cache = False
+    supports_logits_at = False
+    logits_shift = 0
+
     def __init__(self, vocab: int = 32, dim: int = 16, max_len: int = 64, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -34,6 +38,10 @@ class MockDenoiser(nn.Module):
         self.max_len = max_len
         self.mask_token_id = vocab - 1
         self.calls: list[Tensor] = []  # input ids of every forward
+
+    @property
+    def max_length(self) -> int:
+        return self.max_len
 
     def forward(
         self, input_ids: Tensor, attention_bias: Tensor | None = None, cond: Tensor | None = None, **_

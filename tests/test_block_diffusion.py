@@ -61,7 +61,7 @@ def batch(seed: int = 0) -> dict:
 def test_block_length_L_is_full_masked_diffusion():
     model = tiny()
     prepared = task(L).prepare(batch(), torch.Generator().manual_seed(5))
-    assert prepared["p_mask"].shape == (3, L) and (prepared["p_mask"] == prepared["p_mask"][:, :1]).all()
+    assert prepared["inv_weight"].shape == (3, L) and (prepared["inv_weight"] == prepared["inv_weight"][:, :1]).all()
     with torch.no_grad():  # one block: the noisy copy sees only itself, as full masked diffusion
         loss_bd3, _ = task(L).loss(model, prepared)
         loss_mdm, _ = task(None).loss(model, prepared)
@@ -70,7 +70,7 @@ def test_block_length_L_is_full_masked_diffusion():
 
 def test_each_block_draws_its_own_time():
     prepared = task(4).prepare(batch(), torch.Generator().manual_seed(6))
-    per_block = prepared["p_mask"].view(3, 3, 4)  # [B, blocks, K]
+    per_block = prepared["inv_weight"].view(3, 3, 4)  # [B, blocks, K]
     assert (per_block == per_block[..., :1]).all()  # constant within a block
     assert len(per_block[..., 0].unique()) == 9  # one stratum per block
 

@@ -1,5 +1,6 @@
 """Config: YAML -> dataclass -> YAML round trip, overrides, and clear rejections."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,11 @@ def test_bad_values_name_the_key_and_the_choices(override, message):
 def test_missing_recipe_is_a_clear_error(tmp_path):
     with pytest.raises(DifflmError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("folder", sorted((Path(__file__).resolve().parents[1] / "zoo").glob("*/difflm.json")))
+def test_zoo_configs_load_with_the_old_loss_name(folder):
+    """`guidelines` (the elbo loss's old name, stored by the zoo's checkpoints) loads as `elbo`."""
+    data = json.loads(folder.read_text(encoding="utf-8"))
+    assert config_from_dict(data).diffusion.loss == data["diffusion"]["loss"].replace("guidelines", "elbo")
+    assert load_config(None, ["diffusion.loss=guidelines"]).diffusion.loss == "elbo"

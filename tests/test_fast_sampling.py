@@ -25,9 +25,12 @@ def tiny_model(seed: int = 0) -> Transformer:
 class Spy(torch.nn.Module):
     """Wraps a Transformer: records every call and checks refresh passes against a full recompute."""
 
+    supports_kv_cache, supports_logits_at, logits_shift = True, False, 0
+
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.inner, self.mask_token_id, self.config = model, model.mask_token_id, model.config
+        self.max_length = model.max_length
         self.calls: list[dict] = []
 
     def forward(self, input_ids, *, attention_bias=None, position_offset=0, kv_cache=None, attend_len=None):
@@ -205,9 +208,12 @@ def test_qwen3_llada_offset_without_cache_is_refused():
 class WithoutLogitsAt(torch.nn.Module):
     """The same Transformer behind a forward that cannot take logits_at (full [B, Q, V] logits)."""
 
+    supports_kv_cache, supports_logits_at, logits_shift = True, False, 0
+
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.inner, self.mask_token_id, self.config = model, model.mask_token_id, model.config
+        self.max_length = model.max_length
 
     def forward(self, input_ids, *, attention_bias=None, position_offset=0, kv_cache=None, attend_len=None):
         return self.inner(
@@ -242,9 +248,11 @@ def test_qwen3_llada_cache_for_model_holds_kv_heads_only():
 class FixedConfidence(torch.nn.Module):
     """Same logits whatever the input: position j's argmax is token j % 4 with probability conf[j]."""
 
+    supports_kv_cache, supports_logits_at, logits_shift = False, False, 0
+
     def __init__(self, conf: list[float], prompt_len: int) -> None:
         super().__init__()
-        self.mask_token_id, self.calls = 4, 0
+        self.mask_token_id, self.calls, self.max_length = 4, 0, prompt_len + len(conf)
         rows = [[float("-inf")] * 5 for _ in range(prompt_len)]  # prompt rows: never read
         for j, c in enumerate(conf):
             row = [torch.log(torch.tensor((1 - c) / 3)).item()] * 4 + [float("-inf")]
@@ -301,9 +309,11 @@ def fast_dllm_threshold_loop(model, prompt: torch.Tensor, gen_length: int, block
 class NoMask(torch.nn.Module):
     """MockDenoiser with the mask logit at -inf (difflm's draw bans it; Fast-dLLM's does not)."""
 
+    supports_kv_cache, supports_logits_at, logits_shift = False, False, 0
+
     def __init__(self, inner) -> None:
         super().__init__()
-        self.inner, self.mask_token_id = inner, inner.mask_token_id
+        self.inner, self.mask_token_id, self.max_length = inner, inner.mask_token_id, inner.max_length
 
     def forward(self, input_ids, **kw):
         logits = self.inner(input_ids, **kw).clone()

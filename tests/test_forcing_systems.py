@@ -1,6 +1,5 @@
 """Teacher / Diffusion Forcing systems: training through train(), reload, exact resume, eval, sample, CLI errors."""
 
-import argparse
 import json
 import math
 import random
@@ -19,6 +18,7 @@ from difflm.evaluate.forcing import (
     held_out_windows,
     judge_nll,
 )
+from difflm.evaluate.options import EvalOptions
 from difflm.models.dfgpt import DFGPT, DFGPTConfig
 from difflm.pretrained import load_pretrained
 from difflm.sampling.autoregressive import generate_ar
@@ -143,7 +143,7 @@ def test_diffusion_forcing_resume_is_bit_identical(tmp_path):
 
 def test_eval_functions_return_finite_metrics(trained):
     tf, df = load_pretrained(trained[False][0]), load_pretrained(trained[True][0])
-    args = argparse.Namespace(
+    args = EvalOptions(
         batch_size=4,
         max_batches=1,
         seed=0,

@@ -30,14 +30,14 @@ def _smooth_ce(i: int, eps: float = 0.1) -> float:
     return (1 - eps) * _ce(i) + eps * sum(-_logp(row, k) for k in range(3)) / 3
 
 
-def _inputs(p_mask: float = 0.25):
+def _inputs(inv_weight: float = 0.25):
     logits = torch.tensor([ROWS])  # [1, 4, 3]
     return (
         logits,
         torch.tensor([TARGETS]),
         torch.tensor([NOISY]),
         torch.tensor([NOISED]),
-        torch.tensor([p_mask]),
+        torch.tensor([inv_weight]),
     )
 
 
@@ -57,8 +57,8 @@ def test_elbo_loss_hand_computed():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_guidelines_loss():
-    loss = get_loss("guidelines")(*_inputs(0.25), mask_token_id=MASK_ID)
+def test_elbo_loss():
+    loss = get_loss("elbo")(*_inputs(0.25), mask_token_id=MASK_ID)
     assert loss.item() == pytest.approx(4.0 * (_ce(0) + _ce(2) + _ce(3)) / (1 * 4), rel=1e-6)
 
 
@@ -79,28 +79,28 @@ def test_sft_loss_normalises_by_answer_length_per_example():
     targets, noisy = targets.expand(2, 4), noisy.expand(2, 4)
     noised = torch.tensor([[True, False, True, True], [False, True, True, False]])
     loss_mask = torch.tensor([[False, True, True, True], [False, False, True, True]])  # answers: 3 and 2
-    p_mask = torch.tensor([0.25, 0.5])
-    loss = get_loss("sft")(logits, targets, noisy, noised, p_mask, mask_token_id=MASK_ID, loss_mask=loss_mask)
+    inv_weight = torch.tensor([0.25, 0.5])
+    loss = get_loss("sft")(logits, targets, noisy, noised, inv_weight, mask_token_id=MASK_ID, loss_mask=loss_mask)
     # Example 0: position 0 is prompt, so positions 2, 3 count; example 1: position 1 is prompt.
     expected = (4.0 * (_ce(2) + _ce(3)) / 3 + 2.0 * _ce(2) / 2) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(DifflmError, match="loss_mask"):
-        get_loss("sft")(logits, targets, noisy, noised, p_mask, mask_token_id=MASK_ID)
+        get_loss("sft")(logits, targets, noisy, noised, inv_weight, mask_token_id=MASK_ID)
 
 
 def test_reweight_cap_applied():
-    loss = get_loss("guidelines")(*_inputs(0.25), mask_token_id=MASK_ID, reweight_cap=2.0)
+    loss = get_loss("elbo")(*_inputs(0.25), mask_token_id=MASK_ID, reweight_cap=2.0)
     assert loss.item() == pytest.approx(2.0 * (_ce(0) + _ce(2) + _ce(3)) / 4, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_bf16_logits_give_float32_loss(name):
-    logits, targets, noisy, noised, p_mask = _inputs()
+    logits, targets, noisy, noised, inv_weight = _inputs()
     loss_mask = torch.ones(1, 4, dtype=torch.bool)
     fn = get_loss(name)
-    low = fn(logits.bfloat16(), targets, noisy, noised, p_mask, mask_token_id=MASK_ID, loss_mask=loss_mask)
+    low = fn(logits.bfloat16(), targets, noisy, noised, inv_weight, mask_token_id=MASK_ID, loss_mask=loss_mask)
     ref = fn(
-        logits.bfloat16().float(), targets, noisy, noised, p_mask, mask_token_id=MASK_ID, loss_mask=loss_mask
+        logits.bfloat16().float(), targets, noisy, noised, inv_weight, mask_token_id=MASK_ID, loss_mask=loss_mask
     )
     assert low.dtype == torch.float32
     assert low.item() == ref.item()
@@ -125,7 +125,7 @@ def test_nothing_noised_gives_zero_with_a_graph():
 
 def test_errors():
     logits, targets, _, noised, _ = _inputs()
-    with pytest.raises(DifflmError, match="guidelines, dllm, soft_ce, sft"):
+    with pytest.raises(DifflmError, match="elbo, dllm, soft_ce, sft"):
         get_loss("mse")
     with pytest.raises(DifflmError, match="tokens, answer"):
         elbo_loss(logits, targets, noised, torch.ones(1), normalize="batch")
@@ -150,7 +150,7 @@ def test_mdlm_loss_is_subs_by_hand_and_tighter():
     loss = get_loss("mdlm")(*_inputs(0.25), mask_token_id=MASK_ID)
     expected = 4.0 * (_subs_ce(0) + _subs_ce(2) + _subs_ce(3)) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert loss.item() < get_loss("guidelines")(*_inputs(0.25), mask_token_id=MASK_ID).item()
+    assert loss.item() < get_loss("elbo")(*_inputs(0.25), mask_token_id=MASK_ID).item()
 
 
 def test_subs_equals_mdlm_parameterisation():
@@ -160,22 +160,22 @@ def test_subs_equals_mdlm_parameterisation():
     logits = torch.randn(B, L, V, generator=g) * 3
     targets = torch.randint(0, V - 1, (B, L), generator=g)
     noised = torch.rand(B, L, generator=g) < 0.5
-    p_mask = torch.rand(B, generator=g).clamp(min=0.1)
+    inv_weight = torch.rand(B, generator=g).clamp(min=0.1)
     noisy = torch.where(noised, mask, targets)
     log_p = logits.clone()
     log_p[:, :, mask] += float("-inf")
     log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
     nll = -log_p.gather(-1, targets[..., None])[..., 0]  # [B, L]
-    expected = (nll * noised / p_mask[:, None]).sum() / (B * L)
-    got = get_loss("mdlm")(logits, targets, noisy, noised, p_mask, mask_token_id=mask)
+    expected = (nll * noised / inv_weight[:, None]).sum() / (B * L)
+    got = get_loss("mdlm")(logits, targets, noisy, noised, inv_weight, mask_token_id=mask)
     torch.testing.assert_close(got, expected)
-    assert got < get_loss("guidelines")(logits, targets, noisy, noised, p_mask, mask_token_id=mask)
+    assert got < get_loss("elbo")(logits, targets, noisy, noised, inv_weight, mask_token_id=mask)
 
 
 def test_subs_gradient_never_reaches_the_mask_logit():
-    logits, targets, noisy, noised, p_mask = _inputs()
+    logits, targets, noisy, noised, inv_weight = _inputs()
     logits.requires_grad_(True)
-    get_loss("mdlm")(logits, targets, noisy, noised, p_mask, mask_token_id=MASK_ID).backward()
+    get_loss("mdlm")(logits, targets, noisy, noised, inv_weight, mask_token_id=MASK_ID).backward()
     assert logits.grad[..., MASK_ID].abs().sum().item() == 0.0
     assert logits.grad[..., :MASK_ID].abs().sum().item() > 0
 
@@ -203,4 +203,4 @@ def test_eval_reports_the_subs_bound(mock_denoiser):
         return mean_task_loss(model, task, data, **kw)
 
     got = elbo_nll(model, data, mask_token_id=31, vocab_size=32, **kw)
-    assert got == bound("mdlm") and got < bound("guidelines")
+    assert got == bound("mdlm") and got < bound("elbo")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from difflm.commands import sample as sample_command
+from difflm.commands.flags import options_from
 from difflm.config import load_config
 from difflm.data.conversations import (
     ConversationDataset,
@@ -24,6 +25,7 @@ from difflm.errors import DifflmError
 from difflm.models.block_attention import block_attention_bias
 from difflm.models.layers import padding_bias
 from difflm.pretrained import Pretrained
+from difflm.sampling.settings import SampleOptions
 from difflm.systems.qwen3_llada import sample
 from difflm.systems.registry import build_run
 from difflm.train.trainer import collate
@@ -49,7 +51,7 @@ def prepared_batch(run, seed: int = 0, n: int = 4):
 
 def hand_loss(name: str, logits, batch, prepared) -> torch.Tensor:
     """The recipe's losses written out position by position."""
-    x, noisy, noised, p = batch["input_ids"], prepared["noisy"], prepared["noised"], prepared["p_mask"]
+    x, noisy, noised, p = batch["input_ids"], prepared["noisy"], prepared["noised"], prepared["inv_weight"]
     B, L = x.shape
     logp = F.log_softmax(logits.double(), dim=-1)  # [B, L, V]
     total = torch.zeros((), dtype=torch.float64)
@@ -68,7 +70,7 @@ def hand_loss(name: str, logits, batch, prepared) -> torch.Tensor:
     return total
 
 
-@pytest.mark.parametrize("name", ["guidelines", "dllm", "soft_ce", "sft"])
+@pytest.mark.parametrize("name", ["elbo", "dllm", "soft_ce", "sft"])
 def test_task_wires_the_chosen_loss(tmp_path, name):
     extra = ["system.block_attention=true", "system.block_length=2", f"diffusion.loss={name}"]
     overrides = sft_overrides if name == "sft" else pretrain_overrides
@@ -172,10 +174,10 @@ def test_bad_turns_are_errors_naming_the_record():
         parse_conversation({"messages": []}, "rec 6")
 
 
-def sample_args(*argv: str) -> argparse.Namespace:
+def sample_args(*argv: str) -> SampleOptions:
     parser = argparse.ArgumentParser()
     sample_command.add_arguments(parser)
-    return parser.parse_args(["unused", "--prompt", "unused", *argv])
+    return options_from(SampleOptions, parser.parse_args(["unused", "--prompt", "unused", *argv]))
 
 
 def test_block_attention_sampling_keeps_prompt_and_first_block(tmp_path):

@@ -8,7 +8,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,9 +17,11 @@ from safetensors.torch import load_file
 
 from difflm.config import load_config
 from difflm.errors import DifflmError
+from difflm.evaluate.options import EvalOptions
 from difflm.evaluate.sgdd import decode_vectors, eval_sgdd, sample_sgdd
 from difflm.models.sgdd import project_table
 from difflm.pretrained import load_pretrained
+from difflm.sampling.settings import SampleOptions
 from difflm.sampling.unmask import SampleConfig, infill
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder, split_examples, tokenize_targets
@@ -81,29 +82,29 @@ def test_checkpoint_holds_decoder_and_head_but_not_encoder(trained):
     assert pre.tokenizer.mask_token_id == 103 and pre.model.config.vocab_size == 30522
 
 
-def args(**kw) -> argparse.Namespace:
-    base = dict(batch_size=4, max_batches=None, seed=0, text=None, prompt=None, interpolate=None, alpha=0.5)
-    base.update(split="val", data=None, best_of=1, rounds=0)
-    return argparse.Namespace(
-        **{**base, "cfg_scale": None, "length": None, "temperature": 0.0, "json": True, **kw}
-    )
+def eval_args(**kw) -> EvalOptions:
+    return EvalOptions(**{"batch_size": 4, "json": True, **kw})
+
+
+def sample_args(**kw) -> SampleOptions:
+    return SampleOptions(**{"batch_size": 4, "json": True, **kw})
 
 
 def test_eval_and_sample_after_training(trained, capsys):
     pre = load_pretrained(trained)
-    metrics = eval_sgdd(pre, args())
+    metrics = eval_sgdd(pre, eval_args())
     assert metrics["examples"] == 4 and metrics["loss"] > 0 and metrics["split"] == "val"
-    train_metrics = eval_sgdd(pre, args(split="train", max_batches=1))
+    train_metrics = eval_sgdd(pre, eval_args(split="train", max_batches=1))
     assert train_metrics["examples"] == 4 and train_metrics["split"] == "train"
     held = {s for s, _ in split_examples(pre.config, "val")}
     assert not held & {s for s, _ in split_examples(pre.config, "train")}  # disjoint splits
     for name in ("cfg0", "cfg2", "cfg2_oracle_len"):
         assert 0 <= metrics[f"{name}_exact_match"] <= 1 and 0 <= metrics[f"{name}_token_acc"] <= 1
         assert 0 <= metrics[f"{name}_bleu"] <= 100 and -1 <= metrics[f"{name}_cosine"] <= 1
-    assert sample_sgdd(pre, args(text=["the cat sat."], length=3)) == 0
+    assert sample_sgdd(pre, sample_args(text=["the cat sat."], length=3)) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["input"] == "the cat sat." and len(pre.tokenizer.encode(out["output"])) >= 1
-    assert sample_sgdd(pre, args(interpolate=["the cat sat.", "a dog ran."], alpha=0.25)) == 0
+    assert sample_sgdd(pre, sample_args(interpolate=("the cat sat.", "a dog ran."), alpha=0.25)) == 0
 
 
 def test_uncond_prob_one_hides_the_vector(tmp_path):
@@ -166,9 +167,9 @@ def test_phase2_starts_from_phase1_weights(trained, tmp_path):
 def test_bad_inputs(trained, tmp_path):
     pre = load_pretrained(trained)
     with pytest.raises(DifflmError, match="empty text"):
-        sample_sgdd(pre, args(text=["fine", "  "]))
+        sample_sgdd(pre, sample_args(text=["fine", "  "]))
     with pytest.raises(DifflmError, match="no text given"):
-        sample_sgdd(pre, args())
+        sample_sgdd(pre, sample_args())
     with pytest.warns(UserWarning, match="longer than max_token_length=16 tokens and were truncated"):
         ids, lengths = tokenize_targets(pre.tokenizer, [" ".join(["word"] * 40), "short"], 16)
     assert lengths.tolist() == [16, 1] and ids.shape == (2, 16)

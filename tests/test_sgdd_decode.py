@@ -31,7 +31,7 @@ from difflm.pretrained import load_pretrained
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder
 from difflm.train.trainer import train
-from tests.test_sgdd import SENTENCES, args, tiny_config
+from tests.test_sgdd import SENTENCES, eval_args, tiny_config
 
 HEAD_KEYS = {
     "cls.predictions.transform.dense.weight": "head_dense.weight",
@@ -157,14 +157,14 @@ def test_eval_scores_a_file_with_verification(trained):
     pre = load_pretrained(trained / "run")
     lines = trained / "mine.txt"
     lines.write_text("the cat sat on the mat.\n\nan owl flew over the barn.\n", encoding="utf-8")
-    metrics = eval_sgdd(pre, args(data=str(lines), best_of=2, rounds=1))
+    metrics = eval_sgdd(pre, eval_args(data=str(lines), best_of=2, rounds=1))
     assert metrics["examples"] == 2 and metrics["split"] == "file"
     for name in ("cfg0", "cfg2", "cfg2_n2_r1"):
         assert 0 <= metrics[f"{name}_exact_match"] <= 1 and metrics[f"{name}_ms_per_sentence"] > 0
     assert metrics["cfg2_examples"][1]["source"] == "an owl flew over the barn."
     pairs = trained / "pairs.jsonl"
     pairs.write_text(json.dumps({"source": "a dog ran.", "target": "the dog was running."}) + "\n")
-    paraphrase = eval_sgdd(pre, args(data=str(pairs)))
+    paraphrase = eval_sgdd(pre, eval_args(data=str(pairs)))
     assert paraphrase["examples"] == 1 and paraphrase["copy_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert paraphrase["copy_exact_match"] == 0 and "copy_bleu" not in metrics  # only for real pairs
 

@@ -96,9 +96,11 @@ class DiffusionConfig:
         0.0, "Probability of truncating a batch to a random length (LLaDA uses 0.01)."
     )
     loss: str = opt(
-        "guidelines",
-        "Masked-diffusion loss (mdlm: guidelines with MDLM's SUBS, mask logit -inf).",
-        choices=("guidelines", "dllm", "soft_ce", "sft", "mdlm"),
+        "elbo",
+        "Masked-diffusion loss: elbo (CE on the masked tokens weighted by w(t), over B*L: LLaDA's "
+        "pre-training), dllm, soft_ce, sft (per answer length), mdlm (elbo with MDLM's SUBS).",
+        choices=("elbo", "dllm", "soft_ce", "sft", "mdlm"),
+        aliases={"guidelines": "elbo"},  # its name until 2026-11; zoo/ checkpoints store it
     )
     reweight_cap: float | None = opt(None, "Cap on the 1/t-type ELBO weight (null = no cap).")
     antithetic: bool = opt(True, "Stratified (antithetic) draw of t across the batch.")
@@ -261,13 +263,9 @@ class RunConfig:
         "masked_diffusion", "What to train: the loss and batches (see difflm.systems.registry.SYSTEMS)."
     )
     model: Any = opt(None, "Model section; `family` picks the model and its config dataclass.")
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data section."})
-    diffusion: DiffusionConfig = field(
-        default_factory=DiffusionConfig, metadata={"help": "Masked diffusion."}
-    )
-    train: TrainConfig = field(
-        default_factory=TrainConfig, metadata={"help": "Optimization and checkpoints."}
-    )
+    data: DataConfig = opt(DataConfig(), "Data section.")
+    diffusion: DiffusionConfig = opt(DiffusionConfig(), "Masked diffusion.")
+    train: TrainConfig = opt(TrainConfig(), "Optimization and checkpoints.")
     system: dict = opt(
         {}, "System-specific settings, typed by the system's own dataclass (see `system_config`)."
     )
@@ -345,6 +343,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             kwargs[key] = from_dict(tp, value or {}, f"{dotted}.")
             continue
         value = _coerce(value, tp, dotted)
+        if isinstance(value, str):  # a renamed choice under its old name
+            value = fields[key].metadata.get("aliases", {}).get(value, value)
         choices = _choices_of(fields[key])
         if choices and value not in choices:
             raise DifflmError(

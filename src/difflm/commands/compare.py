@@ -64,10 +64,11 @@ def load_diffusion(where: str, device: str) -> Side:
     pre = load_pretrained(where, device)
     if getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"'{where}' is not a masked-diffusion checkpoint (its model has no mask token)")
-    limit = getattr(getattr(pre.model, "config", None), "block_size", None) or pre.config.data.block_size
     tok = pre.tokenizer
     suppress = tuple(sorted(i for i in tok.special_ids if i != tok.mask_token_id))
-    return Side(f"diffusion ({pre.config.task})", pre.model, tok.encode, tok.decode, limit, suppress)
+    return Side(
+        f"diffusion ({pre.config.task})", pre.model, tok.encode, tok.decode, pre.model.max_length, suppress
+    )
 
 
 def load_ar(where: str, device: str) -> Side:
@@ -86,7 +87,7 @@ def load_ar(where: str, device: str) -> Side:
             pre.model,
             tok.encode,
             tok.decode,
-            pre.model.config.block_size,
+            pre.model.max_length,
             eos=tok.eos_token_id,
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,105 +7,36 @@ import argparse
 import json
 import time
 
+from difflm.commands.flags import add_flags, options_from
 from difflm.errors import DifflmError
-from difflm.evaluate import poem_completion
+from difflm.evaluate.options import EvalOptions, HarnessOptions
+from difflm.evaluate.poem_completion import PoemOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint", help="a step folder or a run folder (its latest checkpoint), or 'poem-completion'"
     )
-    poem_completion.add_arguments(parser)
-    parser.add_argument("--samples", type=int, default=4, help="Monte-Carlo draws of t per sequence (ELBO)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N val batches")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
-    parser.add_argument(
-        "--block-length",
-        type=int,
-        default=None,
-        help="ELBO of block diffusion with blocks of K tokens (default: the checkpoint's diffusion.block_length)",
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--split",
-        default="val",
-        choices=("val", "train"),
-        help="sgdd: score the held-out examples, or as many training ones (a memorisation check)",
-    )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="sgdd: score this file instead (one sentence a line, or JSONL / TSV pairs)",
-    )
-    parser.add_argument(
-        "--best-of",
-        type=int,
-        default=1,
-        help="sgdd: decode N candidates, keep the one the encoder finds closest",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=0,
-        help="sgdd: correction rounds (re-mask the least likely tokens, keep if closer)",
-    )
-    parser.add_argument(
-        "--precision",
-        default="fp32",
-        choices=("fp32", "bf16", "fp16"),
-        help="autocast for the model's forwards (bf16: ~2.5x faster on CPUs with AVX-512 BF16)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the checkpoint's files (sizes only)",
-    )
-    parser.add_argument(
-        "--judge", default=None, help="teacher_forcing checkpoint scoring generations (gen_ppl)"
-    )
-    parser.add_argument("--continuations", type=int, default=8, help="held-out prompts continued (forcing)")
-    parser.add_argument(
-        "--gen-length", type=int, default=256, help="tokens generated per continuation (forcing)"
-    )
+    add_flags(parser.add_argument_group("poem-completion (difflm eval poem-completion ...)"), PoemOptions)
+    add_flags(parser, EvalOptions)
     harness = parser.add_argument_group(
         "lm-evaluation-harness (needs difflm[lmeval]; --batch-size is rows per forward, and "
         "--device, --precision, --json, --no-verify apply)"
     )
-    harness.add_argument(
-        "--tasks", default=None, help="comma-separated lm-eval tasks (e.g. gsm8k) instead of the val metrics"
-    )
-    harness.add_argument(
-        "--model-args",
-        default="",
-        help="the model's settings, as lm_eval's --model_args: e.g. gen_length=256,steps=256,block_length=32,"
-        "cache=dual,threshold=0.9,mc_num=128,seed=1234 (difflm.evaluate.lm_eval.HarnessSettings)",
-    )
-    harness.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
-    harness.add_argument(
-        "--limit",
-        type=float,
-        default=None,
-        help="only the first N documents of each task (a fraction if < 1)",
-    )
-    harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default)")
-    harness.add_argument(
-        "--apply-chat-template", action="store_true", help="format prompts with the tokenizer's chat template"
-    )
+    add_flags(harness, HarnessOptions)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(opts: EvalOptions) -> None:
     """Counts checked before anything is loaded (`--max-batches 0` would otherwise mean 'all')."""
     for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length", "best_of"):
-        value = getattr(args, flag)
+        value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.rounds < 0:
-        raise DifflmError(f"--rounds must be >= 0, got {args.rounds}")
+    if opts.rounds < 0:
+        raise DifflmError(f"--rounds must be >= 0, got {opts.rounds}")
 
 
-def run_tasks(args: argparse.Namespace) -> int:
+def run_tasks(opts: EvalOptions, harness: HarnessOptions, checkpoint: str) -> int:
     """`--tasks`: lm-eval's simple_evaluate with a `DifflmLM` over the checkpoint."""
     import torch
 
@@ -122,57 +53,66 @@ def run_tasks(args: argparse.Namespace) -> int:
     from difflm.pretrained import load_pretrained
     from difflm.train.trainer import autocast, resolve_device
 
-    check_args(args)
-    resolve_device(args.device, "--device")
-    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
-    lm = DifflmLM(pre, batch_size=args.batch_size, **simple_parse_args_string(args.model_args))
-    with autocast(torch.device(args.device), args.precision):
+    check_args(opts)
+    resolve_device(opts.device, "--device")
+    pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
+    lm = DifflmLM(pre, batch_size=opts.batch_size, **simple_parse_args_string(harness.model_args))
+    with autocast(torch.device(opts.device), opts.precision):
         results = simple_evaluate(
             model=lm,
-            tasks=args.tasks.split(","),
-            task_manager=TaskManager(include_path=args.include_path),
-            limit=args.limit,
-            num_fewshot=args.num_fewshot,
-            apply_chat_template=args.apply_chat_template,
+            tasks=harness.tasks.split(","),
+            task_manager=TaskManager(include_path=harness.include_path),
+            limit=harness.limit,
+            num_fewshot=harness.num_fewshot,
+            apply_chat_template=harness.apply_chat_template,
             log_samples=False,
         )
-    print(json.dumps(results["results"], default=str) if args.json else make_table(results))
+    print(json.dumps(results["results"], default=str) if opts.json else make_table(results))
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.checkpoint == "poem-completion":
-        return poem_completion.main(args)
-    if args.tasks:
-        return run_tasks(args)
+def run(parsed: argparse.Namespace) -> int:
+    opts, checkpoint = options_from(EvalOptions, parsed), parsed.checkpoint
+    if checkpoint == "poem-completion":
+        from difflm.evaluate.poem_completion import main
+
+        return main(options_from(PoemOptions, parsed), opts)
+    harness = options_from(HarnessOptions, parsed)
+    if harness.tasks:
+        return run_tasks(opts, harness, checkpoint)
+    return run_metrics(opts, checkpoint)
+
+
+def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
+    """The metrics of `checkpoint` from its system's evaluator, printed."""
     import torch
 
     from difflm.pretrained import load_pretrained
     from difflm.systems.registry import get_system, resolve
     from difflm.train.trainer import autocast, resolve_device
 
-    check_args(args)
-    resolve_device(args.device, "--device")
-    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
-    if (args.data or args.best_of > 1 or args.rounds) and pre.config.task != "sgdd":
+    check_args(opts)
+    resolve_device(opts.device, "--device")
+    pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
+    if (opts.data or opts.best_of > 1 or opts.rounds) and pre.config.task != "sgdd":
         raise DifflmError("--data, --best-of and --rounds are for SGDD checkpoints")
-    if args.split != "val" and pre.config.task != "sgdd":
+    if opts.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
-            f"--split {args.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
+            f"--split {opts.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
         )
     system = get_system(pre.config.task)
     if system.evaluate is None:
         raise DifflmError(f"task '{system.name}' has no evaluator (see difflm systems)")
     start = time.perf_counter()
-    with autocast(torch.device(args.device), args.precision):
+    with autocast(torch.device(opts.device), opts.precision):
         metrics = {
             "checkpoint": str(pre.path),
             "task": pre.config.task,
-            **resolve(system.evaluate)(pre, args),
+            **resolve(system.evaluate)(pre, opts),
         }
-    metrics["precision"] = args.precision
+    metrics["precision"] = opts.precision
     metrics["seconds"] = round(time.perf_counter() - start, 2)
-    if args.json:
+    if opts.json:
         print(json.dumps(metrics))
     else:
         for key, value in metrics.items():

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from difflm.commands.flags import add_flags, options_from
 from difflm.errors import DifflmError
+from difflm.sampling.settings import SampleOptions
 
 if TYPE_CHECKING:
     import torch
@@ -27,106 +29,13 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a step folder or a run folder (its latest checkpoint)")
-    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
-    parser.add_argument("--prompt-file", default=None, help="a file with one prompt per line")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="denoising steps (default: gen length; 0 with --threshold/--factor: each block until filled)",
-    )
-    parser.add_argument("--block-length", type=int, default=None)
-    parser.add_argument(
-        "--block-attention",
-        action="store_true",
-        help="attend under the block bias of training (prompt + own block [+ earlier]); needs --block-length",
-    )
-    parser.add_argument(
-        "--chat",
-        action="store_true",
-        help="format each prompt as a chat turn (chat template, else as in SFT)",
-    )
-    parser.add_argument(
-        "--schedule", default=None, help="Diffusion Forcing scheduling matrix (pyramid, full_sequence, ...)"
-    )
-    parser.add_argument("--horizon", type=int, default=None, help="Diffusion Forcing tokens per chunk")
-    parser.add_argument("--reveal-schedule", default="even", choices=("even", "cosine", "linear"))
-    parser.add_argument(
-        "--remasking",
-        default="low_confidence",
-        choices=("low_confidence", "random", "random_topk", "margin", "entropy"),
-    )
-    parser.add_argument("--mode", default="keep", choices=("keep", "resample"))
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument(
-        "--threshold", type=float, default=None, help="reveal every token with confidence >= this"
-    )
-    parser.add_argument(
-        "--factor", type=float, default=None, help="reveal the n best with (n+1)(1 - c_n) < factor"
-    )
-    parser.add_argument(
-        "--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache within a block"
-    )
-    parser.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=None,
-        help="classifier-free guidance weight (default 0; SGDD: its system.cfg_scale)",
-    )
-    parser.add_argument(
-        "--text", action="append", default=None, help="SGDD: a text to reconstruct/paraphrase (repeat)"
-    )
-    parser.add_argument(
-        "--interpolate", nargs=2, metavar=("A", "B"), default=None, help="SGDD: decode between two texts"
-    )
-    parser.add_argument("--alpha", type=float, default=0.5, help="SGDD: interpolation weight of B in [0, 1]")
-    parser.add_argument("--length", type=int, default=None, help="SGDD: output tokens (default: predicted)")
-    parser.add_argument(
-        "--best-of",
-        type=int,
-        default=None,
-        help="SGDD: decode N candidates, keep the one the encoder finds closest (default 1)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=0,
-        help="SGDD: correction rounds (re-mask the least likely tokens, keep if closer)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per sample, then one for the run (tokens, seconds, forwards)",
-    )
-    parser.add_argument(
-        "--word-check",
-        default=None,
-        metavar="CORPUS",
-        help="score each sample's words against a corpus (name or file): share found there, longest repeat",
-    )
-    parser.add_argument(
-        "--animate", default=None, help="write an animation of the first sample (.gif or .html)"
-    )
-    parser.add_argument(
-        "--live", action="store_true", help="replay the denoising of the first sample in the terminal"
-    )
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the checkpoint's files (sizes only)",
-    )
+    add_flags(parser, SampleOptions)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        path = Path(args.prompt_file)
+def read_prompts(opts: SampleOptions) -> list[str]:
+    prompts = list(opts.prompt or [])
+    if opts.prompt_file:
+        path = Path(opts.prompt_file)
         if not path.is_file():
             raise DifflmError(f"prompt file '{path}' not found")
         try:
@@ -138,7 +47,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise DifflmError("no prompt given: pass --prompt TEXT or --prompt-file FILE")
-    return [p for p in prompts for _ in range(args.batch_size)]
+    return [p for p in prompts for _ in range(opts.batch_size)]
 
 
 def encode_batch(tokenizer, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,36 +80,36 @@ def token_strings(tokenizer) -> Callable[[list[int]], list[str]]:
     return lambda ids: [tokenizer.decode([i]) for i in ids]
 
 
-def show_trace(trace: Trace, tokenizer, args: argparse.Namespace) -> None:
+def show_trace(trace: Trace, tokenizer, opts: SampleOptions) -> None:
     from difflm.sampling.trace import render_gif, render_html, render_live
 
-    if args.live:
+    if opts.live:
         render_live(trace, token_strings(tokenizer))
-    if args.animate:
-        render = render_html if args.animate.endswith(".html") else render_gif
-        print(f"animation: {render(trace, token_strings(tokenizer), args.animate)}")
+    if opts.animate:
+        render = render_html if opts.animate.endswith(".html") else render_gif
+        print(f"animation: {render(trace, token_strings(tokenizer), opts.animate)}")
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(opts: SampleOptions) -> None:
     """Flags checked before any model is loaded: counts, finite numbers, a writable --animate path."""
     for flag in ("block_length", "gen_length", "length", "best_of"):
-        value = getattr(args, flag)
+        value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.steps is not None and args.steps < 0:
-        raise DifflmError(f"--steps must be >= 0 (0 needs --threshold or --factor), got {args.steps}")
-    if args.rounds < 0:
-        raise DifflmError(f"--rounds must be >= 0, got {args.rounds}")
-    if args.batch_size < 1:
-        raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {args.batch_size}")
+    if opts.steps is not None and opts.steps < 0:
+        raise DifflmError(f"--steps must be >= 0 (0 needs --threshold or --factor), got {opts.steps}")
+    if opts.rounds < 0:
+        raise DifflmError(f"--rounds must be >= 0, got {opts.rounds}")
+    if opts.batch_size < 1:
+        raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {opts.batch_size}")
     for flag in ("temperature", "top_p", "threshold", "factor", "cfg_scale", "alpha"):
-        value = getattr(args, flag)
+        value = getattr(opts, flag)
         if value is not None and not math.isfinite(value):
             raise DifflmError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
-    if args.block_attention and args.block_length is None:
+    if opts.block_attention and opts.block_length is None:
         raise DifflmError("--block-attention needs --block-length (the block the bias is built from)")
-    if args.animate:
-        check_output_file(args.animate, "--animate", (".gif", ".html"))
+    if opts.animate:
+        check_output_file(opts.animate, "--animate", (".gif", ".html"))
 
 
 # flags only some tasks read -> those tasks (elsewhere they would be silently ignored)
@@ -215,9 +124,9 @@ TASK_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_task_flags(task: str, args: argparse.Namespace) -> None:
+def check_task_flags(task: str, opts: SampleOptions) -> None:
     for flag, tasks in TASK_FLAGS.items():
-        if getattr(args, flag, None) not in (None, False) and task not in tasks:
+        if getattr(opts, flag, None) not in (None, False) and task not in tasks:
             raise DifflmError(
                 f"--{flag.replace('_', '-')} is for {' / '.join(tasks)} checkpoints; this one's task is '{task}'"
             )
@@ -244,7 +153,7 @@ def check_output_file(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
         out.unlink()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     import torch
 
     from difflm.evaluate.metrics import word_quality
@@ -252,28 +161,29 @@ def run(args: argparse.Namespace) -> int:
     from difflm.systems.registry import get_system, resolve
     from difflm.train.trainer import resolve_device
 
-    check_args(args)
-    resolve_device(args.device, "--device")
-    pre = load_pretrained(args.checkpoint, args.device, verify=not args.no_verify)
-    check_task_flags(pre.config.task, args)
+    opts = options_from(SampleOptions, parsed)
+    check_args(opts)
+    resolve_device(opts.device, "--device")
+    pre = load_pretrained(parsed.checkpoint, opts.device, verify=not opts.no_verify)
+    check_task_flags(pre.config.task, opts)
     system = get_system(pre.config.task)
     if system.sample_texts:  # conditioned on whole texts, not prompts to continue
-        return resolve(system.sample_texts)(pre, args)
+        return resolve(system.sample_texts)(pre, opts)
     if system.sample is None:
         raise DifflmError(f"task '{system.name}' has no sampler (see difflm systems)")
-    prompts = read_prompts(args)
-    ids, mask = encode_batch(pre.tokenizer, prompts, chat=args.chat)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    prompts = read_prompts(opts)
+    ids, mask = encode_batch(pre.tokenizer, prompts, chat=opts.chat)
+    generator = torch.Generator(device=opts.device).manual_seed(opts.seed)
     start = time.perf_counter()
     with torch.no_grad():
         sampler = resolve(system.sample)
-        result = sampler(pre, args, ids.to(args.device), mask.to(args.device), generator)
+        result = sampler(pre, opts, ids.to(opts.device), mask.to(opts.device), generator)
     seconds = time.perf_counter() - start
-    vocabulary = corpus_words(args.word_check) if args.word_check else None
+    vocabulary = corpus_words(opts.word_check) if opts.word_check else None
     for row, prompt in enumerate(prompts):
         text = pre.tokenizer.decode(result.tokens[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
         quality = {} if vocabulary is None else word_quality(text, vocabulary)
-        if args.json:
+        if opts.json:
             print(json.dumps({"prompt": prompt, "completion": text, **quality}, ensure_ascii=False))
         else:
             print(f"--- sample {row} ---\n{prompt}{text}")
@@ -281,19 +191,19 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"[words in corpus: {100 * quality['in_corpus']:.1f}%, longest repeat: {quality['max_repeat']}]"
                 )
-    generated = len(prompts) * args.gen_length
+    generated = len(prompts) * opts.gen_length
     stats = {
         "tokens": generated,
         "seconds": round(seconds, 4),
         "tokens_per_second": round(generated / seconds, 2),
         "forward_passes": result.forward_passes,
     }
-    if args.json:
+    if opts.json:
         print(json.dumps({"run": stats}))
     print(
         f"[{generated} tokens in {seconds:.2f}s, {generated / seconds:.1f} tok/s, {result.forward_passes} forward passes]",
         file=sys.stderr,
     )
     if result.trace is not None:
-        show_trace(result.trace, pre.tokenizer, args)
+        show_trace(result.trace, pre.tokenizer, opts)
     return 0

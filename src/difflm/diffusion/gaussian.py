@@ -23,53 +23,45 @@ moves its lookup tables; the tables are non-persistent buffers, so checkpoints n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflm.errors import DifflmError
+from difflm.fields import opt
 
 BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 LOSS_WEIGHTINGS = ("none", "min_snr", "fused_snr")
 
 
-def _choice(help: str, default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def _opt(help: str, default: float) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GaussianConfig:
-    timesteps: int = _opt("Number of training noise levels T (levels 0..T-1).", 1000)
-    beta_schedule: str = _choice("Noise schedule of the betas.", "cosine", BETA_SCHEDULES)
-    objective: str = _choice(
-        "What the network predicts: the noise, the clean embedding x0, or v.", "pred_x0", OBJECTIVES
+    timesteps: int = opt(1000, "Number of training noise levels T (levels 0..T-1).")
+    beta_schedule: str = opt("cosine", "Noise schedule of the betas.", BETA_SCHEDULES)
+    objective: str = opt(
+        "pred_x0", "What the network predicts: the noise, the clean embedding x0, or v.", OBJECTIVES
     )
-    loss_weighting: str = _choice(
-        "Per-token loss weight: none, min-SNR, or Diffusion Forcing's fused (causal, cumulative) SNR.",
+    loss_weighting: str = opt(
         "fused_snr",
+        "Per-token loss weight: none, min-SNR, or Diffusion Forcing's fused (causal, cumulative) SNR.",
         LOSS_WEIGHTINGS,
     )
-    snr_clip: float = _opt("SNR cap of the min-SNR / fused-SNR weightings.", 5.0)
-    cum_snr_decay: float = _opt("Decay in (0, 1] of the running SNR of earlier tokens (fused_snr).", 0.96)
-    clip_noise: float = _opt("Gaussian noise is clamped to +-clip_noise.", 20.0)
-    sampling_timesteps: int = _opt("Denoising steps S at sampling (S = T gives DDPM, S < T DDIM).", 50)
-    ddim_eta: float = _opt("DDIM stochasticity (0 = deterministic); ignored for DDPM (S = T).", 0.0)
-    stabilization_level: int = _opt(
-        "Clean context tokens are fed to the model at level stabilization_level - 1 (1..T).", 10
+    snr_clip: float = opt(5.0, "SNR cap of the min-SNR / fused-SNR weightings.")
+    cum_snr_decay: float = opt(0.96, "Decay in (0, 1] of the running SNR of earlier tokens (fused_snr).")
+    clip_noise: float = opt(20.0, "Gaussian noise is clamped to +-clip_noise.")
+    sampling_timesteps: int = opt(50, "Denoising steps S at sampling (S = T gives DDPM, S < T DDIM).")
+    ddim_eta: float = opt(0.0, "DDIM stochasticity (0 = deterministic); ignored for DDPM (S = T).")
+    stabilization_level: int = opt(
+        10, "Clean context tokens are fed to the model at level stabilization_level - 1 (1..T)."
     )
-    rounding_weight: float = _opt(
-        "Weight of the auxiliary rounding cross-entropy (predicted x0 -> tokens).", 1.0
+    rounding_weight: float = opt(
+        1.0, "Weight of the auxiliary rounding cross-entropy (predicted x0 -> tokens)."
     )
-    snr_scale: float = _opt(
-        "Multiply the SNR of every level by this (< 1: a noisier schedule; see GaussianDiffusion).", 1.0
+    snr_scale: float = opt(
+        1.0, "Multiply the SNR of every level by this (< 1: a noisier schedule; see GaussianDiffusion)."
     )
 
     def __post_init__(self) -> None:

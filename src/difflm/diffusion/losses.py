@@ -5,16 +5,17 @@ weight (the schedule's p'(t)/p(t), or 1/p for LLaDA), normalised either by B*L (
 or per example by its answer length (LLaDA SFT). The CE runs in float32 even for bf16 logits,
 and only on the selected positions, so a large vocabulary is never upcast for the whole batch.
 
-The named losses in `LOSSES` share one signature and weight by 1/p_mask, i.e. they assume the
-linear schedule (t = p_mask) as LLaDA does; for other schedules call `elbo_loss` with
-`schedule.weight(t)`.
+The named losses in `LOSSES` share one signature and take `inv_weight` = 1/w(t), the inverse of
+the schedule's ELBO weight (t itself for the linear schedule, as in LLaDA); they weight each
+example's CE by 1/inv_weight.
 
 SUBS (MDLM's parameterisation, `banned_id` / `NamedLoss.subs`): the mask token's logit is -inf in
 the loss's log-softmax, so a masked position never predicts the mask. The sampler bans the mask
 token too, so the SUBS loss is the ELBO of the model the sampler actually draws from, and it is
 tighter than the plain loss, which spends probability on the mask. `difflm eval` reports it
 (`elbo_nll` uses "mdlm"). Training uses whichever preset `diffusion.loss` names: the recipes keep
-LLaDA's "guidelines" (no SUBS) so their recorded runs reproduce; "mdlm" trains with SUBS.
+"elbo" (LLaDA's pre-training loss, no SUBS; called "guidelines" before, a name configs may still
+hold) so their recorded runs reproduce; "mdlm" trains with SUBS.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def elbo_loss(
 
 @dataclass(frozen=True)
 class NamedLoss:
-    """A preset of `elbo_loss` with LLaDA's 1/p_mask weight; every entry of `LOSSES` is one.
+    """A preset of `elbo_loss` with the ELBO weight 1/inv_weight; every entry of `LOSSES` is one.
 
     `from_mask_id`: loss positions are `noisy_ids == mask_token_id` (dLLM) instead of `noised`.
     `normalize="answer"` (SFT) divides each example by its answer length and needs `loss_mask`.
@@ -128,7 +129,7 @@ class NamedLoss:
         targets: Tensor,
         noisy_ids: Tensor,
         noised: Tensor,
-        p_mask: Tensor,
+        inv_weight: Tensor,
         *,
         mask_token_id: int,
         loss_mask: Tensor | None = None,
@@ -141,7 +142,7 @@ class NamedLoss:
             logits,
             targets,
             positions,
-            1.0 / p_mask.float(),
+            1.0 / inv_weight.float(),
             reweight_cap=reweight_cap,
             label_smoothing=self.label_smoothing,
             normalize=self.normalize,
@@ -151,11 +152,11 @@ class NamedLoss:
 
 
 LOSSES: dict[str, NamedLoss] = {
-    "guidelines": NamedLoss(),  # LLaDA pre-training: CE on masked / p_mask, divided by B * L
+    "elbo": NamedLoss(),  # LLaDA pre-training: CE on masked / inv_weight, divided by B * L
     "dllm": NamedLoss(from_mask_id=True),  # differs only where a clean token equals the mask id
     "soft_ce": NamedLoss(label_smoothing=0.1),
     "sft": NamedLoss(normalize="answer"),  # LLaDA SFT: per-example answer length
-    "mdlm": NamedLoss(subs=True),  # guidelines with MDLM's SUBS: the tighter bound `difflm eval` reports
+    "mdlm": NamedLoss(subs=True),  # elbo with MDLM's SUBS: the tighter bound `difflm eval` reports
 }
 
 

@@ -10,12 +10,13 @@ from an explicit `torch.Generator`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from difflm.errors import DifflmError
+from difflm.fields import opt
 
 NOISE_KINDS = ("mask", "random")
 
@@ -24,29 +25,21 @@ NOISE_KINDS = ("mask", "random")
 class NoiseConfig:
     """How `corrupt` noises tokens."""
 
-    kind: str = field(
-        default="mask",
-        metadata={
-            "help": "'mask': replace with the mask token; 'random': replace with a uniformly random "
-            "token that is never the mask token nor an excluded (special) id"
-        },
+    kind: str = opt(
+        "mask",
+        "'mask': replace with the mask token; 'random': replace with a uniformly random "
+        "token that is never the mask token nor an excluded (special) id",
     )
-    min_rate: float = field(
-        default=0.0,
-        metadata={"help": "lower bound on the masking rate of every example (rates are clamped up to it)"},
+    min_rate: float = opt(
+        0.0, "lower bound on the masking rate of every example (rates are clamped up to it)"
     )
-    span_prob: float = field(
-        default=0.0,
-        metadata={
-            "help": "probability per example of noising one contiguous span of round(rate * eligible) "
-            "eligible tokens instead of iid tokens"
-        },
+    span_prob: float = opt(
+        0.0,
+        "probability per example of noising one contiguous span of round(rate * eligible) "
+        "eligible tokens instead of iid tokens",
     )
-    random_length_prob: float = field(
-        default=0.0,
-        metadata={
-            "help": "probability per batch of truncating it to a random length in [1, L] (LLaDA uses 0.01)"
-        },
+    random_length_prob: float = opt(
+        0.0, "probability per batch of truncating it to a random length in [1, L] (LLaDA uses 0.01)"
     )
 
     def __post_init__(self) -> None:

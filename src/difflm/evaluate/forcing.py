@@ -17,7 +17,6 @@ true continuation, and timed (`tokens_per_s`).
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from difflm.data.blocks import text_blocks
 from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import ar_nll
 from difflm.evaluate.metrics import bleu, chrf
+from difflm.evaluate.options import EvalOptions
 from difflm.models.dfgpt import DFGPT
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
@@ -155,7 +155,7 @@ def judge_nll(judge: DFGPT, prompts: Tensor, continuations: Tensor) -> float:
         raise DifflmError("the judge must be a teacher_forcing checkpoint (use_diffusion_forcing=false)")
     device = next(judge.parameters()).device
     seq = torch.cat([prompts, continuations], dim=1).to(device)  # [N, P+G]
-    P, T, block = prompts.shape[1], seq.shape[1], judge.config.block_size
+    P, T, block = prompts.shape[1], seq.shape[1], judge.max_length
     total, t = 0.0, P
     while t < T:
         hi = min(T, t + max(1, block // 2))  # score targets t..hi-1
@@ -227,23 +227,23 @@ def forcing_metrics(
     return {**out, **continuation_metrics(pre, val, cont, judge, system)}
 
 
-def eval_forcing(pre: Pretrained, args: argparse.Namespace) -> dict:
+def eval_forcing(pre: Pretrained, opts: EvalOptions) -> dict:
     """`difflm eval` entry of both systems; a TF checkpoint judges itself unless --judge is given."""
-    judge_path = getattr(args, "judge", None)
+    judge_path = opts.judge
     if judge_path:
-        judge = load_pretrained(judge_path, args.device)
+        judge = load_pretrained(judge_path, opts.device)
     else:
         judge = None if pre.model.config.use_diffusion_forcing else pre
     continuations = ContinuationConfig(
-        n_prompts=getattr(args, "continuations", 8),
-        gen_length=getattr(args, "gen_length", 256),
-        seed=args.seed,
+        n_prompts=opts.continuations,
+        gen_length=opts.gen_length,
+        seed=opts.seed,
     )
     return forcing_metrics(
         pre,
         judge=judge,
         continuations=continuations,
-        batch_size=args.batch_size,
-        max_batches=args.max_batches,
-        seed=args.seed,
+        batch_size=opts.batch_size,
+        max_batches=opts.max_batches,
+        seed=opts.seed,
     )

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from difflm.config import DiffusionConfig
-from difflm.sampling.cache import takes
+from difflm.models.protocol import check_denoiser
 from difflm.sampling.unmask import mask_token_of
 from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import collate, step_generator, to_device
@@ -149,10 +149,10 @@ def continuation_elbo(
 def _masked_log_probs(model, clean: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
     """log p of the clean token [n, T] at the hidden positions (0 elsewhere) and the argmax [n, T]
     there, from one forward on `clean` with `hidden` replaced by the mask (SUBS log-probs); only
-    hidden positions go through the vocabulary projection when the model takes `logits_at`."""
-    mask_id = mask_token_of(model)
+    hidden positions go through the vocabulary projection when the model supports `logits_at`."""
+    mask_id = mask_token_of(check_denoiser(model))
     noisy = clean.masked_fill(hidden, mask_id)
-    logits = model(noisy, logits_at=hidden) if takes(model, "logits_at") else model(noisy)[hidden]  # [N, V]
+    logits = model(noisy, logits_at=hidden) if model.supports_logits_at else model(noisy)[hidden]  # [N, V]
     logits = logits.float().index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
     logp = logits.log_softmax(dim=-1)
     out = torch.zeros(clean.shape, dtype=torch.float32, device=clean.device)

@@ -36,11 +36,11 @@ from tqdm import tqdm
 from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import continuation_elbo
 from difflm.fields import opt
+from difflm.models.protocol import max_length_of
 from difflm.pretrained import Pretrained, load_pretrained
-from difflm.sampling.cache import CACHE_MODES
-from difflm.sampling.settings import REMASKING, SampleConfig
+from difflm.sampling.settings import CACHE_MODES, REMASKING, SampleConfig
 from difflm.sampling.unmask import generate
-from difflm.serve.models import DIFFUSION_TASKS, model_length
+from difflm.serve.models import DIFFUSION_TASKS
 
 MODEL_NAME = "difflm"
 
@@ -119,7 +119,7 @@ class DifflmLM(TemplateLM):
         check_diffusion(pretrained)
         self.pre = pretrained
         self._device = next(pretrained.model.parameters()).device
-        self.max_length = model_length(pretrained.model)
+        self.max_length = max_length_of(pretrained.model)
         self.tokenizer = getattr(pretrained.tokenizer, "tok", None)  # the HF tokenizer: chat templates
 
     # ------------------------------------------------------------------ tokens

@@ -26,7 +26,6 @@ Protocol (identical for every model and run):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import time
@@ -41,6 +40,7 @@ from difflm.data.poems import SEPARATOR, load_poems, load_split, poem_text
 from difflm.data.tokenizers import Tokenizer
 from difflm.errors import DifflmError
 from difflm.evaluate.metrics import chrf, token_accuracy
+from difflm.evaluate.options import EvalOptions
 from difflm.fields import opt
 from difflm.models.layers import KVCache
 from difflm.models.transformer import Transformer
@@ -457,62 +457,55 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `difflm eval poem-completion` (--seed, --batch-size, --device are shared)."""
-    group = parser.add_argument_group("poem-completion (difflm eval poem-completion ...)")
-    group.add_argument("--diffusion", default=None, help="masked-diffusion checkpoint")
-    group.add_argument("--ar", default=None, help="autoregressive checkpoint (same tokenizer)")
-    group.add_argument("--split-dir", default=None, help="folder written by `difflm data build-poems`")
-    group.add_argument(
-        "--poems",
-        default=None,
-        help="score this JSONL of poems instead (title, author, content: build-poems' input)",
+@dataclass
+class PoemOptions:
+    """`difflm eval poem-completion` (its --seed, --batch-size, --device, --json are `EvalOptions`')."""
+
+    diffusion: str | None = opt(None, "masked-diffusion checkpoint")
+    ar: str | None = opt(None, "autoregressive checkpoint (same tokenizer)")
+    split_dir: str | None = opt(None, "folder written by `difflm data build-poems`")
+    poems: str | None = opt(
+        None, "score this JSONL of poems instead (title, author, content: build-poems' input)"
     )
-    group.add_argument(
-        "--out-dir", default="poem_completion", help="where results.csv, table.md, plot.png go"
-    )
-    group.add_argument("--n-poems", type=int, default=100)
-    group.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated mask ratios")
-    group.add_argument(
-        "--denoise-steps", type=int, default=None, help="diffusion steps (default: 1 token/step)"
-    )
-    group.add_argument(
-        "--candidates", type=int, default=5, help="AR rescoring: candidates per position (0 = skip)"
-    )
-    group.add_argument("--prefix-len", type=int, default=16, help="positions before this are never masked")
+    out_dir: str = opt("poem_completion", "where results.csv, table.md, plot.png go")
+    n_poems: int = opt(100, "poems scored")
+    ratios: str = opt(",".join(map(str, RATIOS)), "comma-separated mask ratios")
+    denoise_steps: int | None = opt(None, "diffusion steps (default: 1 token/step)")
+    candidates: int = opt(5, "AR rescoring: candidates per position (0 = skip)")
+    prefix_len: int = opt(16, "positions before this are never masked")
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed arguments and write its outputs."""
-    missing = [f"--{n}" for n in ("diffusion", "ar") if getattr(args, n) is None]
-    if (args.split_dir is None) == (args.poems is None):
+def main(opts: PoemOptions, shared: EvalOptions) -> int:
+    """Run the benchmark and write its outputs; `shared` gives seed, batch size, device and --json."""
+    missing = [f"--{n}" for n in ("diffusion", "ar") if getattr(opts, n) is None]
+    if (opts.split_dir is None) == (opts.poems is None):
         missing.append("exactly one of --split-dir / --poems")
     if missing:
         raise DifflmError(f"poem-completion needs {', '.join(missing)}")
     try:
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        ratios = [float(r) for r in opts.ratios.split(",") if r.strip()]
     except ValueError:
-        raise DifflmError(f"--ratios {args.ratios!r} must be comma-separated numbers, e.g. 0.1,0.2") from None
+        raise DifflmError(f"--ratios {opts.ratios!r} must be comma-separated numbers, e.g. 0.1,0.2") from None
     cfg = CompletionConfig(
         ratios=ratios,
-        n_poems=args.n_poems,
-        seed=args.seed,
-        prefix_len=args.prefix_len,
-        steps=args.denoise_steps,
-        candidates=args.candidates,
-        batch_size=args.batch_size,
+        n_poems=opts.n_poems,
+        seed=shared.seed,
+        prefix_len=opts.prefix_len,
+        steps=opts.denoise_steps,
+        candidates=opts.candidates,
+        batch_size=shared.batch_size,
     )
     texts = (
-        load_split(args.split_dir, "test")
-        if args.poems is None
-        else [poem_text(p) for p in load_poems(args.poems)[0]]
+        load_split(opts.split_dir, "test")
+        if opts.poems is None
+        else [poem_text(p) for p in load_poems(opts.poems)[0]]
     )
-    diffusion, ar = load_pretrained(args.diffusion, args.device), load_pretrained(args.ar, args.device)
-    log = (lambda _: None) if args.json else print
+    diffusion, ar = load_pretrained(opts.diffusion, shared.device), load_pretrained(opts.ar, shared.device)
+    log = (lambda _: None) if shared.json else print
     rows = run_poem_completion(diffusion, ar, texts, cfg, log)
-    paths = write_outputs(rows, args.out_dir)
-    if args.json:
-        print(json.dumps({"poems": args.poems or args.split_dir, "rows": rows}))
+    paths = write_outputs(rows, opts.out_dir)
+    if shared.json:
+        print(json.dumps({"poems": opts.poems or opts.split_dir, "rows": rows}))
         return 0
     print(paths["table"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

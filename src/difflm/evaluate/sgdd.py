@@ -6,7 +6,6 @@ MiniLM's vocabulary is lower-cased), and BLEU / chrF on the decoded strings of b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -17,9 +16,11 @@ from torch import Tensor
 from difflm.config import system_config
 from difflm.errors import DifflmError
 from difflm.evaluate.metrics import bleu, chrf, exact_match, token_accuracy
+from difflm.evaluate.options import EvalOptions
 from difflm.evaluate.sgdd_decode import Verification, decode_vectors, verified_decode
 from difflm.models.encoder import check_texts, warn_truncated
 from difflm.pretrained import Pretrained
+from difflm.sampling.settings import SampleOptions
 from difflm.systems.sgdd import (
     SGDDSystemConfig,
     build_examples,
@@ -60,25 +61,25 @@ def score(pre: Pretrained, encoder, source_vectors: Tensor, data, outputs: list[
     }
 
 
-def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
+def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
     """Reconstruction / paraphrase metrics with and without guidance (and with verification when
-    `args.best_of` > 1 or `args.rounds` > 0), the val loss, and the decoding time per sentence.
+    `opts.best_of` > 1 or `opts.rounds` > 0), the val loss, and the decoding time per sentence.
 
-    The examples are the held-out split, or with `args.split == "train"` as many training ones (a
-    memorisation check), or with `args.data` every example of that file (see `read_file_examples`)."""
+    The examples are the held-out split, or with `opts.split == "train"` as many training ones (a
+    memorisation check), or with `opts.data` every example of that file (see `read_file_examples`)."""
     cfg, scfg = pre.config, system_config(pre.config, SGDDSystemConfig)
-    split = "file" if args.data else args.split
-    pairs = read_file_examples(args.data) if args.data else split_examples(cfg, split)[: scfg.holdout]
-    if args.max_batches:
-        pairs = pairs[: args.max_batches * args.batch_size]
+    split = "file" if opts.data else opts.split
+    pairs = read_file_examples(opts.data) if opts.data else split_examples(cfg, split)[: scfg.holdout]
+    if opts.max_batches:
+        pairs = pairs[: opts.max_batches * opts.batch_size]
     encoder = load_encoder(cfg.model.encoder)
     data = build_examples(pairs, encoder, pre.tokenizer, cfg, scfg.encode_batch_size)
     out = {
         "phase": scfg.phase,
         "split": split,
-        "data": args.data,
+        "data": opts.data,
         "examples": len(pairs),
-        "loss": diffusion_loss(pre, data, args),
+        "loss": diffusion_loss(pre, data, opts),
         "length_acc": float((pre.model.predict_length(data.vectors) == data.lengths).float().mean()),
     }
     if any(source != target for source, target in pairs):  # paraphrases: the copy-the-input baseline
@@ -91,12 +92,12 @@ def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
         (f"cfg{w:g}", w, False, None),
         (f"cfg{w:g}_oracle_len", w, True, None),
     ]
-    verify = Verification(candidates=args.best_of, rounds=args.rounds)
+    verify = Verification(candidates=opts.best_of, rounds=opts.rounds)
     if verify.candidates > 1 or verify.rounds > 0:
         settings.append((f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}", w, False, verify))
     for name, scale, oracle, verification in settings:
         start = time.perf_counter()
-        outputs = decode_all(pre, encoder, data, scale, oracle, verification, args)
+        outputs = decode_all(pre, encoder, data, scale, oracle, verification, opts)
         seconds = time.perf_counter() - start
         metrics = score(pre, encoder, data.vectors, data, outputs)
         out.update({f"{name}_{k}": v for k, v in metrics.items()})
@@ -109,14 +110,14 @@ def eval_sgdd(pre: Pretrained, args: argparse.Namespace) -> dict:
 
 
 def decode_all(
-    pre: Pretrained, encoder, data, cfg_scale: float, oracle: bool, verification, args: argparse.Namespace
+    pre: Pretrained, encoder, data, cfg_scale: float, oracle: bool, verification, opts: EvalOptions
 ) -> list[list[int]]:
-    """Every example's output ids, `args.batch_size` vectors at a time, seeded per batch."""
+    """Every example's output ids, `opts.batch_size` vectors at a time, seeded per batch."""
     outputs = []
-    for start in range(0, len(data), args.batch_size):
-        stop = start + args.batch_size
+    for start in range(0, len(data), opts.batch_size):
+        stop = start + opts.batch_size
         lengths = data.lengths[start:stop] if oracle else None
-        gen = torch.Generator().manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(opts.seed)
         vectors = data.vectors[start:stop]
         if verification is None:
             outputs += decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths, generator=gen)
@@ -127,48 +128,48 @@ def decode_all(
 
 
 @torch.no_grad()
-def diffusion_loss(pre: Pretrained, data, args: argparse.Namespace) -> float:
+def diffusion_loss(pre: Pretrained, data, opts: EvalOptions) -> float:
     """Mean diffusion loss (ELBO, per token) on `data`, vectors never dropped."""
     scfg = system_config(pre.config, SGDDSystemConfig)
     task = build_task(pre.config, SGDDSystemConfig(**{**vars(scfg), "uncond_prob": 0.0}), pre.tokenizer)
     losses = []
-    for b, start in enumerate(range(0, len(data), args.batch_size)):
-        items = [data[i] for i in range(start, min(len(data), start + args.batch_size))]
-        batch = task.prepare(collate(items), step_generator(args.seed, b, salt=1))
+    for b, start in enumerate(range(0, len(data), opts.batch_size)):
+        items = [data[i] for i in range(start, min(len(data), start + opts.batch_size))]
+        batch = task.prepare(collate(items), step_generator(opts.seed, b, salt=1))
         losses.append(task.diffusion.loss(pre.model, batch)[0].item())
     return sum(losses) / len(losses)
 
 
-def sample_sgdd(pre: Pretrained, args: argparse.Namespace) -> int:
+def sample_sgdd(pre: Pretrained, opts: SampleOptions) -> int:
     """`difflm sample CKPT --text A [--text B]` or `--interpolate A B --alpha 0.5`."""
     scfg = system_config(pre.config, SGDDSystemConfig)
-    texts = list(args.text or []) + list(args.prompt or [])
-    if args.interpolate:
-        texts = list(args.interpolate)
+    texts = list(opts.text or []) + list(opts.prompt or [])
+    if opts.interpolate:
+        texts = list(opts.interpolate)
     if not texts:
         raise DifflmError("no text given: pass --text TEXT (repeatable) or --interpolate A B")
     check_texts(texts)
     encoder = load_encoder(pre.config.model.encoder)
-    tokenize_targets(pre.tokenizer, texts, pre.model.config.block_size)  # warns on over-long texts
+    tokenize_targets(pre.tokenizer, texts, pre.model.max_length)  # warns on over-long texts
     vectors = encoder.encode(texts)  # [N, D]
-    if args.interpolate:
-        vectors = interpolate(vectors[0], vectors[1], args.alpha, encoder.config.normalize)[None]
-        texts = [f"{texts[0]!r} <{args.alpha:g}> {texts[1]!r}"]
-    w = scfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    lengths = None if args.length is None else torch.full((len(vectors),), args.length)
-    gen = torch.Generator().manual_seed(args.seed)
-    verify = Verification(candidates=args.best_of or 1, rounds=args.rounds)
+    if opts.interpolate:
+        vectors = interpolate(vectors[0], vectors[1], opts.alpha, encoder.config.normalize)[None]
+        texts = [f"{texts[0]!r} <{opts.alpha:g}> {texts[1]!r}"]
+    w = scfg.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
+    lengths = None if opts.length is None else torch.full((len(vectors),), opts.length)
+    gen = torch.Generator().manual_seed(opts.seed)
+    verify = Verification(candidates=opts.best_of or 1, rounds=opts.rounds)
     if verify.candidates > 1 or verify.rounds:
         outputs = verified_decode(
             pre, encoder, vectors, verify, cfg_scale=w, generator=gen, lengths=lengths
         ).as_lists()
     else:
         outputs = decode_vectors(
-            pre, vectors, cfg_scale=w, lengths=lengths, generator=gen, temperature=args.temperature
+            pre, vectors, cfg_scale=w, lengths=lengths, generator=gen, temperature=opts.temperature
         )
     for text, ids in zip(texts, outputs, strict=True):
         decoded = pre.tokenizer.decode(ids)
-        print(json.dumps({"input": text, "output": decoded}) if args.json else f"{text}\n  -> {decoded}")
+        print(json.dumps({"input": text, "output": decoded}) if opts.json else f"{text}\n  -> {decoded}")
     return 0
 
 

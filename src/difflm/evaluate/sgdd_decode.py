@@ -69,7 +69,7 @@ def decode_vectors(
     """Token ids of the text each vector [B, D] decodes to (length from the head unless given)."""
     if cfg_scale < 0:
         raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
-    block = pre.model.config.block_size
+    block = pre.model.max_length
     lengths = (
         pre.model.predict_length(vectors.to(device_of(pre))).cpu()
         if lengths is None
@@ -163,7 +163,7 @@ def candidate_plan(
     """Length and temperature of each candidate [B, N]: greedy at the top-k lengths first."""
     B, N = len(vectors), settings.candidates
     if lengths is not None:
-        top = lengths.clamp(1, pre.model.config.block_size).view(B, 1)  # [B, 1]
+        top = lengths.clamp(1, pre.model.max_length).view(B, 1)  # [B, 1]
     else:
         k = min(settings.length_topk, N)
         top = pre.model.length_logits(vectors.to(device_of(pre))).topk(k, dim=-1).indices.cpu() + 1  # [B, k]

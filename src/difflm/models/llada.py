@@ -85,6 +85,7 @@ class LLaDAModelLM(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LLaDABlock"]
     _supports_sdpa = True
+    logits_shift = 0
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)

@@ -54,7 +54,11 @@ _FLOAT_MASK_ATTENTION = ("eager", "sdpa")
 
 
 class MLMDenoiser(nn.Module):
-    """A Hugging Face masked LM behind the difflm denoiser protocol."""
+    """A Hugging Face masked LM behind the difflm denoiser protocol (no cache, full logits)."""
+
+    supports_kv_cache = False
+    supports_logits_at = False
+    logits_shift = 0
 
     def __init__(self, mlm: PreTrainedModel, mask_token_id: int) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ difflm model family `qwen3_llada`: `Qwen3LLaDASpec` (the `model:` section) and `
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 from difflm.errors import DifflmError
+from difflm.fields import opt
 from difflm.hf_configs import Qwen3LLaDAConfig
 from difflm.models.decoder import DecoderLayer, Denoiser, as_denoiser, attention_context
 from difflm.models.layers import KVCache, RMSNorm
@@ -206,35 +207,25 @@ class Qwen3LLaDASpec:
     weights, so the run config stored in every checkpoint rebuilds the model without `init_from`.
     """
 
-    vocab_size: int = field(default=1, metadata={"help": "embedding rows (derived from the tokenizer)"})
-    mask_token_id: int | None = field(
-        default=None, metadata={"help": "mask token id (derived from the tokenizer)"}
+    vocab_size: int = opt(1, "embedding rows (derived from the tokenizer)")
+    mask_token_id: int | None = opt(None, "mask token id (derived from the tokenizer)")
+    init_from: str | None = opt(
+        None,
+        "a Qwen3-LLaDA folder to start from: a `difflm convert` output or a difflm step folder "
+        "(an HF Qwen3 checkpoint must be converted first); overrides the architecture fields",
     )
-    init_from: str | None = field(
-        default=None,
-        metadata={
-            "help": "a Qwen3-LLaDA folder to start from: a `difflm convert` output or a difflm step folder "
-            "(an HF Qwen3 checkpoint must be converted first); overrides the architecture fields"
-        },
-    )
-    hidden_size: int = field(default=256, metadata={"help": "model width"})
-    intermediate_size: int = field(default=768, metadata={"help": "SwiGLU MLP hidden width"})
-    num_hidden_layers: int = field(default=4, metadata={"help": "decoder layers"})
-    num_attention_heads: int = field(default=4, metadata={"help": "query heads"})
-    num_key_value_heads: int = field(
-        default=2, metadata={"help": "key/value heads (GQA); divides the query heads"}
-    )
-    head_dim: int = field(default=64, metadata={"help": "width of one attention head"})
-    rope_theta: float = field(default=1_000_000.0, metadata={"help": "RoPE base frequency"})
-    max_position_embeddings: int = field(
-        default=2048, metadata={"help": "longest sequence (prompt + answer)"}
-    )
-    rms_norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
-    tie_word_embeddings: bool = field(default=True, metadata={"help": "share the LM head with the embedding"})
-    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention probabilities"})
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "attention kernel (must take an additive bias): sdpa or eager"}
-    )
+    hidden_size: int = opt(256, "model width")
+    intermediate_size: int = opt(768, "SwiGLU MLP hidden width")
+    num_hidden_layers: int = opt(4, "decoder layers")
+    num_attention_heads: int = opt(4, "query heads")
+    num_key_value_heads: int = opt(2, "key/value heads (GQA); divides the query heads")
+    head_dim: int = opt(64, "width of one attention head")
+    rope_theta: float = opt(1_000_000.0, "RoPE base frequency")
+    max_position_embeddings: int = opt(2048, "longest sequence (prompt + answer)")
+    rms_norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+    tie_word_embeddings: bool = opt(True, "share the LM head with the embedding")
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities")
+    attn_implementation: str = opt("sdpa", "attention kernel (must take an additive bias): sdpa or eager")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):

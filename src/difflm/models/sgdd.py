@@ -22,13 +22,14 @@ What is here, and what is not:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflm.errors import DifflmError
+from difflm.fields import opt
 from difflm.models.bert_decoder import BertDecoder
 from difflm.models.encoder import EncoderConfig, SemanticHead
 from difflm.models.transformer import MLPS, Transformer, TransformerConfig
@@ -42,63 +43,40 @@ INIT_STD = 0.02  # the transformer's normal init; projected encoder embeddings a
 class SGDDConfig:
     """The SGDD decoder (lightweight seed setting: 256 wide, 2 layers, 4 heads, FFN 1024)."""
 
-    decoder: str = field(
-        default="scratch",
-        metadata={
-            "help": "'scratch': the core pre-norm transformer, randomly initialised (the seed's lightweight "
-            "decoder); 'encoder': a BERT stack shaped like the frozen encoder and started from its "
-            "pretrained weights (n_layer, n_head, n_embd, ffn_hidden are filled in from it; "
-            f"mlp, learned_positions, tie_embeddings and embedding_init do not apply); one of {DECODERS}"
-        },
+    decoder: str = opt(
+        "scratch",
+        "'scratch': the core pre-norm transformer, randomly initialised (the seed's lightweight "
+        "decoder); 'encoder': a BERT stack shaped like the frozen encoder and started from its "
+        "pretrained weights (n_layer, n_head, n_embd, ffn_hidden are filled in from it; "
+        f"mlp, learned_positions, tie_embeddings and embedding_init do not apply); one of {DECODERS}",
     )
-    vocab_size: int = field(
-        default=1, metadata={"help": "decoder vocabulary = the encoder tokenizer's (filled in)"}
+    vocab_size: int = opt(1, "decoder vocabulary = the encoder tokenizer's (filled in)")
+    block_size: int = opt(64, "max_token_length: text tokens per sequence, padded with [PAD]")
+    n_layer: int = opt(2, "decoder blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(256, "decoder width (hidden_dim); != semantic_dim is fine")
+    ffn_hidden: int = opt(1024, "MLP hidden width")
+    mlp: str = opt("gelu", f"MLP kind: one of {sorted(MLPS)}")
+    dropout: float = opt(0.1, "dropout in the decoder")
+    time_conditioning: bool = opt(True, "AdaLN-Zero on t (the masked fraction of real tokens) as well")
+    cond_tokens: int = opt(0, "also cross-attend to the vector as this many memory tokens (0 = off)")
+    learned_positions: bool = opt(
+        True,
+        "learned absolute positions besides RoPE: decoding starts from all masks, where RoPE "
+        "alone cannot tell positions apart",
     )
-    block_size: int = field(
-        default=64, metadata={"help": "max_token_length: text tokens per sequence, padded with [PAD]"}
+    tie_embeddings: bool = opt(True, "share the output head with the input embedding")
+    embedding_init: str = opt(
+        "encoder_pca",
+        "token embeddings at the start of phase 1: 'random' (normal 0.02), 'encoder_pca' (the "
+        "encoder's table projected on its top principal axes) or 'encoder_projection' (a fixed "
+        f"random projection); one of {EMBEDDING_INITS}",
     )
-    n_layer: int = field(default=2, metadata={"help": "decoder blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention heads"})
-    n_embd: int = field(default=256, metadata={"help": "decoder width (hidden_dim); != semantic_dim is fine"})
-    ffn_hidden: int = field(default=1024, metadata={"help": "MLP hidden width"})
-    mlp: str = field(default="gelu", metadata={"help": f"MLP kind: one of {sorted(MLPS)}"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout in the decoder"})
-    time_conditioning: bool = field(
-        default=True, metadata={"help": "AdaLN-Zero on t (the masked fraction of real tokens) as well"}
-    )
-    cond_tokens: int = field(
-        default=0, metadata={"help": "also cross-attend to the vector as this many memory tokens (0 = off)"}
-    )
-    learned_positions: bool = field(
-        default=True,
-        metadata={
-            "help": "learned absolute positions besides RoPE: decoding starts from all masks, where RoPE "
-            "alone cannot tell positions apart"
-        },
-    )
-    tie_embeddings: bool = field(
-        default=True, metadata={"help": "share the output head with the input embedding"}
-    )
-    embedding_init: str = field(
-        default="encoder_pca",
-        metadata={
-            "help": "token embeddings at the start of phase 1: 'random' (normal 0.02), 'encoder_pca' (the "
-            "encoder's table projected on its top principal axes) or 'encoder_projection' (a fixed "
-            f"random projection); one of {EMBEDDING_INITS}"
-        },
-    )
-    length_head: bool = field(
-        default=True,
-        metadata={"help": "predict the output length from the vector (else the caller gives it)"},
-    )
-    encoder: EncoderConfig = field(
-        default_factory=EncoderConfig, metadata={"help": "the frozen sentence encoder and its head"}
-    )
-    encoder_dim: int = field(
-        default=384, metadata={"help": "width of the encoder's vectors (checked on load)"}
-    )
-    mask_token_id: int | None = field(default=None, metadata={"help": "[MASK] id (filled in)"})
-    pad_token_id: int | None = field(default=None, metadata={"help": "[PAD] id (filled in)"})
+    length_head: bool = opt(True, "predict the output length from the vector (else the caller gives it)")
+    encoder: EncoderConfig = opt(EncoderConfig(), "the frozen sentence encoder and its head")
+    encoder_dim: int = opt(384, "width of the encoder's vectors (checked on load)")
+    mask_token_id: int | None = opt(None, "[MASK] id (filled in)")
+    pad_token_id: int | None = opt(None, "[PAD] id (filled in)")
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -137,6 +115,10 @@ class SGDDConfig:
 class SGDD(nn.Module):
     """Denoiser conditioned on a sentence vector: (ids [B, L], vector [B, encoder_dim]) -> logits."""
 
+    supports_kv_cache = False  # SGDD decodes one block: a cache would have nothing to reuse
+    supports_logits_at = True
+    logits_shift = 0
+
     def __init__(self, config: SGDDConfig) -> None:
         super().__init__()
         if config.pad_token_id is None or config.mask_token_id is None:
@@ -155,6 +137,10 @@ class SGDD(nn.Module):
             if config.length_head
             else None
         )
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -10,12 +10,13 @@ optionally also cross-attended as a few memory tokens). `forward` follows the de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from difflm.errors import DifflmError
+from difflm.fields import REQUIRED, opt
 from difflm.models.layers import (
     MLPS,
     AdaLNModulation,
@@ -40,46 +41,32 @@ TIME_FREQ_DIM = 256  # width of the sinusoidal features of t, before the time ML
 class TransformerConfig:
     """Shape and behaviour of `Transformer`."""
 
-    vocab_size: int = field(metadata={"help": "number of token ids, the mask token included"})
-    block_size: int = field(metadata={"help": "maximum sequence length (positions 0..block_size-1)"})
-    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
-    n_head: int = field(default=6, metadata={"help": "attention heads per block"})
-    n_embd: int = field(default=384, metadata={"help": "model width; must be divisible by n_head"})
-    ffn_hidden: int | None = field(default=None, metadata={"help": "MLP hidden width (default 4 * n_embd)"})
-    mlp: str = field(default="gelu", metadata={"help": f"MLP kind: one of {sorted(MLPS)}"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residuals"})
-    causal: bool = field(
-        default=False, metadata={"help": "causal attention: the autoregressive baseline from the same code"}
+    vocab_size: int = opt(REQUIRED, "number of token ids, the mask token included")
+    block_size: int = opt(REQUIRED, "maximum sequence length (positions 0..block_size-1)")
+    n_layer: int = opt(6, "number of transformer blocks")
+    n_head: int = opt(6, "attention heads per block")
+    n_embd: int = opt(384, "model width; must be divisible by n_head")
+    ffn_hidden: int | None = opt(None, "MLP hidden width (default 4 * n_embd)")
+    mlp: str = opt("gelu", f"MLP kind: one of {sorted(MLPS)}")
+    dropout: float = opt(0.0, "dropout on embeddings, attention and residuals")
+    causal: bool = opt(False, "causal attention: the autoregressive baseline from the same code")
+    time_conditioning: bool = opt(False, "condition every block on t in [0, 1] through AdaLN-Zero")
+    cond_dim: int | None = opt(
+        None, "width of a semantic vector [B, cond_dim] added to the AdaLN-Zero conditioning (SGDD)"
     )
-    time_conditioning: bool = field(
-        default=False, metadata={"help": "condition every block on t in [0, 1] through AdaLN-Zero"}
+    cond_tokens: int = opt(0, "also cross-attend to the semantic vector as this many memory tokens (0 = off)")
+    rope_theta: float = opt(10000.0, "RoPE base frequency")
+    learned_positions: bool = opt(
+        False,
+        "also add a learned absolute position embedding: with RoPE alone an all-mask input "
+        "gives every position the same output, so a decoder with no prompt to anchor it (SGDD) "
+        "predicts the same token everywhere",
     )
-    cond_dim: int | None = field(
-        default=None,
-        metadata={
-            "help": "width of a semantic vector [B, cond_dim] added to the AdaLN-Zero conditioning (SGDD)"
-        },
-    )
-    cond_tokens: int = field(
-        default=0,
-        metadata={"help": "also cross-attend to the semantic vector as this many memory tokens (0 = off)"},
-    )
-    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
-    learned_positions: bool = field(
-        default=False,
-        metadata={
-            "help": "also add a learned absolute position embedding: with RoPE alone an all-mask input "
-            "gives every position the same output, so a decoder with no prompt to anchor it (SGDD) "
-            "predicts the same token everywhere"
-        },
-    )
-    norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
-    bias: bool = field(default=False, metadata={"help": "use biases in linear layers"})
-    tie_embeddings: bool = field(
-        default=True, metadata={"help": "share the output head with the token embedding"}
-    )
-    mask_token_id: int | None = field(default=None, metadata={"help": "id of the [MASK] token (diffusion)"})
-    pad_token_id: int | None = field(default=None, metadata={"help": "id of the padding token"})
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+    bias: bool = opt(False, "use biases in linear layers")
+    tie_embeddings: bool = opt(True, "share the output head with the token embedding")
+    mask_token_id: int | None = opt(None, "id of the [MASK] token (diffusion)")
+    pad_token_id: int | None = opt(None, "id of the padding token")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -160,7 +147,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The denoiser: token ids [B, Q] -> logits [B, Q, V]."""
+    """The denoiser: token ids [B, Q] -> logits [B, Q, V] (models/protocol.py: `Denoiser`)."""
+
+    supports_kv_cache = True
+    supports_logits_at = True
+    logits_shift = 0
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -205,6 +196,10 @@ class Transformer(nn.Module):
                 module.reset_parameters()
         if self.config.cond_dim is not None:
             nn.init.normal_(self.null_cond, mean=0.0, std=0.02)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.block_size
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied head counted once); optionally without the token embedding."""

@@ -86,7 +86,7 @@ class _RecomputeDecoder:
     def __init__(self, model: Any, mask: Tensor) -> None:
         if not bool(mask.all()):
             raise DifflmError("generation without a KV cache needs prompts of equal length (no padding)")
-        self.model, self.window, self.ids = model, model.config.block_size, None
+        self.model, self.window, self.ids = model, model.max_length, None
 
     def __call__(self, ids: Tensor) -> Tensor:
         self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)  # [B, L]
@@ -105,9 +105,9 @@ def _decoder(model: Any, mask: Tensor, max_len: int, use_cache: bool = True):
         raise DifflmError(
             "generate_ar needs a causal model: difflm Transformer with causal=true or a Hugging Face causal LM"
         )
-    if max_len > config.block_size:
+    if max_len > model.max_length:
         raise DifflmError(
-            f"prompt + max_new_tokens = {max_len} exceeds the model's block_size {config.block_size}; "
+            f"prompt + max_new_tokens = {max_len} exceeds the model's length {model.max_length} (its block_size); "
             "shorten the prompt or lower max_new_tokens"
         )
     return _CacheDecoder(model, mask, max_len)

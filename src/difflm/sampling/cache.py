@@ -21,16 +21,16 @@ blocks' keys once, as the training's clean stream computes them; later calls fee
 needed afterwards, so a step over a subset of rows (rows whose block is finished wait, frozen)
 may run on a gathered copy of the cache; a refresh over a subset writes its rows back.
 
-A model supports the cache when its forward takes `position_offset`, `kv_cache` and `attend_len`
-as difflm's `Transformer` and the Qwen3-LLaDA denoiser do; the cache is a `KVCache` of exactly the
-sequence length L. Hugging Face masked LMs (BERT, RoBERTa) have no such path: they run with
+A model supports the cache when it declares `supports_kv_cache` (models/protocol.py: its forward
+takes `position_offset`, `kv_cache` and `attend_len`), as difflm's `Transformer` and the
+Qwen3-LLaDA denoiser do; the cache is a `KVCache` of exactly the sequence length L. Hugging Face masked LMs (BERT, RoBERTa) have no such path: they run with
 cache=none (threshold / factor decoding still apply). SGDD decodes one block, so a cache has
 nothing to reuse there.
 
 A model with `logits_shift = 1` (Dream: position i's logits come from position i-1's output) is
 fed from lo - 1 in the cached steps, so the block's first logits stay exact.
 
-Under every policy, a model whose forward takes `logits_at` (difflm's Transformer, SGDD,
+Under every policy, a model that declares `supports_logits_at` (difflm's Transformer, SGDD,
 Qwen3-LLaDA) projects only the block's columns onto the vocabulary instead of all L (greedy
 keep-mode steps ask for the block's still-masked positions only, through `want`).
 """
@@ -38,7 +38,6 @@ keep-mode steps ask for the block's still-masked positions only, through `want`)
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import torch
@@ -46,31 +45,17 @@ from torch import Tensor
 
 from difflm.errors import DifflmError
 from difflm.models.layers import KVCache
+from difflm.models.protocol import Denoiser, check_denoiser
+from difflm.sampling.settings import CACHE_MODES
 
-CACHE_MODES = ("none", "prefix", "dual")
 CACHE_KWARGS = ("position_offset", "kv_cache", "attend_len")
 
 
-def takes(model: Any, *names: str) -> bool:
-    """True when model.forward accepts every keyword in `names`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(name in params for name in names)
-
-
-def supports_cache(model: Any) -> bool:
-    """True when model.forward takes position_offset, kv_cache and attend_len (difflm Transformer,
-    Qwen3-LLaDA)."""
-    return takes(model, *CACHE_KWARGS) and hasattr(model, "config")
-
-
-def check_cache(model: Any, mode: str) -> None:
+def check_cache(model: Denoiser, mode: str) -> None:
     """Raise DifflmError when `mode` is unknown or a cache is asked of a model without one."""
     if mode not in CACHE_MODES:
         raise DifflmError(f"sample.cache must be one of {list(CACHE_MODES)}, got {mode!r}")
-    if mode != "none" and not supports_cache(model):
+    if mode != "none" and not model.supports_kv_cache:
         raise DifflmError(
             f"sample.cache={mode} needs a model whose forward takes {', '.join(CACHE_KWARGS)} "
             f"(difflm's Transformer); {type(model).__name__} has none: use sample.cache=none"
@@ -104,11 +89,11 @@ def _gathered(cache: KVCache, rows: Tensor) -> KVCache:
 class BlockForward:
     """The denoiser's forward under a cache policy; one KVCache per stream (cond / uncond / stacked)."""
 
-    def __init__(self, model: Any, mode: str, length: int, block_causal: bool = False) -> None:
-        check_cache(model, mode)
+    def __init__(self, model: Denoiser, mode: str, length: int, block_causal: bool = False) -> None:
+        check_cache(check_denoiser(model), mode)
         self.model, self.mode, self.length, self.block_causal = model, mode, length, block_causal
-        self.packed = takes(model, "logits_at")
-        self.shift = getattr(model, "logits_shift", 0)  # Dream: logits of i come from output i-1
+        self.packed = model.supports_logits_at
+        self.shift = model.logits_shift  # Dream: logits of i come from output i-1
         self.caches: dict[str, KVCache] = {}
         self.fresh: set[str] = set()  # streams refreshed since the current block started
         self.clean_until: dict[str, int] = {}  # block-causal: slots [0, n) hold final keys
@@ -201,7 +186,7 @@ class BlockForward:
     def _logits(self, x: Tensor, lo: int, hi: int, want: Tensor | None, **kwargs) -> Tensor:
         """The model's logits [b, hi-lo, V] at columns [lo, hi) of its input x [b, Q] (packed
         [N, V] at `want` [b, hi-lo] when given); only those positions go through the vocabulary
-        projection when the model takes `logits_at`."""
+        projection when the model supports `logits_at`."""
         if not self.packed:
             out = self.model(x, **kwargs)[:, lo:hi]  # [b, S, V]
             return out if want is None else out[want]

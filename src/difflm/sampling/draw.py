@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from difflm.errors import DifflmError
+from difflm.sampling.settings import MASK_SCHEDULES, REVEAL_SCHEDULES
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -130,13 +131,6 @@ def confidence(probs: Tensor, chosen: Tensor, kind: str) -> Tensor:
     if kind not in CONFIDENCES:
         raise DifflmError(f"unknown confidence kind {kind!r}; choose one of {sorted(CONFIDENCES)}")
     return CONFIDENCES[kind](probs, chosen)
-
-
-MASK_SCHEDULES: dict[str, Callable[[float], float]] = {
-    "linear": lambda r: 1.0 - r,
-    "cosine": lambda r: math.cos(math.pi / 2 * r),
-}
-REVEAL_SCHEDULES = ("even", *MASK_SCHEDULES)
 
 
 def reveal_counts(n_masked: int, steps: int, schedule: str = "even") -> list[int]:

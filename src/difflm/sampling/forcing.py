@@ -184,7 +184,7 @@ def sample_forcing(
     decoding of the model's x0 prediction for the current chunk (`NOT_YET` = -1 beyond it), with
     the rounding softmax's top probability as confidence; `block` is the chunk, `step` the row.
     """
-    block_size = model.config.block_size
+    block_size = model.max_length
     if not 1 <= horizon <= block_size:
         raise DifflmError(f"horizon must be in [1, block_size={block_size}], got {horizon}")
     if max_new_tokens < 0:

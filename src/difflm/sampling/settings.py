@@ -1,16 +1,24 @@
-"""`SampleConfig`: how the unmasking engine turns masks into text (its settings and their checks)."""
+"""`SampleConfig`: how the unmasking engine turns masks into text (its settings and their checks);
+`SampleOptions`: what `difflm sample` asks of a checkpoint (its flags are made from these fields)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from difflm.errors import DifflmError
-from difflm.fields import opt
-from difflm.sampling.cache import CACHE_MODES
-from difflm.sampling.draw import REVEAL_SCHEDULES
+from difflm.fields import like, opt
 
+# the names the settings offer; torch-free, so `difflm sample --help` imports no torch
 REMASKING = ("low_confidence", "random", "random_topk", "margin", "entropy")
+CACHE_MODES = ("none", "prefix", "dual")  # sampling/cache.py
+MASK_SCHEDULES: dict[str, Callable[[float], float]] = {  # share of a block still masked after ratio r
+    "linear": lambda r: 1.0 - r,
+    "cosine": lambda r: math.cos(math.pi / 2 * r),
+}
+REVEAL_SCHEDULES = ("even", *MASK_SCHEDULES)  # sampling/draw.py: reveal_counts
 
 
 @dataclass
@@ -127,23 +135,88 @@ class SampleConfig:
         return [size] * (n // size) + ([n % size] if n % size else [])
 
 
-def sample_config(args: Any, tokenizer: Any, bd3_block: int | None = None) -> SampleConfig:
-    """The engine's settings from `difflm sample`'s flags (`args`, a namespace); a block-diffusion
-    checkpoint (`bd3_block` K) decodes block-causally in blocks of K unless --block-length says otherwise."""
+@dataclass
+class SampleOptions:
+    """The settings of `difflm sample`, as a system's sampler reads them (one flag per field).
+
+    Engine settings left None here are decided per checkpoint (`sample_config`)."""
+
+    prompt: list[str] | None = opt(None, "a prompt (repeat for a batch)")
+    prompt_file: str | None = opt(None, "a file with one prompt per line")
+    gen_length: int = like(SampleConfig, "gen_length", default=128)
+    steps: int | None = like(
+        SampleConfig,
+        "steps",
+        default=None,
+        help="denoising steps (default: gen length; 0 with --threshold/--factor: each block until filled)",
+    )
+    block_length: int | None = like(SampleConfig, "block_length")
+    block_attention: bool = opt(
+        False,
+        "attend under the block bias of training (prompt + own block [+ earlier]); needs --block-length",
+    )
+    chat: bool = opt(False, "format each prompt as a chat turn (chat template, else as in SFT)")
+    schedule: str | None = opt(None, "Diffusion Forcing scheduling matrix (pyramid, full_sequence, ...)")
+    horizon: int | None = opt(None, "Diffusion Forcing tokens per chunk")
+    reveal_schedule: str = like(SampleConfig, "reveal_schedule")
+    remasking: str = like(SampleConfig, "remasking")
+    mode: str = like(SampleConfig, "mode")
+    temperature: float = like(SampleConfig, "temperature")
+    top_k: int | None = like(SampleConfig, "top_k")
+    top_p: float | None = like(SampleConfig, "top_p")
+    threshold: float | None = like(SampleConfig, "threshold")
+    factor: float | None = like(SampleConfig, "factor")
+    cache: str = like(SampleConfig, "cache")
+    cfg_scale: float | None = like(
+        SampleConfig,
+        "cfg_scale",
+        default=None,
+        help="classifier-free guidance weight (default 0; SGDD: its system.cfg_scale)",
+    )
+    text: list[str] | None = opt(None, "SGDD: a text to reconstruct/paraphrase (repeat)")
+    interpolate: tuple[str, str] | None = opt(None, "SGDD: decode between two texts", metavar=("A", "B"))
+    alpha: float = opt(0.5, "SGDD: interpolation weight of B in [0, 1]")
+    length: int | None = opt(None, "SGDD: output tokens (default: predicted)")
+    best_of: int | None = opt(
+        None, "SGDD: decode N candidates, keep the one the encoder finds closest (default 1)"
+    )
+    rounds: int = opt(0, "SGDD: correction rounds (re-mask the least likely tokens, keep if closer)")
+    seed: int = opt(0, "seed of the sampler's generator")
+    batch_size: int = opt(1, "samples per prompt")
+    device: str = opt("cpu", "the device to sample on (e.g. cpu, cuda)")
+    json: bool = opt(False, "one JSON object per sample, then one for the run (tokens, seconds, forwards)")
+    word_check: str | None = opt(
+        None,
+        "score each sample's words against a corpus (name or file): share found there, longest repeat",
+        metavar="CORPUS",
+    )
+    animate: str | None = opt(None, "write an animation of the first sample (.gif or .html)")
+    live: bool = opt(False, "replay the denoising of the first sample in the terminal")
+    no_verify: bool = opt(False, "skip the sha256 check of the checkpoint's files (sizes only)")
+
+    @property
+    def trace(self) -> bool:
+        """Whether the sampler records every step (for --animate / --live)."""
+        return bool(self.animate or self.live)
+
+
+def sample_config(opts: SampleOptions, tokenizer: Any, bd3_block: int | None = None) -> SampleConfig:
+    """The engine's settings from `difflm sample`'s options; a block-diffusion checkpoint
+    (`bd3_block` K) decodes block-causally in blocks of K unless --block-length says otherwise."""
     return SampleConfig(
-        gen_length=args.gen_length,
-        steps=args.gen_length if args.steps is None else args.steps,
-        block_length=args.block_length or bd3_block,
+        gen_length=opts.gen_length,
+        steps=opts.gen_length if opts.steps is None else opts.steps,
+        block_length=opts.block_length or bd3_block,
         block_causal=bd3_block is not None,
-        reveal_schedule=args.reveal_schedule,
-        remasking=args.remasking,
-        threshold=args.threshold,
-        factor=args.factor,
-        cache=args.cache,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        mode=args.mode,
-        cfg_scale=args.cfg_scale or 0.0,
+        reveal_schedule=opts.reveal_schedule,
+        remasking=opts.remasking,
+        threshold=opts.threshold,
+        factor=opts.factor,
+        cache=opts.cache,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        mode=opts.mode,
+        cfg_scale=opts.cfg_scale or 0.0,
         suppress_tokens=sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id),
     )

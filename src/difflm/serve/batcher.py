@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from difflm.sampling.autoregressive import NOT_YET, generate_ar
-from difflm.sampling.cache import CACHE_KWARGS, takes
 from difflm.sampling.unmask import SampleResult, Step, generate_steps
 from difflm.serve.fuse import FusedModel, Fuser
 from difflm.serve.protocol import GenRequest
@@ -230,7 +229,7 @@ class Batcher:
 
     def _fuser_for(self, served) -> Fuser | None:
         model = served.pre.model
-        if served.autoregressive or not takes(model, "logits_at", *CACHE_KWARGS):
+        if served.autoregressive or not (model.supports_logits_at and model.supports_kv_cache):
             return None  # runs the model directly on its worker thread
         return self.fusers.setdefault(id(model), Fuser(model, self._cv))
 

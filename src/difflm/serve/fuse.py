@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflm.sampling.cache import CACHE_KWARGS, takes
+from difflm.models.protocol import Denoiser, check_denoiser
 
 
-def can_fuse(model: nn.Module) -> bool:
+def can_fuse(model: Denoiser) -> bool:
     """A denoiser that projects packed positions and takes cache keywords, with relative positions."""
     config = getattr(model, "config", None)
-    return takes(model, "logits_at", *CACHE_KWARGS) and not getattr(config, "learned_positions", False)
+    packed_and_cached = check_denoiser(model).supports_logits_at and model.supports_kv_cache
+    return packed_and_cached and not getattr(config, "learned_positions", False)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -146,11 +147,16 @@ def _stack(calls: list[_Call]) -> tuple[Tensor, Tensor | None, Tensor]:
 class FusedModel(nn.Module):
     """What a worker's engine sees: the model's protocol, every forward routed through the fuser."""
 
+    supports_kv_cache = True
+    supports_logits_at = True
+
     def __init__(self, fuser: Fuser) -> None:
         super().__init__()
         self.inner = fuser.model  # parameters() / config for the engine's cache and dtype checks
         self.config = fuser.model.config
         self.mask_token_id = fuser.model.mask_token_id
+        self.max_length = fuser.model.max_length
+        self.logits_shift = fuser.model.logits_shift
         self._fuser = fuser
 
     def forward(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from difflm.errors import DifflmError
+from difflm.models.protocol import max_length_of
 from difflm.pretrained import Pretrained, load_pretrained
 
 DIFFUSION_TASKS = ("masked_diffusion", "prefix_diffusion", "qwen3_llada_pretrain", "qwen3_llada_sft")
@@ -43,19 +44,6 @@ class ServedModel:
         return self.pre.config.task.endswith("_sft") and self.tokenizer.eos_token_id is not None
 
 
-def model_length(model: torch.nn.Module) -> int:
-    """The context length of a difflm transformer, a Qwen3-LLaDA or an HF masked LM."""
-    config = getattr(model, "config", None)
-    length = (
-        getattr(config, "block_size", None)
-        or getattr(config, "max_position_embeddings", None)
-        or getattr(model, "max_length", None)
-    )
-    if not length:
-        raise DifflmError(f"cannot tell the context length of {type(model).__name__}; it cannot be served")
-    return int(length)
-
-
 def load_served(
     path: str | Path, device: str = "cpu", dtype: str = "float32", name: str | None = None
 ) -> ServedModel:
@@ -73,7 +61,7 @@ def load_served(
         name=name or _default_name(pre.path),
         pre=pre,
         autoregressive=task in AUTOREGRESSIVE_TASKS,
-        max_length=model_length(pre.model),
+        max_length=max_length_of(pre.model),
         device=device,
     )
 

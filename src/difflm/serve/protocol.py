@@ -19,7 +19,7 @@ from typing import Any
 
 from difflm.data.conversations import Dialogue, prompt_ids
 from difflm.errors import DifflmError
-from difflm.sampling.cache import CACHE_MODES
+from difflm.sampling.settings import CACHE_MODES
 from difflm.sampling.unmask import SampleConfig
 from difflm.serve.models import ServedModel
 

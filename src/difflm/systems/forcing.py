@@ -13,7 +13,6 @@ noise as an uninterrupted single-process run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
@@ -26,6 +25,7 @@ from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
 from difflm.sampling.forcing import SCHEDULES, sample_forcing
+from difflm.sampling.settings import SampleOptions
 from difflm.sampling.unmask import SampleResult
 from difflm.train.tasks import AutoregressiveTask
 from difflm.train.trainer import Run
@@ -107,13 +107,13 @@ def build_forcing(cfg: RunConfig) -> Run:
 
 
 def sample_diffusion_forcing(
-    pre: Pretrained, args: argparse.Namespace, ids: Tensor, mask: Tensor, generator: torch.Generator
+    pre: Pretrained, opts: SampleOptions, ids: Tensor, mask: Tensor, generator: torch.Generator
 ) -> SampleResult:
     """DFGPT with the flag on: `sample_forcing`; --schedule / --horizon / --steps override `system`."""
     if not bool(mask.all()):
         raise DifflmError("Diffusion Forcing sampling needs prompts of equal length (no padding)")
     system = system_config(pre.config, ForcingSystemConfig)
-    steps = args.steps if args.steps is not None else system.sampling_timesteps
+    steps = opts.steps if opts.steps is not None else system.sampling_timesteps
     passes: list[int] = []
     hook = pre.model.register_forward_hook(lambda *_: passes.append(1))
     try:
@@ -121,12 +121,12 @@ def sample_diffusion_forcing(
             pre.model,
             sampling_diffusion(pre.model, steps),
             ids,
-            max_new_tokens=args.gen_length,
-            horizon=args.horizon if args.horizon is not None else system.horizon,
-            schedule=args.schedule or system.schedule,
+            max_new_tokens=opts.gen_length,
+            horizon=opts.horizon if opts.horizon is not None else system.horizon,
+            schedule=opts.schedule or system.schedule,
             uncertainty_scale=system.uncertainty_scale,
             generator=generator,
-            trace=bool(args.animate or args.live),
+            trace=opts.trace,
         )
     finally:
         hook.remove()

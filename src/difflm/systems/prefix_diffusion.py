@@ -26,7 +26,6 @@ brings its own tokenizer (`data.tokenizer` is ignored). Documents are `encode(te
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from difflm.data.prefix import DEFAULT_RATES, IGNORE_INDEX, PrefixCollator
 from difflm.data.tokenizers import CharTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 from difflm.diffusion.losses import elbo_loss
 from difflm.errors import DifflmError
+from difflm.evaluate.options import EvalOptions
 from difflm.models import build_model
 from difflm.models.layers import padding_bias
 from difflm.models.mlm import hf_config_dict, load_mlm
@@ -264,7 +264,7 @@ def build_poems_ar(cfg: RunConfig) -> Run:
     return Run(build_model("transformer", cfg.model), DocumentARTask(), train, val, tokenizer)
 
 
-def eval_prefix_system(pre: Pretrained, args: argparse.Namespace) -> dict:
+def eval_prefix_system(pre: Pretrained, opts: EvalOptions) -> dict:
     """`difflm eval CKPT` for prefix_diffusion / poems_ar: the training loss on the validation set."""
     from difflm.train.trainer import evaluate_loss
 
@@ -274,6 +274,6 @@ def eval_prefix_system(pre: Pretrained, args: argparse.Namespace) -> dict:
         task = DocumentARTask()
     else:
         task = PrefixDiffusionTask(cfg, system_config(cfg, PrefixDiffusionConfig), pre.tokenizer)
-    tc = dataclasses.replace(cfg.train, batch_size=args.batch_size, precision="fp32")
-    batches = args.max_batches or max(1, len(val) // args.batch_size)
+    tc = dataclasses.replace(cfg.train, batch_size=opts.batch_size, precision="fp32")
+    batches = opts.max_batches or max(1, len(val) // opts.batch_size)
     return {"val_loss": evaluate_loss(pre.model, task, val, tc, batches=batches)}

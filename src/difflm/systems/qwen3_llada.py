@@ -17,7 +17,6 @@ checkpoint describes the loaded architecture. `data.tokenizer` must be an HF tok
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +29,12 @@ from difflm.data.blocks import text_blocks
 from difflm.data.conversations import conversation_splits
 from difflm.data.tokenizers import Tokenizer, build_tokenizer
 from difflm.errors import DifflmError
+from difflm.evaluate.options import EvalOptions
 from difflm.models.block_attention import block_attention_bias
 from difflm.models.layers import KVCache
 from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada, load_qwen3_llada
 from difflm.pretrained import Pretrained
-from difflm.sampling.settings import sample_config
+from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
 from difflm.train.tasks import MaskedDiffusionTask
 from difflm.train.trainer import Run, evaluate_loss
@@ -135,7 +135,7 @@ def build_pretrain(cfg: RunConfig) -> Run:
     _check_family(cfg)
     if cfg.diffusion.loss == "sft":
         raise DifflmError(
-            "diffusion.loss=sft needs prompts; pretraining has none: use guidelines, dllm or soft_ce"
+            "diffusion.loss=sft needs prompts; pretraining has none: use elbo, dllm or soft_ce"
         )
     tokenizer = _hf_tokenizer(cfg)
     tokenizer, train, val = text_blocks(cfg.data, tokenizer)
@@ -162,14 +162,14 @@ def build_sft(cfg: RunConfig) -> Run:
     return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
 
 
-def eval_sft(pre: Pretrained, args: argparse.Namespace) -> dict:
+def eval_sft(pre: Pretrained, opts: EvalOptions) -> dict:
     """`difflm eval CKPT` for qwen3_llada_sft: the training loss (`diffusion.loss`, answers only,
     under the training bias) on the held-out conversations, with a fixed noise seed. The packed-text
     ELBO of `qwen3_llada_pretrain` does not apply: SFT data are conversation records, not text."""
     val = sft_splits(pre.config, pre.tokenizer)[1]
-    tc = dataclasses.replace(pre.config.train, batch_size=args.batch_size, precision="fp32", seed=args.seed)
+    tc = dataclasses.replace(pre.config.train, batch_size=opts.batch_size, precision="fp32", seed=opts.seed)
     task = build_task(pre.config, pre.tokenizer)
-    batches = args.max_batches or max(1, len(val) // args.batch_size)
+    batches = opts.max_batches or max(1, len(val) // opts.batch_size)
     return {"val_loss": evaluate_loss(pre.model, task, val, tc, batches=batches)}
 
 
@@ -190,6 +190,8 @@ class WithAttentionBias(nn.Module):
         self.bias = bias
         self.mask_token_id = model.mask_token_id
         self.config = model.config
+        self.max_length, self.logits_shift = model.max_length, model.logits_shift
+        self.supports_kv_cache, self.supports_logits_at = model.supports_kv_cache, model.supports_logits_at
 
     def forward(
         self,
@@ -214,24 +216,24 @@ class WithAttentionBias(nn.Module):
 
 
 def sample(
-    pre: Pretrained, args: argparse.Namespace, ids: Tensor, mask: Tensor, generator: torch.Generator
+    pre: Pretrained, opts: SampleOptions, ids: Tensor, mask: Tensor, generator: torch.Generator
 ) -> SampleResult:
     """`difflm sample` on a Qwen3-LLaDA checkpoint. `--block-attention` samples under the block bias
     of training; an SFT checkpoint may generate EOS and fills everything after its first EOS."""
-    cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
+    cfg = sample_config(opts, pre.tokenizer, pre.config.diffusion.block_length)
     eos = pre.tokenizer.eos_token_id
     if pre.config.task == "qwen3_llada_sft" and eos is not None:
         allowed = [i for i in cfg.suppress_tokens if i != eos]
         cfg = dataclasses.replace(cfg, suppress_tokens=allowed, eos_token_id=eos, eos_mode="fill")
     align = (-ids.shape[1]) % cfg.block_length if cfg.block_causal else 0  # BD3: prompt padded to blocks
     prompt_length, length = ids.shape[1], align + ids.shape[1] + cfg.gen_length
-    limit = pre.config.model.max_position_embeddings
+    limit = pre.model.max_length
     if length > limit:
         raise DifflmError(
             f"prompt of {prompt_length} tokens + gen length {cfg.gen_length} exceeds the model's {limit} positions"
         )
     model = pre.model
-    if getattr(args, "block_attention", False):
+    if opts.block_attention:
         if cfg.block_length is None:
             raise DifflmError("--block-attention needs --block-length (the training system.block_length)")
         system = system_config(pre.config, Qwen3LLaDASystem)
@@ -242,5 +244,5 @@ def sample(
             see_earlier_blocks=system.see_earlier_blocks,
         ).to(ids.device)  # [1, 1, L, L]: after left padding every row's prompt is [0, P)
         model = WithAttentionBias(model, bias)
-    trace = bool(getattr(args, "animate", None) or getattr(args, "live", False))
+    trace = opts.trace
     return generate(model, ids, cfg, attention_mask=mask, generator=generator, trace=trace)

@@ -5,8 +5,9 @@ The functions are named as "module:function" strings, imported when used, so lis
 (`difflm systems`) or parsing flags imports no torch.
 
 Adding a system: write a module in `systems/` with a builder `(RunConfig) -> Run`, an evaluator
-`(Pretrained, args) -> dict` and a sampler `(Pretrained, args, ids, mask, generator) -> SampleResult`,
-then add one `System` line to `SYSTEMS`.
+`(Pretrained, EvalOptions) -> dict` and a sampler `(Pretrained, SampleOptions, ids, mask, generator)
+-> SampleResult` (the options are `difflm eval` / `sample`'s flags, typed: evaluate/options.py,
+sampling/settings.py), then add one `System` line to `SYSTEMS`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class System:
     name: str
     description: str
     build: str  # (RunConfig) -> Run
-    evaluate: str | None = None  # (Pretrained, args) -> metrics dict
-    sample: str | None = None  # (Pretrained, args, ids, mask, generator) -> SampleResult: continue prompts
-    sample_texts: str | None = None  # (Pretrained, args) -> exit code: conditioned on whole texts
+    evaluate: str | None = None  # (Pretrained, EvalOptions) -> metrics dict
+    sample: str | None = None  # (Pretrained, SampleOptions, ids, mask, generator) -> SampleResult: continue prompts
+    sample_texts: str | None = None  # (Pretrained, SampleOptions) -> exit code: conditioned on whole texts
 
     def abilities(self) -> list[str]:
         """What `difflm` can do with this system: train, eval, sample."""

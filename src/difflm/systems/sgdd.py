@@ -35,8 +35,7 @@ from difflm.data.tokenizers import HFTokenizer
 from difflm.errors import DifflmError
 from difflm.models.encoder import EncoderConfig, SemanticEncoder, Whitening, cached_encode
 from difflm.models.sgdd import SGDD
-from difflm.sampling.draw import REVEAL_SCHEDULES
-from difflm.sampling.settings import REMASKING
+from difflm.sampling.settings import REMASKING, REVEAL_SCHEDULES
 from difflm.train import checkpoint as ckpt
 from difflm.train.tasks import MaskedDiffusionTask
 from difflm.train.trainer import Run

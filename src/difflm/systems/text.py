@@ -7,7 +7,6 @@ systems reuse `fill_derived`, `require_family` and these evaluators and samplers
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
@@ -16,10 +15,11 @@ from difflm.data.blocks import text_blocks
 from difflm.data.tokenizers import Tokenizer
 from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import ar_nll, elbo_nll
+from difflm.evaluate.options import EvalOptions
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
 from difflm.sampling.autoregressive import generate_ar
-from difflm.sampling.settings import sample_config
+from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
 from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import Run
@@ -60,82 +60,76 @@ def build_autoregressive(cfg: RunConfig) -> Run:
     return Run(build_model("transformer", cfg.model), AutoregressiveTask(), train, val, tokenizer)
 
 
-def eval_masked_diffusion(pre: Pretrained, args: argparse.Namespace) -> dict:
+def eval_masked_diffusion(pre: Pretrained, opts: EvalOptions) -> dict:
     _, _, val = text_blocks(pre.config.data, pre.tokenizer)
-    block_length = args.block_length or pre.config.diffusion.block_length
+    block_length = opts.block_length or pre.config.diffusion.block_length
     nll = elbo_nll(
         pre.model,
         val,
         schedule=pre.config.diffusion.schedule,
         mask_token_id=pre.tokenizer.mask_token_id,
         vocab_size=pre.tokenizer.vocab_size,
-        batch_size=args.batch_size,
-        samples=args.samples,
-        seed=args.seed,
-        max_batches=args.max_batches,
+        batch_size=opts.batch_size,
+        samples=opts.samples,
+        seed=opts.seed,
+        max_batches=opts.max_batches,
         block_length=block_length,
     )
     return {
         "val_elbo_nll": nll,
         "val_ppl_bound": math.exp(nll),
-        "samples": args.samples,
+        "samples": opts.samples,
         "block_length": block_length,
     }
 
 
-def eval_autoregressive(pre: Pretrained, args: argparse.Namespace) -> dict:
+def eval_autoregressive(pre: Pretrained, opts: EvalOptions) -> dict:
     _, _, val = text_blocks(pre.config.data, pre.tokenizer)
-    nll = ar_nll(pre.model, val, batch_size=args.batch_size, max_batches=args.max_batches)
+    nll = ar_nll(pre.model, val, batch_size=opts.batch_size, max_batches=opts.max_batches)
     return {"val_loss": nll, "val_ppl": math.exp(nll)}
 
 
-def sample_masked(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
+def sample_masked(pre: Pretrained, opts: SampleOptions, ids, mask, generator) -> SampleResult:
     if pre.tokenizer.mask_token_id is None or getattr(pre.model, "mask_token_id", None) is None:
         raise DifflmError(f"checkpoint '{pre.path}' has no mask token: it cannot be sampled by unmasking")
-    cfg = sample_config(args, pre.tokenizer, pre.config.diffusion.block_length)
-    config = getattr(pre.model, "config", None)
-    max_length = (
-        getattr(config, "block_size", None)  # difflm transformer, SGDD
-        or getattr(config, "max_position_embeddings", None)  # Qwen3-LLaDA
-        or getattr(pre.model, "max_length", None)  # HF masked LMs
-    )
+    cfg = sample_config(opts, pre.tokenizer, pre.config.diffusion.block_length)
     return generate(
         pre.model,
         ids,
         cfg,
         attention_mask=mask,
         generator=generator,
-        trace=bool(args.animate or args.live),
-        max_length=max_length,
+        trace=opts.trace,
+        max_length=pre.model.max_length,
     )
 
 
 def sample_autoregressive(
-    pre: Pretrained, args: argparse.Namespace, ids, mask, generator, use_cache: bool = True
+    pre: Pretrained, opts: SampleOptions, ids, mask, generator, use_cache: bool = True
 ) -> SampleResult:
     """KV-cached decoding; `use_cache=False` (models without a cache, e.g. DFGPT in teacher-forcing
     mode) recomputes a sliding window of block_size tokens, so it may run past the model's length."""
-    if args.gen_length < 1:
-        raise DifflmError(f"--gen-length must be >= 1, got {args.gen_length}")
-    limit = pre.model.config.block_size
-    if use_cache and ids.shape[1] + args.gen_length > limit:
+    if opts.gen_length < 1:
+        raise DifflmError(f"--gen-length must be >= 1, got {opts.gen_length}")
+    limit = pre.model.max_length
+    if use_cache and ids.shape[1] + opts.gen_length > limit:
         raise DifflmError(
-            f"prompt of {ids.shape[1]} tokens + gen length {args.gen_length} exceeds the model's length {limit}; "
+            f"prompt of {ids.shape[1]} tokens + gen length {opts.gen_length} exceeds the model's length {limit}; "
             "shorten the prompt or lower --gen-length"
         )
     return generate_ar(
         pre.model,
         ids,
-        max_new_tokens=args.gen_length,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        max_new_tokens=opts.gen_length,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
         generator=generator,
         attention_mask=mask,
-        trace=bool(args.animate or args.live),
+        trace=opts.trace,
         use_cache=use_cache,
     )
 
 
-def sample_uncached(pre: Pretrained, args: argparse.Namespace, ids, mask, generator) -> SampleResult:
-    return sample_autoregressive(pre, args, ids, mask, generator, use_cache=False)
+def sample_uncached(pre: Pretrained, opts: SampleOptions, ids, mask, generator) -> SampleResult:
+    return sample_autoregressive(pre, opts, ids, mask, generator, use_cache=False)

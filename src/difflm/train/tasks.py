@@ -1,4 +1,5 @@
-"""Tasks: how each system corrupts a batch and scores the model on it (see trainer.Task).
+"""Tasks: how each system corrupts a batch and scores the model on it (see trainer.Task), i.e. the
+training objective; not the recipe's `task:`, which names the system (docs/architecture.md).
 
 `prepare` runs on the whole global batch (on the CPU, with the step's generator) so the noise does
 not depend on how the batch is split across processes or micro-batches; `loss` runs per micro-batch.
@@ -27,7 +28,7 @@ Batch = dict[str, Tensor]
 class MaskedDiffusionTask:
     """Masked diffusion (LLaDA / MDLM): draw t, mask at rate p(t), CE on masked tokens times w(t).
 
-    The named losses divide by `p_mask`; we hand them 1/w(t), which is p(t) itself for the linear
+    The named losses divide by `inv_weight`; we hand them 1/w(t), which is p(t) itself for the linear
     schedule (LLaDA's 1/t weight) and keeps the ELBO weight right for every other schedule.
     Protected positions (prompt, padding, `special_ids`) are never corrupted.
     `attention_bias_fn(batch) -> [B, 1, L, L]` (optional, e.g. block attention) builds an additive
@@ -95,7 +96,7 @@ class MaskedDiffusionTask:
             vocab_size=self.vocab_size,
             exclude_ids=self.special_ids,
         )
-        out = {"input_ids": ids, "noisy": noisy, "noised": noised, "p_mask": 1.0 / self.schedule.weight(t)}
+        out = {"input_ids": ids, "noisy": noisy, "noised": noised, "inv_weight": 1.0 / self.schedule.weight(t)}
         if "attention_mask" in batch:
             out["attention_mask"] = batch["attention_mask"]
         if "prompt_lengths" in batch:
@@ -137,7 +138,7 @@ class MaskedDiffusionTask:
             batch["input_ids"],
             batch["noisy"],
             batch["noised"],
-            batch["p_mask"],
+            batch["inv_weight"],
             mask_token_id=self.mask_token_id,
             loss_mask=batch.get("loss_mask"),
             reweight_cap=self.cfg.reweight_cap,

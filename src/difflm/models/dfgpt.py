@@ -46,6 +46,12 @@ class DFGPTConfig:
         False, "False: plain GPT (next-token loss). True: Diffusion Forcing denoiser in embedding space."
     )
     fusion: str = opt("add", "How the noise-level embedding joins the token: add, or concat + MLP.", FUSIONS)
+    input_scale: float = opt(
+        0.02,
+        "The noisy embeddings enter the trunk times this: unit-RMS inputs would drown the learned "
+        "positions (init std 0.02) and the model could not find its context; 0.02 matches the GPT's "
+        "token embeddings.",
+    )
     target_grad: bool = opt(
         True,
         "Let the diffusion loss move the embeddings through its clean target; false detaches the "
@@ -62,6 +68,8 @@ class DFGPTConfig:
             raise DifflmError(f"unknown fusion {self.fusion!r}; choose from {', '.join(FUSIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise DifflmError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.input_scale <= 0:
+            raise DifflmError(f"input_scale must be > 0, got {self.input_scale}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -163,6 +171,7 @@ class DFGPT(nn.Module):
         """Join each noisy token [B, L, D] with a sinusoidal embedding of its integer level k [B, L]."""
         B, L, D = x_t.shape
         level = timestep_embedding(k.reshape(-1), D, scale=1.0).view(B, L, D).to(x_t.dtype)  # [B, L, D]
+        x_t = x_t * self.config.input_scale
         if self.config.fusion == "add":
             return x_t + self.fuse(level)
         return self.fuse(torch.cat([x_t, level], dim=-1))

@@ -95,7 +95,7 @@ def test_gpu_dry_run_builds_and_steps_every_model(name, tmp_path):
         step = tmp_path / "dry_run" / run.name / "checkpoints" / "step-2"
         assert json.loads((step / "trainer_state.json").read_text())["step"] == 2
         config = json.loads((step / "difflm.json").read_text())
-        assert config["train"]["precision"] == preset.precision and config["train"]["device"] == "cpu"
+        assert config["train"]["device"] == "cpu" and config["train"]["batch_size"] == 2
         for item in preset.model.split():  # the model was built at the preset's size
             key, value = item.split("=")
             section, field = key.split(".", 1)

@@ -337,11 +337,19 @@ def synthetic_corpora(folder: Path, sentences: int) -> Path:
     return folder
 
 
+def corpus_file(data_dir: Path, name: str) -> Path:
+    if not (data_dir / name).is_file():
+        raise SystemExit(
+            f"reproduce: {data_dir / name} not found: point --data-dir (or $DIFFLM_DATA) at the corpora"
+        )
+    return data_dir / name
+
+
 def text_corpus(name: str) -> Callable[[Path, Path], tuple[list[str], list[Job]]]:
     """Data overrides of an experiment trained on one text file of the data folder."""
 
     def data(data_dir: Path, work: Path) -> tuple[list[str], list[Job]]:
-        return [f"data.path={data_dir / name}"], []
+        return [f"data.path={corpus_file(data_dir, name)}"], []
 
     return data
 
@@ -349,11 +357,11 @@ def text_corpus(name: str) -> Callable[[Path, Path], tuple[list[str], list[Job]]
 def poem_split(data_dir: Path, work: Path) -> tuple[list[str], list[Job]]:
     """The seeded split of the poems (kept when already built, so reused runs keep their test poems)."""
     split = work / "split"
-    build = Job(
-        [*DIFFLM, "data", "build-poems", str(data_dir / "modern_poems.jsonl"), str(split), "--seed", "0"],
-        work / "build-poems.log",
-    )
-    return [f"data.path={split}"], [] if (split / "split.json").is_file() else [build]
+    if (split / "split.json").is_file():
+        return [f"data.path={split}"], []
+    source = corpus_file(data_dir, "modern_poems.jsonl")
+    build = [*DIFFLM, "data", "build-poems", str(source), str(split), "--seed", "0"]
+    return [f"data.path={split}"], [Job(build, work / "build-poems.log")]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,18 +44,32 @@ FIGURES = {  # results.json -> the figures each experiment must report
 }
 
 
+FAST = ("shakespeare", "forcing")  # poems and sgdd cost as much again: in the slow suite
+SMOKE = [
+    name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in reproduce.EXPERIMENTS
+]
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    """`reproduce.py all --scale smoke` into a temp folder, with a data dir that does not exist."""
-    work = tmp_path_factory.mktemp("reproduce")
-    args = ["all", "--scale", "smoke", "--work-dir", str(work), "--data-dir", str(work / "no-data")]
-    assert reproduce.main(args) == 0
-    return work
+def smoke(tmp_path_factory):
+    """`reproduce.py NAME --scale smoke` once per experiment, into a temp folder, with a data dir that
+    does not exist (the synthetic corpora stand in); returns NAME -> its work folder."""
+    done: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            work = tmp_path_factory.mktemp(name)
+            args = [name, "--scale", "smoke", "--work-dir", str(work), "--data-dir", str(work / "no-data")]
+            assert reproduce.main(args) == 0
+            done[name] = work
+        return done[name]
+
+    return run
 
 
-@pytest.mark.parametrize("name", list(reproduce.EXPERIMENTS))
+@pytest.mark.parametrize("name", SMOKE)
 def test_smoke_writes_every_output_with_finite_figures(smoke, name):
-    out = smoke / name / "results"
+    out = smoke(name) / "results"
     for file in [*COMMON_FILES, *FILES[name]]:
         assert (out / file).is_file() and (out / file).stat().st_size > 0, file
     figures = FIGURES[name](json.loads((out / "results.json").read_text()))
@@ -74,7 +88,7 @@ def test_smoke_writes_every_output_with_finite_figures(smoke, name):
 
 
 def test_a_finished_run_is_reused_not_retrained(smoke, tmp_path, capsys):
-    work = smoke / "shakespeare"
+    work = smoke("shakespeare")
     weights = sorted(work.glob("ref_*/checkpoints/step-3/model.safetensors"))
     before = [p.stat().st_mtime_ns for p in weights]
     capsys.readouterr()

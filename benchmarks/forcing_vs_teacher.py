@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="forcing_vs_teacher.png")
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--table", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args()
     if args.train_small:
         args.tf, args.df = map(str, train_small(args))
@@ -171,6 +172,8 @@ def main() -> None:
     tf, df = load_pretrained(args.tf), load_pretrained(args.df)
     results = {"teacher forcing": measure(tf, tf, args), "diffusion forcing": measure(df, tf, args)}
     print(table(results))
+    if args.table:
+        Path(args.table).write_text(table(results) + "\n")
     plot(results, args.plot)
     print(f"plot: {args.plot}")
     if args.json:

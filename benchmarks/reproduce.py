@@ -1,0 +1,703 @@
+"""Reproduce an experiment in one command: train what it needs (or reuse finished runs), evaluate, write results.
+
+    python benchmarks/reproduce.py EXPERIMENT --scale smoke|cpu|gpu [--data-dir DIR] [--work-dir DIR] \
+        [--out DIR] [--dry-run]
+
+EXPERIMENT is shakespeare (AR / masked diffusion / BD3 K=4, K=16), poems (prefix diffusion vs AR
+poem completion), forcing (Diffusion Forcing vs teacher forcing), sgdd (phase-1 reconstruction, a
+MiniLM-initialised and a from-scratch decoder) or all. Every setting of every experiment at every
+scale is one `Preset` in `PRESETS`; nothing else here picks a size, a step count or an eval flag.
+
+- Training: one `difflm train` process per run (stdout and stderr in WORK/NAME.log), two side by
+  side, `threads` each. A run folder that already holds `checkpoints/step-{steps}` is reused, not
+  retrained (point --work-dir at earlier runs with the same names); one holding an earlier
+  checkpoint is resumed.
+- Evaluation: the benchmark scripts (`benchmarks/shakespeare_core.py`, `forcing_vs_teacher.py`,
+  `sgdd.py`), `difflm eval poem-completion` and `difflm sample`, writing into --out.
+- Also into --out: reproduce.json (the preset, every command, each run's validation curve, wall time,
+  hardware), command.txt (every command, in order), train_curves.png, samples.md.
+- Scales: smoke runs the pipeline in seconds on synthetic corpora it writes into the work folder (no
+  data needed, for CI); cpu is sized for <= 60 min per model on a 2-core CPU; gpu for the whole suite
+  in <= 10 min on one H200. --dry-run builds every model of the preset and trains it 2 steps on the
+  CPU (synthetic corpora, batch 2, fp32), then stops: a check of the gpu preset without a GPU.
+- Corpora: --data-dir, else $DIFFLM_DATA, else ../shared/data beside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCALES = ("smoke", "cpu", "gpu")
+DIFFLM = (sys.executable, "-m", "difflm.cli")
+SIDE_BY_SIDE = 2  # processes at a time: one per core on the 2-core CPU
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `difflm train` run of an experiment."""
+
+    name: str  # its folder under the work dir (and its name in the tables)
+    recipe: str  # a shipped recipe name
+    steps: int  # train.max_steps; a folder holding checkpoints/step-{steps} is reused
+    overrides: str = ""  # what sets this run apart from the others of the experiment
+    sample: str = ""  # `difflm sample` flags for samples.md (empty: the evaluation writes the samples)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything one experiment trains and evaluates with at one scale (flags and overrides as
+    space-separated strings, as they are typed on a command line)."""
+
+    runs: tuple[Run, ...]
+    model: str  # model size and sequence length overrides every run shares (empty: the recipes')
+    batch_size: int
+    precision: str  # fp32 | bf16 (train.precision)
+    train: str  # the other shared train overrides: lr schedule, eval and save cadence
+    evaluation: tuple[str, ...]  # flags of each evaluation command (see the experiment's `evaluate`)
+    device: str = "cpu"  # train.device
+    threads: int = 1  # OMP threads per process
+
+
+@dataclass
+class Job:
+    """One process: its command line, its log, and where its stdout goes when kept apart from the log."""
+
+    argv: list[str]
+    log: Path
+    stdout: Path | None = None
+
+    @property
+    def command(self) -> str:
+        """The command line as run, with paths inside the repository written relative to it."""
+        return shlex.join(["python", *(arg.replace(f"{REPO}/", "") for arg in self.argv[1:])])
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: every size, step count and evaluation flag, by experiment and scale
+# ----------------------------------------------------------------------------------------------
+
+SMOKE_TRAIN = "train.warmup_steps=1 train.eval_every=0 train.eval_batches=1 train.log_every=1"
+TINY = "model.n_layer=1 model.n_head=2 model.n_embd=32 model.dropout=0.0"
+GPU_TRAIN = (
+    "train.warmup_steps=100 train.eval_every=250 train.eval_batches=20 train.save_every=500 train.keep_last=1"
+)
+POEM_PROMPT = "我想在春天的早晨醒来/"
+ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6"
+
+
+def shakespeare_runs(steps: int) -> tuple[Run, ...]:
+    """The same transformer four ways (run names as in docs/results/shakespeare_core)."""
+    return (
+        Run("ref_ar", "shakespeare_char_ar", steps),
+        Run("ref_mdm", "shakespeare_char", steps),
+        Run("ref_bd3_4", "shakespeare_char", steps, "diffusion.block_length=4"),
+        Run("ref_bd3_16", "shakespeare_char", steps, "diffusion.block_length=16"),
+    )
+
+
+def poem_runs(diffusion_steps: int, ar_steps: int, gen: int, denoise: int) -> tuple[Run, ...]:
+    """Prefix diffusion and its AR baseline, each sampled from the seed's prompt (top-k 50, top-p 0.95)."""
+    sample = f"--prompt {POEM_PROMPT} --gen-length {gen} --temperature 1.0 --top-k 50 --top-p 0.95 --seed 0"
+    return (
+        Run(
+            "poems_prefix_diffusion",
+            "poems_prefix_diffusion",
+            diffusion_steps,
+            sample=f"{sample} --steps {denoise} --mode keep",
+        ),
+        Run("poems_ar", "poems_ar", ar_steps, sample=sample),
+    )
+
+
+def poem_eval(n: int, n_rescored: int, ratios: str, denoise: int, device: str) -> tuple[str, str]:
+    """The table on n test poems (AR left to right), then the rescored AR row (3 candidates) on fewer."""
+    common = f"--ratios {ratios} --seed 0 --denoise-steps {denoise} --device {device}"
+    return (
+        f"{common} --n-poems {n} --candidates 0 --batch-size {n}",
+        f"{common} --n-poems {n_rescored} --candidates 3 --batch-size {n_rescored}",
+    )
+
+
+def forcing_runs(steps: int, gen: int, horizon: int, ddim: int) -> tuple[Run, ...]:
+    """Teacher forcing and Diffusion Forcing on the same DFGPT (only the flag differs)."""
+    prompt = f"--prompt ROMEO: --gen-length {gen} --seed 0"
+    return (
+        Run("tf", "shakespeare_char_tf", steps, sample=f"{prompt} --temperature 0.8"),
+        Run(
+            "df",
+            "shakespeare_char_df",
+            steps,
+            sample=f"{prompt} --schedule pyramid --horizon {horizon} --steps {ddim}",
+        ),
+    )
+
+
+def forcing_eval(
+    batches: int, prompts: int, prompt_length: int, gen: int, horizon: int, ddim: int
+) -> tuple[str]:
+    return (
+        f"--max-batches {batches} --continuations {prompts} --prompt-length {prompt_length} --gen-length {gen} "
+        f"--sampling-timesteps {ddim} --horizon {horizon} --schedule pyramid",
+    )
+
+
+SGDD_SMOKE = "model.block_size=16 system.holdout=8 system.sample_steps=2 system.encode_batch_size=32"
+SGDD_SCRATCH_SMOKE = (
+    "model.n_layer=1 model.n_head=2 model.n_embd=32 model.ffn_hidden=64 model.embedding_init=random"
+)
+
+PRESETS: dict[str, dict[str, Preset]] = {
+    "shakespeare": {
+        "smoke": Preset(
+            runs=shakespeare_runs(3),
+            model=f"{TINY} data.block_size=32",
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",),
+        ),
+        "cpu": Preset(  # docs/results/shakespeare_core: 1000 steps of 16 x 128 chars, 11-23 min per run
+            runs=shakespeare_runs(1000),
+            model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+            batch_size=16,
+            precision="fp32",
+            train="train.warmup_steps=100 train.lr=2e-3 train.min_lr=2e-4 train.eval_every=100 "
+            "train.eval_batches=10 train.save_every=100 train.keep_last=0",
+            evaluation=("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",),
+        ),
+        "gpu": Preset(  # nanoGPT's shakespeare_char size; 1500 steps of 64 x 256 chars (~12 epochs)
+            runs=shakespeare_runs(1500),
+            model="model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256",
+            batch_size=64,
+            precision="bf16",
+            train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4",
+            evaluation=("--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20",),
+            device="cuda",
+            threads=8,
+        ),
+    },
+    "poems": {
+        "smoke": Preset(
+            runs=poem_runs(3, 3, gen=8, denoise=2),
+            model=f"{TINY} data.block_size=64",
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=poem_eval(4, 2, "0.2,0.5", 2, "cpu"),
+        ),
+        "cpu": Preset(  # the recipes' 4 x 256 transformer, to a validation plateau (1300 / 1100 steps)
+            runs=poem_runs(1300, 1100, gen=64, denoise=10),
+            model="",
+            batch_size=32,
+            precision="fp32",
+            train="train.log_every=20 train.eval_every=100 train.eval_batches=11 train.save_every=100 "
+            "train.keep_last=0 train.warmup_steps=50",
+            evaluation=poem_eval(100, 20, ALL_RATIOS, 10, "cpu"),
+        ),
+        "gpu": Preset(
+            runs=poem_runs(1300, 1100, gen=64, denoise=10),
+            model="model.n_layer=6 model.n_head=6 model.n_embd=384",
+            batch_size=64,
+            precision="bf16",
+            train="train.warmup_steps=50 train.eval_every=100 train.eval_batches=11 train.save_every=100 "
+            "train.keep_last=1",
+            evaluation=poem_eval(500, 100, ALL_RATIOS, 10, "cuda"),
+            device="cuda",
+            threads=8,
+        ),
+    },
+    "forcing": {
+        "smoke": Preset(
+            runs=forcing_runs(3, gen=8, horizon=4, ddim=2),
+            model=f"{TINY} data.block_size=32",
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=forcing_eval(1, 2, 8, 8, 4, 2),
+        ),
+        "cpu": Preset(  # examples/forcing_vs_teacher.sh's CPU size, trained 2000 steps instead of 300
+            runs=forcing_runs(2000, gen=200, horizon=16, ddim=20),
+            model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+            batch_size=32,
+            precision="fp32",
+            train="train.warmup_steps=30 train.eval_every=100 train.eval_batches=4 train.save_every=100 "
+            "train.keep_last=0 train.log_every=10",
+            evaluation=forcing_eval(20, 8, 64, 256, 16, 20),
+        ),
+        "gpu": Preset(  # the recipes' nanoGPT size (6 x 384, block 256, dropout 0.2), 2000 of their 5000 steps
+            runs=forcing_runs(2000, gen=200, horizon=16, ddim=20),
+            model="",
+            batch_size=64,
+            precision="bf16",
+            train=GPU_TRAIN,
+            evaluation=forcing_eval(20, 16, 64, 256, 16, 20),
+            device="cuda",
+            threads=8,
+        ),
+    },
+    "sgdd": {
+        "smoke": Preset(
+            runs=(
+                Run("sgdd_minilm", "sgdd_phase1_minilm", 3, SGDD_SMOKE),
+                Run("sgdd_scratch", "sgdd_phase1", 3, f"{SGDD_SMOKE} {SGDD_SCRATCH_SMOKE}"),
+            ),
+            model="",
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=("--grid 1:0,2:1 --examples 4 --batch-size 4 --latency-sentences 1",),
+        ),
+        "cpu": Preset(  # docs/results/sgdd: ~70 min each, side by side
+            runs=(
+                Run("sgdd_minilm", "sgdd_phase1_minilm", 1400),
+                Run(
+                    "sgdd_scratch",
+                    "sgdd_phase1",
+                    4000,
+                    "model.block_size=32 train.eval_every=250 train.save_every=250",
+                ),
+            ),
+            model="",
+            batch_size=64,
+            precision="fp32",
+            train="",
+            evaluation=("--grid 1:0,4:0,4:2 --examples 500 --batch-size 50 --latency-sentences 30",),
+        ),
+        "gpu": Preset(
+            runs=(
+                Run("sgdd_minilm", "sgdd_phase1_minilm", 2000, "train.eval_every=250 train.save_every=500"),
+                Run(
+                    "sgdd_scratch",
+                    "sgdd_phase1",
+                    4000,
+                    "model.block_size=32 train.eval_every=500 train.save_every=1000",
+                ),
+            ),
+            model="",
+            batch_size=128,
+            precision="bf16",
+            train="train.keep_last=1",
+            evaluation=("--grid 1:0,4:0 --examples 200 --batch-size 100 --latency-sentences 10",),
+            device="cuda",
+            threads=8,
+        ),
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpora: the shared data, or synthetic stand-ins for smoke and dry runs
+# ----------------------------------------------------------------------------------------------
+
+WORDS = (
+    "the king queen lord lady good night love death heart eyes sweet fair sir come go speak hear know "
+    "make give take blood crown sword grace honour time day world son father mother brother friend "
+    "thee thou thy shall will would not yet now here there what why how"
+).split()
+SPEAKERS = ("ROMEO", "JULIET", "KING HENRY", "QUEEN", "FIRST CITIZEN", "MENENIUS")
+HANZI = "我想在春天的早晨醒来风吹过山岗夜里河流们灯下读信雪落远方大海蓝色梦一只鸟飞屋顶太阳升起了花开月光"
+
+
+def default_data_dir() -> Path:
+    found = os.environ.get("DIFFLM_DATA")
+    return Path(found) if found else REPO.parent / "shared" / "data"
+
+
+def synthetic_corpora(folder: Path, sentences: int) -> Path:
+    """Tiny seeded stand-ins for the shared corpora, under their file names; returns `folder`."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def line(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    plays = [f"{rng.choice(SPEAKERS)}:\n{line(8).capitalize()},\n{line(6)}.\n" for _ in range(600)]
+    (folder / "tinyshakespeare.txt").write_text("\n".join(plays), encoding="utf-8")
+    texts = [f"{line(rng.randint(4, 9)).capitalize()}." for _ in range(sentences)]
+    (folder / "sentences_en.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    poems = []
+    for i in range(60):
+        verses = ["".join(rng.choice(HANZI) for _ in range(rng.randint(4, 9))) for _ in range(4)]
+        poems.append(json.dumps({"title": f"诗{i}", "author": "佚名", "content": "\n\n".join(verses)}))
+    (folder / "modern_poems.jsonl").write_text("\n".join(poems) + "\n", encoding="utf-8")
+    return folder
+
+
+def corpus_file(data_dir: Path, name: str) -> Path:
+    if not (data_dir / name).is_file():
+        raise SystemExit(
+            f"reproduce: {data_dir / name} not found: point --data-dir (or $DIFFLM_DATA) at the corpora"
+        )
+    return data_dir / name
+
+
+def text_corpus(name: str) -> Callable[[Path, Path], tuple[list[str], list[Job]]]:
+    """Data overrides of an experiment trained on one text file of the data folder."""
+
+    def data(data_dir: Path, work: Path) -> tuple[list[str], list[Job]]:
+        return [f"data.path={corpus_file(data_dir, name)}"], []
+
+    return data
+
+
+def poem_split(data_dir: Path, work: Path) -> tuple[list[str], list[Job]]:
+    """The seeded split of the poems (kept when already built, so reused runs keep their test poems)."""
+    split = work / "split"
+    if (split / "split.json").is_file():
+        return [f"data.path={split}"], []
+    source = corpus_file(data_dir, "modern_poems.jsonl")
+    build = [*DIFFLM, "data", "build-poems", str(source), str(split), "--seed", "0"]
+    return [f"data.path={split}"], [Job(build, work / "build-poems.log")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluations: from the run folders to the jobs that write --out, stage by stage
+# ----------------------------------------------------------------------------------------------
+
+Stages = list[list[Job]]  # stages run in order; the jobs of a stage side by side
+
+
+def benchmark(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "benchmarks" / script), *args]
+
+
+def options(**named: object) -> list[str]:
+    """`--split-dir X` from split_dir=X, in order."""
+    return [arg for key, value in named.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def eval_shakespeare(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
+    """benchmarks/shakespeare_core.py over the four runs, the AR run judging."""
+    named = [arg for name, path in runs.items() for arg in ("--run", f"{name.removeprefix('ref_')}={path}")]
+    flags = [*options(judge=runs["ref_ar"], out=out), *preset.evaluation[0].split()]
+    return [[Job(benchmark("shakespeare_core.py", *named, *flags), out / "logs" / "eval.log")]]
+
+
+def eval_poems(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
+    """`difflm eval poem-completion`: the table into --out, the rescored AR row into --out/rescored."""
+    split = run_config(runs["poems_ar"])["data"]["path"]  # the split the runs were trained on
+    models = options(diffusion=runs["poems_prefix_diffusion"], ar=runs["poems_ar"], split_dir=split)
+    base = [*DIFFLM, "eval", "poem-completion", *models]
+    plain, rescored = preset.evaluation
+    table = Job([*base, *options(out_dir=out), *plain.split()], out / "logs" / "eval.log")
+    rows = Job(
+        [*base, *options(out_dir=out / "rescored"), *rescored.split()], out / "logs" / "eval_rescored.log"
+    )
+    return [[table, rows]]
+
+
+def eval_forcing(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
+    """benchmarks/forcing_vs_teacher.py: the TF run judges both."""
+    files = options(plot=out / "forcing_vs_teacher.png", json=out / "results.json", table=out / "table.md")
+    flags = [*options(tf=runs["tf"], df=runs["df"]), *files, *preset.evaluation[0].split()]
+    return [[Job(benchmark("forcing_vs_teacher.py", *flags), out / "logs" / "eval.log")]]
+
+
+def eval_sgdd(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
+    """benchmarks/sgdd.py once per run side by side, then --merge into one table."""
+    parts = {name: out / "parts" / name for name in runs}
+    each = [
+        Job(
+            benchmark(
+                "sgdd.py", "--run", f"{name}={path}", "--out", str(parts[name]), *preset.evaluation[0].split()
+            ),
+            out / "logs" / f"eval_{name}.log",
+        )
+        for name, path in runs.items()
+    ]
+    merge = [arg for part in parts.values() for arg in ("--merge", str(part))]
+    return [each, [Job(benchmark("sgdd.py", *merge, "--out", str(out)), out / "logs" / "merge.log")]]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """How an experiment finds its data and evaluates its runs."""
+
+    results: str  # its folder under docs/results
+    data: Callable[[Path, Path], tuple[list[str], list[Job]]]  # (data dir, work dir) -> overrides, jobs
+    evaluate: Callable[[Preset, dict[str, Path], Path], Stages]
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "shakespeare": Experiment("shakespeare_core", text_corpus("tinyshakespeare.txt"), eval_shakespeare),
+    "poems": Experiment("poems", poem_split, eval_poems),
+    "forcing": Experiment("forcing", text_corpus("tinyshakespeare.txt"), eval_forcing),
+    "sgdd": Experiment("sgdd", text_corpus("sentences_en.txt"), eval_sgdd),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: reuse, resume or train each run
+# ----------------------------------------------------------------------------------------------
+
+DRY_RUN = (  # fp32: bf16 autocast on a CPU without bf16 units is ~10x slower and checks nothing more here
+    "train.max_steps=2 train.batch_size=2 train.device=cpu train.precision=fp32 train.eval_every=0 "
+    "train.eval_batches=1"
+)
+
+
+def run_config(folder: Path) -> dict:
+    """The run config stored in a run folder's latest checkpoint."""
+    latest = (folder / "checkpoints" / "latest").read_text().strip()
+    return json.loads((folder / "checkpoints" / latest / "difflm.json").read_text())
+
+
+def is_finished(folder: Path, steps: int) -> bool:
+    """The folder holds a complete checkpoint of the run's last step (its manifest is written last)."""
+    return (folder / "checkpoints" / f"step-{steps}" / "manifest.json").is_file()
+
+
+def train_job(preset: Preset, run: Run, data: list[str], folder: Path, extra: str = "") -> Job:
+    """`difflm train` of one run into `folder`; resumes when the folder holds an earlier checkpoint."""
+    resume = ("train.resume=latest",) if (folder / "checkpoints" / "latest").is_file() else ()
+    overrides = [
+        *preset.model.split(),
+        f"train.batch_size={preset.batch_size}",
+        f"train.precision={preset.precision}",
+        f"train.device={preset.device}",
+        *preset.train.split(),
+        *data,
+        *run.overrides.split(),
+        f"train.max_steps={run.steps}",
+        "train.progress=false",
+        f"train.output_dir={folder}",
+        *resume,
+        *extra.split(),
+    ]
+    return Job([*DIFFLM, "train", run.recipe, *overrides], folder.parent / f"{run.name}.log")
+
+
+def execute(job: Job, threads: int) -> int:
+    """Run one job to completion (stderr, and stdout unless kept apart, appended to its log)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    if job.stdout is not None:
+        job.stdout.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a", encoding="utf-8") as log, open(job.stdout or os.devnull, "w") as out:
+        return subprocess.run(job.argv, stdout=out if job.stdout else log, stderr=log, env=env).returncode
+
+
+def run_stage(jobs: list[Job], threads: int, commands: list[str]) -> None:
+    """Run jobs SIDE_BY_SIDE at a time; stop with the log's tail when one fails."""
+    for job in jobs:
+        print(f"[reproduce] {job.command}\n[reproduce]   log: {job.log}", flush=True)
+        commands.append(job.command)
+    with ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+        codes = list(pool.map(lambda job: execute(job, threads), jobs))
+    for job, code in zip(jobs, codes, strict=True):
+        if code != 0:
+            tail = "\n".join(job.log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
+            raise SystemExit(f"reproduce: exit {code}: {job.command}\n--- end of {job.log}:\n{tail}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: curves, samples, commands, wall time and hardware
+# ----------------------------------------------------------------------------------------------
+
+
+def val_curve(folder: Path) -> list[tuple[int, float]]:
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+
+
+def hardware() -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def sample_jobs(preset: Preset, folders: dict[str, Path], out: Path) -> list[Job]:
+    return [
+        Job(
+            [*DIFFLM, "sample", str(folders[run.name]), *run.sample.split()],
+            out / "logs" / f"sample_{run.name}.log",
+            stdout=out / "samples" / f"{run.name}.txt",
+        )
+        for run in preset.runs
+        if run.sample
+    ]
+
+
+def write_samples(jobs: list[Job], out: Path) -> None:
+    blocks = [
+        f"## {job.stdout.stem}\n\n`{job.command}`\n\n```\n{job.stdout.read_text().strip()}\n```\n"
+        for job in jobs
+        if job.stdout
+    ]
+    (out / "samples.md").write_text("\n".join(blocks), encoding="utf-8")
+
+
+def plot_curves(curves: dict[str, list], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot(*zip(*curve, strict=True), marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (the trainer's, nats/token)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_summary(
+    out: Path, name: str, scale: str, preset: Preset, runs: dict, commands: list[str], seconds: float
+) -> None:
+    """reproduce.json, command.txt and train_curves.png (a benchmark's own command.txt is replaced:
+    it is one of these commands)."""
+    summary = {
+        "experiment": name,
+        "scale": scale,
+        "wall_seconds": round(seconds, 1),
+        "hardware": hardware(),
+        "preset": asdict(preset),
+        "runs": runs,
+        "commands": commands,
+    }
+    (out / "reproduce.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "command.txt").write_text("\n".join(commands) + "\n", encoding="utf-8")
+    curves = {run: info["curve"] for run, info in runs.items()}
+    plot_curves(curves, f"{name}, {scale} scale: validation loss", out / "train_curves.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# One experiment, start to end
+# ----------------------------------------------------------------------------------------------
+
+
+def corpora(name: str, data_dir: Path, work: Path, synthetic: int | None) -> tuple[list[str], list[Job]]:
+    """Data overrides and preparing jobs; `synthetic` sentences: write stand-in corpora instead."""
+    folder = synthetic_corpora(work / "data", synthetic) if synthetic else data_dir
+    data, jobs = EXPERIMENTS[name].data(folder, work)
+    return [*data, f"data.cache_dir={work / 'cache'}"], jobs
+
+
+def dry_run(name: str, scale: str, work: Path) -> None:
+    """Build every model of the preset and train it 2 steps on the CPU, on synthetic corpora."""
+    preset = PRESETS[name][scale]
+    data, prepare = corpora(name, work, work, synthetic=600)  # > the SGDD holdout of 500
+    commands: list[str] = []
+    run_stage(prepare, 1, commands)
+    folders = {run.name: work / "dry_run" / run.name for run in preset.runs}
+    for folder in folders.values():
+        shutil.rmtree(folder, ignore_errors=True)  # our own scratch run from an earlier dry run
+    run_stage([train_job(preset, run, data, folders[run.name], DRY_RUN) for run in preset.runs], 1, commands)
+    for run in preset.runs:
+        print(
+            f"[reproduce] dry run {name}/{run.name}: 2 steps, val loss {val_curve(folders[run.name])[-1][1]:.4f}"
+        )
+
+
+def reproduce(name: str, scale: str, data_dir: Path, work: Path, out: Path) -> None:
+    """Train (or reuse) every run of the preset, evaluate, and write the results into `out`."""
+    start = time.perf_counter()
+    preset = PRESETS[name][scale]
+    data, prepare = corpora(name, data_dir, work, synthetic=80 if scale == "smoke" else None)
+    commands: list[str] = []
+    run_stage(prepare, preset.threads, commands)
+    folders = {run.name: work / run.name for run in preset.runs}
+    todo = [run for run in preset.runs if not is_finished(folders[run.name], run.steps)]
+    for run in preset.runs:
+        if run not in todo:
+            print(f"[reproduce] reuse {folders[run.name]}: it holds step-{run.steps}", flush=True)
+            commands.append(f"# reused {folders[run.name]} (it holds step-{run.steps})")
+    run_stage([train_job(preset, run, data, folders[run.name]) for run in todo], preset.threads, commands)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in EXPERIMENTS[name].evaluate(preset, folders, out):
+        run_stage(stage, preset.threads, commands)
+    samples = sample_jobs(preset, folders, out)
+    if samples:
+        run_stage(samples, preset.threads, commands)
+        write_samples(samples, out)
+    runs = {
+        run.name: {
+            "folder": str(folders[run.name]),
+            "reused": run not in todo,
+            "steps": run.steps,
+            "curve": val_curve(folders[run.name]),
+        }
+        for run in preset.runs
+    }
+    write_summary(out, name, scale, preset, runs, commands, time.perf_counter() - start)
+    print(f"[reproduce] {name} ({scale}): results in {out}, {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    p.add_argument("--scale", choices=SCALES, required=True)
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="the corpora (default $DIFFLM_DATA or ../shared/data)"
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="run folders (default runs/reproduce/EXPERIMENT-SCALE; with 'all', DIR/EXPERIMENT)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results (default docs/results/NAME, docs/results/NAME/gpu for gpu, WORK/results for "
+        "smoke; with 'all', DIR/EXPERIMENT)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="build every model, train 2 steps on the CPU, stop")
+    return p.parse_args(argv)
+
+
+def folders_for(name: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The work and results folders of one experiment (absolute: the jobs run from any directory)."""
+    each = args.experiment == "all"
+    work = args.work_dir / name if each and args.work_dir else args.work_dir
+    work = (work or REPO / "runs" / "reproduce" / f"{name}-{args.scale}").resolve()
+    out = args.out / name if each and args.out else args.out
+    if out is None:
+        results = REPO / "docs" / "results" / EXPERIMENTS[name].results
+        out = {"smoke": work / "results", "cpu": results, "gpu": results / "gpu"}[args.scale]
+    return work, out.resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_dir = (args.data_dir or default_data_dir()).resolve()
+    for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:
+        work, out = folders_for(name, args)
+        if args.dry_run:
+            dry_run(name, args.scale, work)
+        else:
+            reproduce(name, args.scale, data_dir, work, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,6 +55,8 @@ class Run:
     steps: int  # train.max_steps; a folder holding checkpoints/step-{steps} is reused
     overrides: str = ""  # what sets this run apart from the others of the experiment
     sample: str = ""  # `difflm sample` flags for samples.md (empty: the evaluation writes the samples)
+    schedule: int | None = None  # train.max_steps of the lr schedule when the run stops before its end
+    init_from: str = ""  # "RUN/step-N": start from that checkpoint of another run (trained first)
 
 
 @dataclass(frozen=True)
@@ -109,25 +111,39 @@ def shakespeare_runs(steps: int) -> tuple[Run, ...]:
     )
 
 
-def poem_runs(diffusion_steps: int, ar_steps: int, gen: int, denoise: int) -> tuple[Run, ...]:
-    """Prefix diffusion and its AR baseline, each sampled from the seed's prompt (top-k 50, top-p 0.95)."""
+Steps = tuple[int, int | None]  # (the step a run stops at, the lr schedule's max_steps or None)
+
+
+def poem_runs(
+    ar: Steps, diffusion: Steps, init: int, scratch: Steps | None, gen: int, denoise: int
+) -> tuple[Run, ...]:
+    """The AR baseline; prefix diffusion started from its step `init` (AR -> diffusion: from scratch
+    a masked LM on these poems stays at the unigram level for hundreds of steps); optionally the
+    same diffusion run from scratch, for its curve. Samples from the seed's prompt (top-k 50, top-p 0.95)."""
     sample = f"--prompt {POEM_PROMPT} --gen-length {gen} --temperature 1.0 --top-k 50 --top-p 0.95 --seed 0"
-    return (
+    runs = [
+        Run("poems_ar", "poems_ar", ar[0], "train.keep_last=0", sample=sample, schedule=ar[1]),
         Run(
             "poems_prefix_diffusion",
             "poems_prefix_diffusion",
-            diffusion_steps,
+            diffusion[0],
             sample=f"{sample} --steps {denoise} --mode keep",
+            schedule=diffusion[1],
+            init_from=f"poems_ar/step-{init}",
         ),
-        Run("poems_ar", "poems_ar", ar_steps, sample=sample),
-    )
+    ]
+    if scratch:
+        runs.append(
+            Run("poems_prefix_diffusion_scratch", "poems_prefix_diffusion", scratch[0], schedule=scratch[1])
+        )
+    return tuple(runs)
 
 
 def poem_eval(n: int, n_rescored: int, ratios: str, denoise: int, device: str) -> tuple[str, str]:
     """The table on n test poems (AR left to right), then the rescored AR row (3 candidates) on fewer."""
     common = f"--ratios {ratios} --seed 0 --denoise-steps {denoise} --device {device}"
     return (
-        f"{common} --n-poems {n} --candidates 0 --batch-size {n}",
+        f"{common} --n-poems {n} --candidates 0 --batch-size {min(n, 64)}",
         f"{common} --n-poems {n_rescored} --candidates 3 --batch-size {n_rescored}",
     )
 
@@ -192,24 +208,24 @@ PRESETS: dict[str, dict[str, Preset]] = {
     },
     "poems": {
         "smoke": Preset(
-            runs=poem_runs(3, 3, gen=8, denoise=2),
+            runs=poem_runs((3, None), (3, None), init=3, scratch=None, gen=8, denoise=2),
             model=f"{TINY} data.block_size=64",
             batch_size=4,
             precision="fp32",
             train=SMOKE_TRAIN,
             evaluation=poem_eval(4, 2, "0.2,0.5", 2, "cpu"),
         ),
-        "cpu": Preset(  # the recipes' 4 x 256 transformer, to a validation plateau (1300 / 1100 steps)
-            runs=poem_runs(1300, 1100, gen=64, denoise=10),
+        "cpu": Preset(  # the recipes' 4 x 256 transformer; AR stopped at its plateau (step 700 of 1100)
+            runs=poem_runs((700, 1100), (400, 600), init=400, scratch=(600, 1300), gen=64, denoise=10),
             model="",
             batch_size=32,
             precision="fp32",
             train="train.log_every=20 train.eval_every=100 train.eval_batches=11 train.save_every=100 "
             "train.keep_last=0 train.warmup_steps=50",
-            evaluation=poem_eval(100, 20, ALL_RATIOS, 10, "cpu"),
+            evaluation=poem_eval(344, 20, ALL_RATIOS, 10, "cpu"),  # 344: the whole test split
         ),
         "gpu": Preset(
-            runs=poem_runs(1300, 1100, gen=64, denoise=10),
+            runs=poem_runs((1100, None), (1300, None), init=500, scratch=None, gen=64, denoise=10),
             model="model.n_layer=6 model.n_head=6 model.n_embd=384",
             batch_size=64,
             precision="bf16",
@@ -472,13 +488,28 @@ def train_job(preset: Preset, run: Run, data: list[str], folder: Path, extra: st
         *preset.train.split(),
         *data,
         *run.overrides.split(),
-        f"train.max_steps={run.steps}",
+        f"train.max_steps={run.schedule or run.steps}",
+        *([f"train.stop_at_step={run.steps}"] if run.schedule else []),
+        *([f"train.init_from={init_path(run, folder.parent)}"] if run.init_from else []),
         "train.progress=false",
         f"train.output_dir={folder}",
         *resume,
         *extra.split(),
     ]
     return Job([*DIFFLM, "train", run.recipe, *overrides], folder.parent / f"{run.name}.log")
+
+
+def init_path(run: Run, work: Path) -> Path:
+    """RUN/step-N of `run.init_from` as the checkpoint folder it names under the work dir."""
+    source, _, step = run.init_from.partition("/")
+    return work / source / "checkpoints" / step
+
+
+def training_stages(runs: list[Run]) -> list[list[Run]]:
+    """Runs that start from another run's checkpoint train after the others."""
+    return [
+        stage for stage in ([r for r in runs if not r.init_from], [r for r in runs if r.init_from]) if stage
+    ]
 
 
 def execute(job: Job, threads: int) -> int:
@@ -630,7 +661,10 @@ def reproduce(name: str, scale: str, data_dir: Path, work: Path, out: Path) -> N
         if run not in todo:
             print(f"[reproduce] reuse {folders[run.name]}: it holds step-{run.steps}", flush=True)
             commands.append(f"# reused {folders[run.name]} (it holds step-{run.steps})")
-    run_stage([train_job(preset, run, data, folders[run.name]) for run in todo], preset.threads, commands)
+    for stage in training_stages(todo):
+        run_stage(
+            [train_job(preset, run, data, folders[run.name]) for run in stage], preset.threads, commands
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stage in EXPERIMENTS[name].evaluate(preset, folders, out):
         run_stage(stage, preset.threads, commands)

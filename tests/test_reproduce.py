@@ -125,3 +125,16 @@ def test_every_experiment_has_every_scale_and_gpu_presets_use_cuda_bf16():
         assert scales["gpu"].device == "cuda" and scales["gpu"].precision == "bf16", name
         for preset in scales.values():
             assert len({run.name for run in preset.runs}) == len(preset.runs), name
+
+
+def test_a_run_started_from_another_trains_after_it_and_stops_where_its_preset_says(tmp_path):
+    preset = reproduce.PRESETS["poems"]["cpu"]
+    runs = {run.name: run for run in preset.runs}
+    stages = reproduce.training_stages(list(preset.runs))
+    assert [r.name for r in stages[-1]] == ["poems_prefix_diffusion"]
+    assert runs["poems_prefix_diffusion"] not in stages[0]
+    argv = reproduce.train_job(
+        preset, runs["poems_prefix_diffusion"], [], tmp_path / "poems_prefix_diffusion"
+    ).argv
+    init = f"train.init_from={tmp_path / 'poems_ar' / 'checkpoints' / 'step-400'}"
+    assert {"train.max_steps=600", "train.stop_at_step=400", init} <= set(argv)

@@ -26,6 +26,7 @@ scale is one `Preset` in `PRESETS`; nothing else here picks a size, a step count
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -500,9 +501,9 @@ def train_job(preset: Preset, run: Run, data: list[str], folder: Path, extra: st
 
 
 def init_path(run: Run, work: Path) -> Path:
-    """RUN/step-N of `run.init_from` as the checkpoint folder it names under the work dir."""
+    """`run.init_from` under the work dir: RUN/step-N is that checkpoint, RUN alone its latest."""
     source, _, step = run.init_from.partition("/")
-    return work / source / "checkpoints" / step
+    return work / source / "checkpoints" / step if step else work / source
 
 
 def training_stages(runs: list[Run]) -> list[list[Run]]:
@@ -641,7 +642,9 @@ def dry_run(name: str, scale: str, work: Path) -> None:
     folders = {run.name: work / "dry_run" / run.name for run in preset.runs}
     for folder in folders.values():
         shutil.rmtree(folder, ignore_errors=True)  # our own scratch run from an earlier dry run
-    run_stage([train_job(preset, run, data, folders[run.name], DRY_RUN) for run in preset.runs], 1, commands)
+    runs = [dataclasses.replace(run, init_from=run.init_from.partition("/")[0]) for run in preset.runs]
+    for stage in training_stages(runs):  # a run started from another starts from its last step here
+        run_stage([train_job(preset, run, data, folders[run.name], DRY_RUN) for run in stage], 1, commands)
     for run in preset.runs:
         print(
             f"[reproduce] dry run {name}/{run.name}: 2 steps, val loss {val_curve(folders[run.name])[-1][1]:.4f}"

@@ -24,16 +24,27 @@ def tokens(batch=2, length=L, seed=0) -> torch.Tensor:
     return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """RoPE by complex numbers: the pair (x_i, x_{i+d/2}) at position p turns by p / 10000^(2i/d)."""
+    d = x.shape[-1]
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double())  # [B, H, T, d/2]
+    angle = torch.arange(x.shape[-2]).double()[:, None] / 10000 ** (torch.arange(0, d, 2).double() / d)
+    z = z * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1).float()
+
+
 def reference_logits(model: DFGPT, idx: torch.Tensor) -> torch.Tensor:
     """GPT-2 forward written out from the parameters: explicit masked softmax attention, no SDPA."""
     B, T = idx.shape
-    H = model.config.n_head
-    x = model.wte.weight[idx] + model.wpe.weight[:T]  # [B, T, D]
+    H, rope = model.config.n_head, model.config.positions == "rope"
+    x = model.wte.weight[idx] + (0 if rope else model.wpe.weight[:T])  # [B, T, D]
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     for blk in model.blocks:
         h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias)
         qkv = h @ blk.attn.c_attn.weight.T + blk.attn.c_attn.bias  # [B, T, 3D]
         q, k, v = (t.reshape(B, T, H, D // H).transpose(1, 2) for t in qkv.split(D, dim=-1))
+        if rope:
+            q, k = rotate(q), rotate(k)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(D // H)  # [B, H, T, T]
         att = att.masked_fill(future, float("-inf")).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, D)
@@ -45,9 +56,10 @@ def reference_logits(model: DFGPT, idx: torch.Tensor) -> torch.Tensor:
     return x @ model.wte.weight.T  # tied head
 
 
-def test_flag_off_matches_plain_gpt_reference():
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_flag_off_matches_plain_gpt_reference(positions):
     torch.manual_seed(0)
-    model = DFGPT(config()).eval()
+    model = DFGPT(config(positions=positions)).eval()
     idx, targets = tokens(), tokens(seed=1)
     with torch.no_grad():
         ref = reference_logits(model, idx)
@@ -164,18 +176,24 @@ def test_diffusion_forcing_overfits_one_batch():
     assert rounding_nll(0) < 0.5 * rounding_nll(99)
 
 
-def _copy_task_nll(input_scale: float, steps: int = 100) -> float:
-    """One-step next-token NLL after training on rows that repeat a random 4-token cycle."""
+def cycle_rows(n: int, g: torch.Generator, vocab: int = 16, length: int = 32) -> torch.Tensor:
+    """Rows that repeat a random 4-token cycle: token i is token i - 4."""
+    return torch.stack([torch.randperm(vocab, generator=g)[:4].repeat(length // 4) for _ in range(n)])
+
+
+def successor_rows(n: int, g: torch.Generator, vocab: int = 16, length: int = 32) -> torch.Tensor:
+    """Rows that count up mod vocab from a random start: token i is a function of token i - 1."""
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    return (start + torch.arange(length)) % vocab
+
+
+def _task_nll(rows, input_scale: float = 0.02, positions: str = "learned", steps: int = 100) -> float:
+    """One-step next-token NLL after training a Diffusion Forcing model on `rows`."""
     from difflm.evaluate.forcing import next_token_nll
-
-    vocab, length = 16, 32
-
-    def rows(n: int, g: torch.Generator) -> torch.Tensor:
-        return torch.stack([torch.randperm(vocab, generator=g)[:4].repeat(length // 4) for _ in range(n)])
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    cfg = DFGPTConfig(vocab_size=vocab, block_size=length, n_layer=2, n_head=4, n_embd=64)
+    cfg = DFGPTConfig(vocab_size=16, block_size=32, n_layer=2, n_head=4, n_embd=64, positions=positions)
     model = DFGPT(dataclasses.replace(cfg, use_diffusion_forcing=True, input_scale=input_scale))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for _ in range(steps):
@@ -190,5 +208,22 @@ def _copy_task_nll(input_scale: float, steps: int = 100) -> float:
 def test_scaled_input_lets_diffusion_forcing_learn_from_context():
     """Unit-RMS noisy inputs drown the learned positions: the model cannot find the token 4 back.
     At the GPT's embedding scale it can (uniform guessing is log 16 = 2.77 nats)."""
-    scaled, unscaled = _copy_task_nll(0.02), _copy_task_nll(1.0)
+    scaled, unscaled = _task_nll(cycle_rows, 0.02), _task_nll(cycle_rows, 1.0)
     assert scaled < 0.3 < 2.3 < unscaled
+
+
+def test_rotary_positions_let_diffusion_forcing_find_the_previous_token():
+    """A noisy token must fetch its predecessor by attention alone; rotary positions make that
+    relative lookup easy, learned absolute ones do not (the Tiny Shakespeare failure in small)."""
+    rope = _task_nll(successor_rows, positions="rope")
+    learned = _task_nll(successor_rows, positions="learned")
+    assert rope < 0.5 * learned
+
+
+def test_saved_configs_from_before_rotary_positions_load_with_learned_positions():
+    from difflm.config import RunConfig, config_from_dict, saved_config_from_dict, to_dict
+
+    data = to_dict(RunConfig(task="teacher_forcing", model=config()))
+    del data["model"]["positions"]  # a difflm.json written before the option existed
+    assert saved_config_from_dict(data).model.positions == "learned"
+    assert config_from_dict(data).model.positions == "rope"  # a new config takes the new default

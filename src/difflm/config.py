@@ -390,6 +390,18 @@ def config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
+# Defaults that changed: a saved config without the key was written under the old default.
+SAVED_DEFAULTS = {"dfgpt": {"positions": "learned"}}  # rope became the default on 2026-11-30
+
+
+def saved_config_from_dict(data: dict) -> RunConfig:
+    """`config_from_dict` for a checkpoint's difflm.json, filling keys added since with their old defaults."""
+    model = dict(data.get("model") or {})
+    for key, old in SAVED_DEFAULTS.get(model.get("family", "transformer"), {}).items():
+        model.setdefault(key, old)
+    return config_from_dict({**data, "model": model})
+
+
 def to_dict(cfg: RunConfig) -> dict:
     """Plain nested dict (YAML/JSON-safe) of a run config, with `model.family` first."""
     out = {}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflm.config import RunConfig, config_from_dict, model_family
+from difflm.config import RunConfig, model_family, saved_config_from_dict
 from difflm.data.tokenizers import Tokenizer, load_tokenizer
 from difflm.errors import DifflmError
 from difflm.models import build_model
@@ -46,7 +46,7 @@ def load_pretrained(where: str | Path, device: str | torch.device = "cpu", verif
         with offline_hub():
             return Pretrained(*snapshots.load_snapshot(Path(where), device), Path(where))
     path = ckpt.resolve_checkpoint(where, verify=verify)
-    cfg = config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
+    cfg = saved_config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
     with offline_hub():
         model = build_model(model_family(cfg.model), cfg.model)
         if cfg.train.lora.r:  # trained with LoRA: load base + adapters, then merge them into the weights

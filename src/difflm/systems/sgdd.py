@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from difflm.config import RunConfig, config_from_dict, model_family, opt, system_config
+from difflm.config import RunConfig, model_family, opt, saved_config_from_dict, system_config
 from difflm.data.sources import iter_decoded_lines, iter_texts, read_jsonl_records
 from difflm.data.tokenizers import HFTokenizer
 from difflm.errors import DifflmError
@@ -310,7 +310,7 @@ def fill_from_encoder(cfg: RunConfig, encoder: SemanticEncoder, tokenizer: HFTok
 def init_from_checkpoint(model: SGDD, cfg: RunConfig, where: str) -> None:
     """Load a (phase-1) checkpoint's weights; its encoder must be the same."""
     path = ckpt.resolve_checkpoint(where)
-    source = config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
+    source = saved_config_from_dict(ckpt.read_json(path / ckpt.RUN_CONFIG_FILE))
     if model_family(source.model) != "sgdd" or source.model.encoder != cfg.model.encoder:
         raise DifflmError(
             f"system.init_from={where} is not an SGDD checkpoint with the same model.encoder settings"

@@ -196,3 +196,14 @@ def test_qwen3_llada_block_diffusion_trains_and_samples_exactly_with_a_cache(tmp
     plain = generate(pre.model, prompt, SampleConfig(**base))
     cached = generate(pre.model, prompt, SampleConfig(**base, cache="prefix"))
     assert torch.equal(plain.tokens, cached.tokens) and plain.tokens.shape == (1, 12)
+
+
+def test_block_diffusion_refuses_a_shifted_head():
+    """A block's first token would read the previous block's noisy copy: refused, not mistrained."""
+    from difflm.errors import DifflmError
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16, mask_token_id=MASK, logits_shift=1)
+    prepared = task(4).prepare(batch(), torch.Generator().manual_seed(5))
+    with pytest.raises(DifflmError, match="logits_shift=0"):
+        task(4).loss(Transformer(cfg), prepared)

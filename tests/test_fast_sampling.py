@@ -13,9 +13,11 @@ from difflm.sampling.unmask import SampleConfig, generate
 V, MASK, L = 64, 63, 24
 
 
-def tiny_model(seed: int = 0) -> Transformer:
+def tiny_model(seed: int = 0, logits_shift: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, mask_token_id=MASK)
+    cfg = TransformerConfig(
+        vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, mask_token_id=MASK, logits_shift=logits_shift
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():  # sharper logits than the 0.02 init, so confidences spread over (0, 1)
         model.tok_emb.weight.mul_(40)
@@ -67,10 +69,12 @@ def test_threshold_one_and_tiny_factor_equal_vanilla():
         assert torch.equal(fast.tokens, base.tokens) and fast.forward_passes == base.forward_passes == 16
 
 
+@pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_cached_step_on_unchanged_sequence_equals_full_forward(mode):
-    """With the cache filled from the same tokens, a cached step is exact (offsets, bias, slots)."""
-    model = tiny_model()
+def test_cached_step_on_unchanged_sequence_equals_full_forward(mode, shift):
+    """With the cache filled from the same tokens, a cached step is exact (offsets, bias, slots),
+    also for a shifted head (the block's first logits come from the position before it)."""
+    model = tiny_model(logits_shift=shift)
     x = torch.randint(0, V - 1, (2, L))
     x[:, 12:] = MASK
     bias = padding_bias(torch.tensor([[0] * 3 + [1] * (L - 3), [1] * L]))
@@ -338,3 +342,16 @@ def test_steps_zero_needs_threshold_or_factor_and_keep_mode():
     with pytest.raises(DifflmError, match="steps=0"):
         SampleConfig(gen_length=8, steps=0, threshold=0.9, mode="resample")
     assert SampleConfig(gen_length=8, steps=0, factor=1.0, block_length=2).steps == 0
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_shifted_head_samples_the_same_tokens_with_and_without_a_cache(mode):
+    model, (ids, mask) = tiny_model(logits_shift=1), prompts()
+    base = generate(model, ids, cfg(), attention_mask=mask)
+    cached = generate(model, ids, cfg(cache=mode), attention_mask=mask)
+    assert torch.equal(cached.tokens, base.tokens)
+
+
+def test_block_causal_decoding_refuses_a_shifted_head():
+    with pytest.raises(DifflmError, match="logits_shift=0"):
+        BlockForward(tiny_model(logits_shift=1), "prefix", L, block_causal=True)

@@ -137,6 +137,17 @@ def test_position_offset_without_cache_is_a_rope_shift():
     assert torch.equal(cos6, cos0[6:10])
 
 
+def test_logits_shift_reads_each_position_from_the_one_before():
+    plain, x = tiny(), ids(length=10)
+    shifted = tiny(logits_shift=1)  # same seed: same weights
+    with torch.no_grad():
+        a, b = plain(x), shifted(x)
+    torch.testing.assert_close(b[:, 1:], a[:, :-1], atol=0, rtol=0)
+    torch.testing.assert_close(b[:, 0], a[:, 0], atol=0, rtol=0)
+    with pytest.raises(DifflmError, match="bidirectional"):
+        TransformerConfig(vocab_size=V, block_size=16, causal=True, logits_shift=1)
+
+
 # --- KV cache --------------------------------------------------------------------------------
 
 

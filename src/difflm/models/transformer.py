@@ -65,6 +65,12 @@ class TransformerConfig:
     norm_eps: float = opt(1e-6, "RMSNorm epsilon")
     bias: bool = opt(False, "use biases in linear layers")
     tie_embeddings: bool = opt(True, "share the output head with the token embedding")
+    logits_shift: int = opt(
+        0,
+        "1: position i's logits come from position i-1's output (Dream), so a diffusion model "
+        "started from an AR model's weights (train.init_from) keeps its next-token head; 0: its own",
+        choices=(0, 1),
+    )
     mask_token_id: int | None = opt(None, "id of the [MASK] token (diffusion)")
     pad_token_id: int | None = opt(None, "id of the padding token")
 
@@ -94,6 +100,10 @@ class TransformerConfig:
             raise DifflmError("model.cond_tokens > 0 needs model.cond_dim (the semantic vector width)")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise DifflmError("model.rope_theta and model.norm_eps must be positive")
+        if self.logits_shift not in (0, 1):
+            raise DifflmError(f"model.logits_shift must be 0 or 1, got {self.logits_shift}")
+        if self.logits_shift and self.causal:
+            raise DifflmError("model.logits_shift=1 is for bidirectional diffusion; a causal model shifts its targets")
         for name in ("mask_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -157,6 +167,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.mask_token_id = config.mask_token_id
+        self.logits_shift = config.logits_shift
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.pos_emb = nn.Embedding(config.block_size, C) if config.learned_positions else None
@@ -252,6 +263,8 @@ class Transformer(nn.Module):
             x = block(x, ctx, layer, c, memory)
         shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)
         h = modulate(self.norm_f(x), shift, scale)  # [B, Q, C]
+        if self.logits_shift:
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
         return self.lm_head(h if logits_at is None else h[logits_at.bool()])  # [B, Q, V] or [N, V]
 
     def _attention_context(

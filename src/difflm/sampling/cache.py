@@ -92,6 +92,10 @@ class BlockForward:
     def __init__(self, model: Denoiser, mode: str, length: int, block_causal: bool = False) -> None:
         check_cache(check_denoiser(model), mode)
         self.model, self.mode, self.length, self.block_causal = model, mode, length, block_causal
+        if block_causal and model.logits_shift:
+            raise DifflmError(
+                "block-causal (BD3) decoding needs a model with logits_shift=0; decode it without block-causal (BD3) blocks"
+            )
         self.packed = model.supports_logits_at
         self.shift = model.logits_shift  # Dream: logits of i come from output i-1
         self.caches: dict[str, KVCache] = {}

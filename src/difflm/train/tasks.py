@@ -23,6 +23,11 @@ from difflm.models.block_attention import bd3_training_bias
 from difflm.models.layers import padding_bias
 
 Batch = dict[str, Tensor]
+# the first token of a block would take its logits from the previous block's noisy copy
+SHIFTED_BLOCKS = (
+    "block diffusion (diffusion.block_length) needs model.logits_shift=0: the shifted head would read "
+    "a block's first token from the previous block's noisy copy"
+)
 
 
 class MaskedDiffusionTask:
@@ -155,6 +160,8 @@ class MaskedDiffusionTask:
         kwargs: dict,
     ) -> Tensor:
         """Logits of the noisy copy ([B, L, V], or packed [N, V]) from one forward over [x_t ; x_0]."""
+        if getattr(getattr(model, "module", model), "logits_shift", 0):
+            raise DifflmError(SHIFTED_BLOCKS)
         L = noisy.shape[1]
         both = bd3_training_bias(L, self.cfg.block_length, device=noisy.device)  # [1, 1, 2L, 2L]
         if bias is not None:  # padding [B, 1, 1, L]: keys hidden in both copies

@@ -3,6 +3,7 @@ block-causal sampling with a KV cache."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,10 @@ def batch(seed: int = 0) -> dict:
 def test_block_length_L_is_full_masked_diffusion():
     model = tiny()
     prepared = task(L).prepare(batch(), torch.Generator().manual_seed(5))
-    assert prepared["inv_weight"].shape == (3, L) and (prepared["inv_weight"] == prepared["inv_weight"][:, :1]).all()
+    assert (
+        prepared["inv_weight"].shape == (3, L)
+        and (prepared["inv_weight"] == prepared["inv_weight"][:, :1]).all()
+    )
     with torch.no_grad():  # one block: the noisy copy sees only itself, as full masked diffusion
         loss_bd3, _ = task(L).loss(model, prepared)
         loss_mdm, _ = task(None).loss(model, prepared)
@@ -106,10 +110,14 @@ def test_blocks_never_see_later_blocks_and_clean_never_sees_noisy():
     torch.testing.assert_close(changed_noisy[:, untouched], base[:, untouched])
 
 
+@pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("extra", [{}, {"threshold": 0.3}])
-def test_block_causal_cached_sampling_equals_uncached(cache, extra):
+def test_block_causal_cached_sampling_equals_uncached(cache, extra, shift):
     model = tiny(3)
+    if shift:  # a shifted head also feeds the final token before each block
+        model = Transformer(dataclasses.replace(model.config, logits_shift=1)).eval()
+        model.load_state_dict(tiny(3).state_dict())
     prompt = torch.tensor([[3, 4, 5, 6, 7], [0, 0, 8, 9, 10]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     base = dict(gen_length=10, steps=10, block_length=4, block_causal=True, **extra)
@@ -198,12 +206,16 @@ def test_qwen3_llada_block_diffusion_trains_and_samples_exactly_with_a_cache(tmp
     assert torch.equal(plain.tokens, cached.tokens) and plain.tokens.shape == (1, 12)
 
 
-def test_block_diffusion_refuses_a_shifted_head():
-    """A block's first token would read the previous block's noisy copy: refused, not mistrained."""
-    from difflm.errors import DifflmError
-
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16, mask_token_id=MASK, logits_shift=1)
-    prepared = task(4).prepare(batch(), torch.Generator().manual_seed(5))
-    with pytest.raises(DifflmError, match="logits_shift=0"):
-        task(4).loss(Transformer(cfg), prepared)
+def test_shifted_head_with_blocks_of_1_is_the_ar_model():
+    """logits_shift=1, K = 1: every noisy token reads the clean copy's output one position back,
+    which sees exactly the tokens before it: the same weights' next-token prediction."""
+    plain = tiny(2)
+    shifted = Transformer(dataclasses.replace(plain.config, logits_shift=1)).eval()
+    shifted.load_state_dict(plain.state_dict())
+    x0 = batch(1)["input_ids"][:1]  # [1, L]
+    everywhere = torch.ones_like(x0, dtype=torch.bool)
+    with torch.no_grad():
+        logits = task(1)._block_forward(shifted, torch.full_like(x0, MASK), x0, None, everywhere, {})
+        for i in range(1, L):  # position i from the clean x_<i, causally
+            ref = plain(x0[:, :i], attention_bias=causal_bias(i))
+            torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-4, atol=1e-5)

@@ -103,7 +103,9 @@ class TransformerConfig:
         if self.logits_shift not in (0, 1):
             raise DifflmError(f"model.logits_shift must be 0 or 1, got {self.logits_shift}")
         if self.logits_shift and self.causal:
-            raise DifflmError("model.logits_shift=1 is for bidirectional diffusion; a causal model shifts its targets")
+            raise DifflmError(
+                "model.logits_shift=1 is for bidirectional diffusion; a causal model shifts its targets"
+            )
         for name in ("mask_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:

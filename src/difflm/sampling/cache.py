@@ -17,7 +17,8 @@ keys were computed when the block held more masks).
 Block-causal decoding (`block_causal=True`, block diffusion / BD3): no position sees a later block,
 so prefix and dual caches coincide and are exact. The first call of a block feeds the blocks that
 finished since the last refresh plus the current one ([clean_until, hi)), writing the finished
-blocks' keys once, as the training's clean stream computes them; later calls feed the block only. Nothing written by a non-refresh step is
+blocks' keys once, as the training's clean stream computes them; later calls feed the block only
+(a shifted model also the final token before it, whose output gives the block's first logits). Nothing written by a non-refresh step is
 needed afterwards, so a step over a subset of rows (rows whose block is finished wait, frozen)
 may run on a gathered copy of the cache; a refresh over a subset writes its rows back.
 
@@ -92,10 +93,6 @@ class BlockForward:
     def __init__(self, model: Denoiser, mode: str, length: int, block_causal: bool = False) -> None:
         check_cache(check_denoiser(model), mode)
         self.model, self.mode, self.length, self.block_causal = model, mode, length, block_causal
-        if block_causal and model.logits_shift:
-            raise DifflmError(
-                "block-causal (BD3) decoding needs a model with logits_shift=0; decode it without block-causal (BD3) blocks"
-            )
         self.packed = model.supports_logits_at
         self.shift = model.logits_shift  # Dream: logits of i come from output i-1
         self.caches: dict[str, KVCache] = {}
@@ -166,7 +163,8 @@ class BlockForward:
     ) -> Tensor:
         """One exact cached call: keys of finished blocks are final, later blocks are never seen."""
         refresh = stream not in self.fresh
-        start = self.clean_until.get(stream, 0) if refresh else lo
+        # a shifted model reads the block's first token from the final token before it
+        start = self.clean_until.get(stream, 0) if refresh else max(lo - self.shift, 0)
         target = cache if rows is None else _gathered(cache, rows)
         out = self._logits(
             x[:, start:hi],

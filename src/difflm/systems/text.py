@@ -21,7 +21,7 @@ from difflm.pretrained import Pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
-from difflm.train.tasks import SHIFTED_BLOCKS, AutoregressiveTask, MaskedDiffusionTask
+from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import Run
 
 
@@ -47,8 +47,6 @@ def build_masked_diffusion(cfg: RunConfig) -> Run:
     require_family(cfg, "transformer")
     tokenizer, train, val = text_blocks(cfg.data)
     fill_derived(cfg, tokenizer, causal=False)
-    if cfg.diffusion.block_length and cfg.model.logits_shift:
-        raise DifflmError(SHIFTED_BLOCKS)
     task = MaskedDiffusionTask(
         cfg.diffusion, mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size
     )

@@ -23,11 +23,6 @@ from difflm.models.block_attention import bd3_training_bias
 from difflm.models.layers import padding_bias
 
 Batch = dict[str, Tensor]
-# the first token of a block would take its logits from the previous block's noisy copy
-SHIFTED_BLOCKS = (
-    "block diffusion (diffusion.block_length) needs model.logits_shift=0: the shifted head would read "
-    "a block's first token from the previous block's noisy copy"
-)
 
 
 class MaskedDiffusionTask:
@@ -101,7 +96,12 @@ class MaskedDiffusionTask:
             vocab_size=self.vocab_size,
             exclude_ids=self.special_ids,
         )
-        out = {"input_ids": ids, "noisy": noisy, "noised": noised, "inv_weight": 1.0 / self.schedule.weight(t)}
+        out = {
+            "input_ids": ids,
+            "noisy": noisy,
+            "noised": noised,
+            "inv_weight": 1.0 / self.schedule.weight(t),
+        }
         if "attention_mask" in batch:
             out["attention_mask"] = batch["attention_mask"]
         if "prompt_lengths" in batch:
@@ -160,8 +160,6 @@ class MaskedDiffusionTask:
         kwargs: dict,
     ) -> Tensor:
         """Logits of the noisy copy ([B, L, V], or packed [N, V]) from one forward over [x_t ; x_0]."""
-        if getattr(getattr(model, "module", model), "logits_shift", 0):
-            raise DifflmError(SHIFTED_BLOCKS)
         L = noisy.shape[1]
         both = bd3_training_bias(L, self.cfg.block_length, device=noisy.device)  # [1, 1, 2L, 2L]
         if bias is not None:  # padding [B, 1, 1, L]: keys hidden in both copies
@@ -170,13 +168,35 @@ class MaskedDiffusionTask:
                     "diffusion.block_length does not combine with another attention bias (block attention)"
                 )
             both = both + torch.cat([bias, bias], dim=-1)  # [B, 1, 2L, 2L]
+        position_ids = torch.arange(L, device=noisy.device).repeat(2)  # [2L]: both copies at 0..L-1
+        inputs = torch.cat([noisy, clean], dim=1)  # [B, 2L]
+        if getattr(getattr(model, "module", model), "logits_shift", 0):
+            return self._shifted_block_logits(model, inputs, both, position_ids, positions, kwargs)
         if "logits_at" in kwargs:
             kwargs = {**kwargs, "logits_at": torch.cat([positions, torch.zeros_like(positions)], dim=1)}
-        position_ids = torch.arange(L, device=noisy.device).repeat(2)  # [2L]: both copies at 0..L-1
-        logits = model(
-            torch.cat([noisy, clean], dim=1), attention_bias=both, position_ids=position_ids, **kwargs
-        )
+        logits = model(inputs, attention_bias=both, position_ids=position_ids, **kwargs)
         return logits if "logits_at" in kwargs else logits[:, :L]
+
+    def _shifted_block_logits(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        bias: Tensor,
+        position_ids: Tensor,
+        positions: Tensor,
+        kwargs: dict,
+    ) -> Tensor:
+        """A shifted head (logits of i from output i-1) reads a block's first token from the clean
+        copy of the token before it, which sees exactly the finished blocks, as the block-causal
+        sampler's row lo - 1 does; inside a block, from the noisy copy. Row L + i of the model's
+        shifted output is the clean copy's output i - 1."""
+        L = inputs.shape[1] // 2
+        kwargs = {key: value for key, value in kwargs.items() if key != "logits_at"}
+        logits = model(inputs, attention_bias=bias, position_ids=position_ids, **kwargs)  # [B, 2L, V]
+        starts = torch.arange(L, device=inputs.device) % self.cfg.block_length == 0
+        starts[0] = False  # position 0 keeps its own output
+        noisy = torch.where(starts[None, :, None], logits[:, L:], logits[:, :L])  # [B, L, V]
+        return noisy[positions] if self.packed_logits else noisy
 
 
 class AutoregressiveTask:

@@ -86,7 +86,9 @@ def test_reveals_sum_to_gen_length(mock_denoiser, schedule, gen, block, steps):
         assert block_counts == reveal_counts(size, n_steps, schedule)
 
 
-@pytest.mark.parametrize("remasking", ["low_confidence", "random", "random_topk", "margin", "entropy"])
+@pytest.mark.parametrize(
+    "remasking", ["low_confidence", "random", "random_topk", "margin", "entropy", "left_to_right"]
+)
 def test_keep_mode_revealed_tokens_never_change(mock_denoiser, remasking):
     cfg = SampleConfig(gen_length=12, steps=5, block_length=5, remasking=remasking, temperature=0.8)
     ids, mask = left_padded(PROMPTS)
@@ -100,6 +102,19 @@ def test_keep_mode_revealed_tokens_never_change(mock_denoiser, remasking):
         assert torch.equal(step.tokens[was_revealed], previous[was_revealed])
         previous = step.tokens
     assert torch.equal(previous, result.tokens)
+
+
+def test_left_to_right_reveals_the_leftmost_masks_first(mock_denoiser):
+    cfg = SampleConfig(gen_length=12, steps=6, block_length=12, remasking="left_to_right", temperature=0.8)
+    ids, mask = left_padded(PROMPTS)
+    result = generate(
+        mock_denoiser(), ids, cfg, attention_mask=mask, trace=True, generator=torch.Generator().manual_seed(0)
+    )
+    mask_id = result.trace.mask_token_id
+    for step in result.trace.steps:  # two a step: the masks left are always a suffix of each row
+        masked = step.tokens == mask_id
+        assert torch.equal(masked, masked.cummax(dim=1).values)
+    assert not (result.tokens == mask_id).any()
 
 
 @pytest.mark.parametrize("mode", ["keep", "resample"])

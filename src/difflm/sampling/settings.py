@@ -12,7 +12,7 @@ from difflm.errors import DifflmError
 from difflm.fields import like, opt
 
 # the names the settings offer; torch-free, so `difflm sample --help` imports no torch
-REMASKING = ("low_confidence", "random", "random_topk", "margin", "entropy")
+REMASKING = ("low_confidence", "random", "random_topk", "margin", "entropy", "left_to_right")
 CACHE_MODES = ("none", "prefix", "dual")  # sampling/cache.py
 MASK_SCHEDULES: dict[str, Callable[[float], float]] = {  # share of a block still masked after ratio r
     "linear": lambda r: 1.0 - r,
@@ -35,7 +35,11 @@ class SampleConfig:
         None, "Generate in blocks of this many tokens, left to right (null = one block)."
     )
     reveal_schedule: str = opt("even", "How many tokens each step reveals.", choices=REVEAL_SCHEDULES)
-    remasking: str = opt("low_confidence", "Which masked positions to reveal first.", choices=REMASKING)
+    remasking: str = opt(
+        "low_confidence",
+        "Which masked positions to reveal first (left_to_right: the leftmost, an AR order inside each block).",
+        choices=REMASKING,
+    )
     topk_pool: int = opt(4, "random_topk: reveal at random among this many most confident positions.")
     threshold: float | None = opt(
         None,

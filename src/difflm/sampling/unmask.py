@@ -199,6 +199,8 @@ def _scores(conf: Tensor, cand: Tensor, n: Tensor, cfg: SampleConfig, generator:
     """Ranking score [B, S] of each candidate under the remasking policy (higher = reveal first)."""
     if cfg.remasking == "random":
         return uniform(tuple(conf.shape), generator, conf.device)
+    if cfg.remasking == "left_to_right":
+        return -torch.arange(conf.shape[1], device=conf.device, dtype=torch.float64).expand(conf.shape)
     if cfg.remasking == "random_topk":
         pool = _top_n(conf, cand, torch.clamp(n, min=cfg.topk_pool))
         noise = uniform(tuple(conf.shape), generator, conf.device)

@@ -7,12 +7,18 @@ BIN := $(VENV)/bin
 LOCK := requirements.lock
 # The CPU wheel of torch; on a GPU machine install the CUDA build of torch first and skip the pin.
 TORCH ?= torch==2.13.0
-# Block diffusion (BD3, blocks of 4) on Tiny Shakespeare, sized for a few minutes on 2 CPU cores (fp32:
-# bf16 only pays on CPUs with AVX512-BF16); then the same sampling on the longer-trained zoo model.
-QUICK := diffusion.block_length=4 diffusion.t_eps=0.3 diffusion.t_max=0.8 model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 \
-	data.block_size=128 train.batch_size=16 train.max_steps=300 train.warmup_steps=30 train.lr=2e-3 \
-	train.min_lr=2e-4 train.eval_every=100 train.eval_batches=5 train.save_every=250 train.precision=fp32 \
-	train.output_dir=runs/quickstart train.overwrite=true
+# Tiny Shakespeare on 2 CPU cores in a few minutes (fp32: bf16 only pays on CPUs with AVX512-BF16):
+# an AR model first, then block diffusion (BD3, blocks of 4) started from its weights with Dream's
+# shifted head, sampled left to right inside each block; then the same sampling on the zoo model.
+QUICK_SHAPE := model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128 \
+	train.batch_size=16 train.precision=fp32 train.eval_batches=5 train.overwrite=true
+QUICK_AR := $(QUICK_SHAPE) train.max_steps=1000 train.warmup_steps=50 train.lr=2e-3 train.min_lr=2e-4 \
+	train.eval_every=250 train.save_every=1000 train.output_dir=runs/quickstart_ar
+QUICK := diffusion.block_length=4 diffusion.t_eps=0.3 diffusion.t_max=0.8 model.logits_shift=1 $(QUICK_SHAPE) \
+	train.max_steps=300 train.warmup_steps=30 train.lr=1e-3 train.min_lr=1e-4 train.eval_every=100 \
+	train.save_every=300 train.init_from=runs/quickstart_ar train.output_dir=runs/quickstart
+QUICK_SAMPLE := --prompt "ROMEO:" --prompt "JULIET:" --gen-length 96 --temperature 0.3 --remasking left_to_right \
+	--cache prefix --word-check shakespeare
 
 .PHONY: install test test-slow test-latest lock quickstart bench lint
 
@@ -31,12 +37,11 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 quickstart: install
+	$(BIN)/difflm train shakespeare_char_ar $(QUICK_AR)
 	$(BIN)/difflm train shakespeare_char $(QUICK)
 	$(BIN)/difflm eval runs/quickstart --max-batches 20
-	$(BIN)/difflm sample runs/quickstart --prompt "ROMEO:" --prompt "JULIET:" --gen-length 96 --temperature 0.7 \
-		--cache prefix --word-check shakespeare --animate runs/quickstart/sample.gif
-	$(BIN)/difflm sample zoo/shakespeare_char_bd3_4 --prompt "ROMEO:" --prompt "JULIET:" --gen-length 96 \
-		--temperature 0.7 --cache prefix --word-check shakespeare
+	$(BIN)/difflm sample runs/quickstart $(QUICK_SAMPLE) --animate runs/quickstart/sample.gif
+	$(BIN)/difflm sample zoo/shakespeare_char_bd3_4_from_ar $(QUICK_SAMPLE)
 
 bench: install
 	$(BIN)/python benchmarks/train_step.py --small

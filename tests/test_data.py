@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,26 @@ def test_pack_round_trip_with_eos_and_sidecar(tmp_path):
     assert not packed_is_current(path, tok, "src2", append_eos=True)
     assert not packed_is_current(path, tok, "src1", append_eos=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "train.bin.json"]  # no temp left
+
+
+def test_pack_sidecar_is_never_seen_half_written(tmp_path):
+    """Two runs started side by side pack the same corpus at once; a reader must always find a whole
+    sidecar (reproduce.py's two training processes once failed on an empty one)."""
+    tok, path, _ = pack(tmp_path)
+    stop = threading.Event()
+
+    def repack():
+        while not stop.is_set():
+            pack_to_file(iter(DOCS), tok, path, append_eos=True, source_fingerprint="src1")
+
+    writer = threading.Thread(target=repack)
+    writer.start()
+    try:
+        for _ in range(2000):
+            assert packing.read_packed_meta(path)["source"] == "src1"
+    finally:
+        stop.set()
+        writer.join()
 
 
 def test_pack_dtype_choice_and_empty_input(tmp_path):

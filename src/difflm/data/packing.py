@@ -87,7 +87,11 @@ def pack_to_file(
         "tokenizer": tokenizer.fingerprint(),
         "source": source_fingerprint,
     }
-    sidecar_path(out_path).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    # Atomic too: runs started side by side pack the same corpus at once and read each other's sidecar.
+    fd, tmp_side = tempfile.mkstemp(dir=out_path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp_side, sidecar_path(out_path))
     return n_tokens
 
 

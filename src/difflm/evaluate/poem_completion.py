@@ -137,8 +137,8 @@ def build_cases(texts: Sequence[str], tokenizer: Tokenizer, max_length: int, cfg
 # ----------------------------------------------------------------------------- fillers
 
 
-def _pad(cases: Sequence[Case], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """ids [B, L], real [B, L], fill [B, L] (masked positions) for a chunk of cases."""
+def _pad(cases: Sequence[Case], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """ids [B, L], real [B, L], fill [B, L] (masked positions) for a chunk of cases, on `device`."""
     length = max(len(c.ids) for c in cases)
     ids = torch.full((len(cases), length), pad_id, dtype=torch.long)
     real = torch.zeros_like(ids)
@@ -147,7 +147,12 @@ def _pad(cases: Sequence[Case], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
         ids[r, : len(case.ids)] = torch.tensor(case.ids)
         real[r, : len(case.ids)] = 1
         fill[r, case.positions] = True
-    return ids, real, fill
+    return ids.to(device), real.to(device), fill.to(device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def fill_diffusion(
@@ -157,7 +162,7 @@ def fill_diffusion(
     suppress = sorted(excluded_ids(tokenizer) - {tokenizer.mask_token_id})
     preds: list[list[int]] = []
     for chunk in _chunks(cases, cfg.batch_size):
-        ids, real, fill = _pad(chunk, tokenizer.pad_token_id)
+        ids, real, fill = _pad(chunk, tokenizer.pad_token_id, _device(model))
         n_max = int(fill.sum(1).max())
         if n_max == 0:
             preds += [[] for _ in chunk]
@@ -181,10 +186,10 @@ def _left_to_right(model, ids: Tensor, chunk: Sequence[Case], banned: list[int])
     x = ids.clone()
     for k in range(max(len(c.positions) for c in chunk)):
         rows = [r for r, c in enumerate(chunk) if k < len(c.positions)]
-        pos = torch.tensor([chunk[r].positions[k] for r in rows])
+        pos = torch.tensor([chunk[r].positions[k] for r in rows], device=x.device)
         logits = _ar_logits(model, x[rows, : int(pos.max())])  # [b, l, V]
         logits[..., banned] = float("-inf")
-        x[rows, pos] = logits[torch.arange(len(rows)), pos - 1].argmax(-1)
+        x[rows, pos] = logits[torch.arange(len(rows), device=x.device), pos - 1].argmax(-1)
     return x
 
 
@@ -216,7 +221,7 @@ def _suffix_loglik(model, x: Tensor, real: Tensor, start: Tensor) -> Tensor:
     """Sum of log p(x_j | x_<j) over real positions j >= start[b]: [B]."""
     logp = _ar_logits(model, x[:, :-1]).log_softmax(-1)  # [B, L-1, V]
     token_logp = logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # [B, L-1] for j = 1..L-1
-    j = torch.arange(1, x.shape[1])
+    j = torch.arange(1, x.shape[1], device=x.device)
     keep = real[:, 1:].bool() & (j[None, :] >= start[:, None])
     return (token_logp * keep).sum(1)
 
@@ -225,17 +230,18 @@ def _rescore(model, x: Tensor, real: Tensor, chunk: Sequence[Case], banned: list
     """Revisit masked positions left to right, keeping the candidate with the best poem likelihood."""
     x = x.clone()
     for k in range(max(len(c.positions) for c in chunk)):
-        rows = torch.tensor([r for r, c in enumerate(chunk) if k < len(c.positions)])
-        pos = torch.tensor([chunk[r].positions[k] for r in rows.tolist()])
+        rows = torch.tensor([r for r, c in enumerate(chunk) if k < len(c.positions)], device=x.device)
+        pos = torch.tensor([chunk[r].positions[k] for r in rows.tolist()], device=x.device)
         logits = _ar_logits(model, x[rows, : int(pos.max())])  # [b, l, V]
         logits[..., banned] = float("-inf")
-        cands = logits[torch.arange(len(rows)), pos - 1].topk(n_cand, dim=-1).indices  # [b, C]
+        arange = torch.arange(len(rows), device=x.device)
+        cands = logits[arange, pos - 1].topk(n_cand, dim=-1).indices  # [b, C]
         trial = x[rows].repeat_interleave(n_cand, 0)  # [b*C, L]
-        trial[torch.arange(len(trial)), pos.repeat_interleave(n_cand)] = cands.flatten()
+        trial[torch.arange(len(trial), device=x.device), pos.repeat_interleave(n_cand)] = cands.flatten()
         scores = _suffix_loglik(
             model, trial, real[rows].repeat_interleave(n_cand, 0), pos.repeat_interleave(n_cand)
         ).view(len(rows), n_cand)  # [b, C]
-        x[rows, pos] = cands[torch.arange(len(rows)), scores.argmax(1)]
+        x[rows, pos] = cands[arange, scores.argmax(1)]
     return x
 
 
@@ -246,7 +252,7 @@ def fill_ar_left(
     banned = sorted(excluded_ids(tokenizer) | {tokenizer.mask_token_id})
     preds = []
     for chunk in _chunks(cases, cfg.batch_size):
-        ids, _, fill = _pad(chunk, tokenizer.pad_token_id)
+        ids, _, fill = _pad(chunk, tokenizer.pad_token_id, _device(model))
         if not fill.any():
             preds += [[] for _ in chunk]
             continue
@@ -267,12 +273,12 @@ def fill_ar_rescored(
     preds = []
     for lo in range(0, len(cases), cfg.batch_size):
         chunk = cases[lo : lo + cfg.batch_size]
-        ids, real, fill = _pad(chunk, tokenizer.pad_token_id)
+        ids, real, fill = _pad(chunk, tokenizer.pad_token_id, _device(model))
         if not fill.any():
             preds += [[] for _ in chunk]
             continue
         for r, case in enumerate(chunk):
-            ids[r, case.positions] = torch.tensor(start[lo + r], dtype=torch.long)
+            ids[r, case.positions] = torch.tensor(start[lo + r], dtype=torch.long, device=ids.device)
         y = _rescore(model, ids, real, chunk, banned, cfg.candidates)
         preds += [y[r, c.positions].tolist() for r, c in enumerate(chunk)]
     return preds

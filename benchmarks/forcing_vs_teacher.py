@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--plot", default="forcing_vs_teacher.png")
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--table", default=None, help="also write the Markdown table to this file")
@@ -169,7 +170,7 @@ def main() -> None:
         args.tf, args.df = map(str, train_small(args))
     if not (args.tf and args.df):
         parser.error("give --tf and --df checkpoints, or --train-small")
-    tf, df = load_pretrained(args.tf), load_pretrained(args.df)
+    tf, df = load_pretrained(args.tf, args.device), load_pretrained(args.df, args.device)
     results = {"teacher forcing": measure(tf, tf, args), "diffusion forcing": measure(df, tf, args)}
     print(table(results))
     if args.table:

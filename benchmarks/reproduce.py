@@ -73,6 +73,7 @@ class Preset:
     evaluation: tuple[str, ...]  # flags of each evaluation command (see the experiment's `evaluate`)
     device: str = "cpu"  # train.device
     threads: int = 1  # OMP threads per process
+    side_by_side: int = SIDE_BY_SIDE  # processes at a time
 
 
 @dataclass
@@ -202,9 +203,10 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=64,
             precision="bf16",
             train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4",
-            evaluation=("--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20",),
+            evaluation=("--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",),
             device="cuda",
-            threads=8,
+            threads=2,
+            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
     "poems": {
@@ -232,9 +234,10 @@ PRESETS: dict[str, dict[str, Preset]] = {
             precision="bf16",
             train="train.warmup_steps=50 train.eval_every=100 train.eval_batches=11 train.save_every=100 "
             "train.keep_last=1",
-            evaluation=poem_eval(500, 100, ALL_RATIOS, 10, "cuda"),
+            evaluation=poem_eval(344, 100, ALL_RATIOS, 10, "cuda"),  # 344: the whole test split
             device="cuda",
-            threads=8,
+            threads=2,
+            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
     "forcing": {
@@ -261,9 +264,10 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=64,
             precision="bf16",
             train=GPU_TRAIN,
-            evaluation=forcing_eval(20, 16, 64, 256, 16, 20),
+            evaluation=(f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",),
             device="cuda",
-            threads=8,
+            threads=2,
+            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
     "sgdd": {
@@ -310,7 +314,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
             train="train.keep_last=1",
             evaluation=("--grid 1:0,4:0 --examples 200 --batch-size 100 --latency-sentences 10",),
             device="cuda",
-            threads=8,
+            threads=2,
+            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
 }
@@ -523,12 +528,12 @@ def execute(job: Job, threads: int) -> int:
         return subprocess.run(job.argv, stdout=out if job.stdout else log, stderr=log, env=env).returncode
 
 
-def run_stage(jobs: list[Job], threads: int, commands: list[str]) -> None:
-    """Run jobs SIDE_BY_SIDE at a time; stop with the log's tail when one fails."""
+def run_stage(jobs: list[Job], threads: int, commands: list[str], side_by_side: int = SIDE_BY_SIDE) -> None:
+    """Run jobs `side_by_side` at a time; stop with the log's tail when one fails."""
     for job in jobs:
         print(f"[reproduce] {job.command}\n[reproduce]   log: {job.log}", flush=True)
         commands.append(job.command)
-    with ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+    with ThreadPoolExecutor(side_by_side) as pool:
         codes = list(pool.map(lambda job: execute(job, threads), jobs))
     for job, code in zip(jobs, codes, strict=True):
         if code != 0:
@@ -666,14 +671,17 @@ def reproduce(name: str, scale: str, data_dir: Path, work: Path, out: Path) -> N
             commands.append(f"# reused {folders[run.name]} (it holds step-{run.steps})")
     for stage in training_stages(todo):
         run_stage(
-            [train_job(preset, run, data, folders[run.name]) for run in stage], preset.threads, commands
+            [train_job(preset, run, data, folders[run.name]) for run in stage],
+            preset.threads,
+            commands,
+            preset.side_by_side,
         )
     out.mkdir(parents=True, exist_ok=True)
     for stage in EXPERIMENTS[name].evaluate(preset, folders, out):
-        run_stage(stage, preset.threads, commands)
+        run_stage(stage, preset.threads, commands, preset.side_by_side)
     samples = sample_jobs(preset, folders, out)
     if samples:
-        run_stage(samples, preset.threads, commands)
+        run_stage(samples, preset.threads, commands, preset.side_by_side)
         write_samples(samples, out)
     runs = {
         run.name: {

@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=4, help="Monte-Carlo draws of t per sequence (ELBO)")
     p.add_argument("--max-batches", type=int, default=None, help="val batches scored (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (models, scoring and sampling)")
     return p.parse_args()
 
 
@@ -109,8 +110,8 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
 
 def evaluate_run(name: str, run: str, judge: Pretrained, vocab: set[str], args) -> dict:
     start = time.perf_counter()
-    pre = load_pretrained(run)
-    ids = held_out_prompts(pre, args.prompts, args.prompt_length)
+    pre = load_pretrained(run, args.device)
+    ids = held_out_prompts(pre, args.prompts, args.prompt_length).to(args.device)
     with torch.no_grad():
         nll = likelihood(pre, args)
         cont = continue_prompts(pre, ids, args)
@@ -193,7 +194,7 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    judge = load_pretrained(args.judge)
+    judge = load_pretrained(args.judge, args.device)
     vocab = set(words(resolve_corpus(judge.config.data.path).read_text(encoding="utf-8")))
     results = []
     for spec in args.run:

@@ -17,34 +17,8 @@ PRE_STEPS=${PRE_STEPS:-64}
 SFT_STEPS=${SFT_STEPS:-80}
 mkdir -p "$OUT"
 
-# 1. A 4096-token byte-level BPE tokenizer trained on the two corpora, with the specials
-#    difflm needs (BOS, EOS, PAD, MASK); saved as an HF tokenizer folder.
-python - "$OUT" "$DATA" <<'PY'
-import json, sys
-from pathlib import Path
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
-out, data = Path(sys.argv[1]), Path(sys.argv[2])
-if not (out / "tokenizer" / "tokenizer.json").exists():
-    specials = ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]
-    texts = [l for l in (data / "wikitext2_test.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
-    for line in (data / "paws_pairs.jsonl").read_text(encoding="utf-8").splitlines():
-        pair = json.loads(line)
-        texts += [pair["source"], pair["target"]]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>", mask_token="<|mask|>"
-    )
-    tok.save_pretrained(out / "tokenizer")
-    print(f"tokenizer: {len(tok)} tokens -> {out / 'tokenizer'}")
-PY
+# 1. A 4096-token byte-level BPE tokenizer with the specials difflm needs (an HF tokenizer folder).
+python examples/bpe_tokenizer.py "$OUT" "$DATA"
 
 # 2. PAWS pairs as HF conversations, shuffled with a fixed seed (the last 5% are the SFT val split).
 python - "$OUT" "$DATA" <<'PY'

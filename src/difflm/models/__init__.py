@@ -13,6 +13,7 @@ from torch import nn
 
 from difflm.models.dfgpt import DFGPT, DFGPTConfig
 from difflm.models.mlm import MLMConfig, build_mlm
+from difflm.models.qwen3 import Qwen3Spec, build_qwen3
 from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada
 from difflm.models.sgdd import SGDD, SGDDConfig
 from difflm.models.size import check_fits
@@ -22,6 +23,7 @@ MODEL_CONFIGS: dict[str, type] = {
     "transformer": TransformerConfig,
     "sgdd": SGDDConfig,
     "qwen3_llada": Qwen3LLaDASpec,
+    "qwen3": Qwen3Spec,
     "mlm": MLMConfig,
     "dfgpt": DFGPTConfig,
 }
@@ -30,6 +32,7 @@ BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "transformer": Transformer,
     "sgdd": SGDD,
     "qwen3_llada": build_qwen3_llada,
+    "qwen3": build_qwen3,
     "mlm": build_mlm,
     "dfgpt": DFGPT,
 }
@@ -37,6 +40,7 @@ BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
 DERIVED: dict[str, dict[str, Any]] = {
     "transformer": {"vocab_size": 1, "block_size": 2, "mask_token_id": None, "pad_token_id": None},
     "qwen3_llada": {"vocab_size": 1, "mask_token_id": None},
+    "qwen3": {"vocab_size": 1, "mask_token_id": None},
     "dfgpt": {"vocab_size": 1, "block_size": 2},
 }
 

@@ -21,6 +21,7 @@ SIZE_FIELDS: dict[str, tuple[str | None, ...]] = {
     "sgdd": ("n_layer", "n_embd", "ffn_hidden", "vocab_size", "block_size"),
     "dfgpt": ("n_layer", "n_embd", None, "vocab_size", "block_size"),
     "qwen3_llada": ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", None),
+    "qwen3": ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", None),
     "mlm": ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings"),
 }
 BYTES_PER_PARAM = 4  # float32, as models are built

@@ -77,7 +77,8 @@ class _CacheDecoder:
 
 
 class _RecomputeDecoder:
-    """Cache-less forward for any causal LM `model(ids [B, L]) -> logits [B, L, V]` (e.g. DFGPT).
+    """Cache-less forward for any causal LM `model(ids [B, L]) -> logits [B, L, V]` (e.g. DFGPT, or
+    an HF causal LM's `.logits`).
 
     Every step reruns the last `block_size` tokens (nanoGPT's sliding window), so generation may
     run past the model's length. It has no attention bias, hence no left padding.
@@ -90,7 +91,8 @@ class _RecomputeDecoder:
 
     def __call__(self, ids: Tensor) -> Tensor:
         self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)  # [B, L]
-        return self.model(self.ids[:, -self.window :])[:, -1].float()  # [B, V]
+        out = self.model(self.ids[:, -self.window :])
+        return getattr(out, "logits", out)[:, -1].float()  # [B, V] (HF models return an output object)
 
 
 def _decoder(model: Any, mask: Tensor, max_len: int, use_cache: bool = True):

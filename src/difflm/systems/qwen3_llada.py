@@ -1,10 +1,13 @@
-"""Qwen3-LLaDA systems: pretraining on packed text and SFT on conversations, plus their sampler.
+"""Qwen3-LLaDA systems: pretraining on packed text and SFT on conversations, plus their sampler,
+and the causal Qwen3 they are converted from.
 
 `qwen3_llada_pretrain`: text packed into `data.block_size` blocks with an HF tokenizer
 (`text_blocks`), the masked-diffusion core (`MaskedDiffusionTask`) with the loss and noise of the
 `diffusion:` section. `qwen3_llada_sft`: conversation records (`difflm.data.conversations`),
 one padded example per conversation; prompt and padding are never masked, attended to as keys
 (padding) or scored, and the `sft` loss divides by each example's answer length.
+`qwen3_ar_pretrain`: the same packed text for a causal Qwen3 (`model.family: qwen3`) trained by
+next-token prediction, the AR starting point that `difflm convert --from qwen3` turns into Qwen3-LLaDA.
 
 The model (`model.family: qwen3_llada`) is built from the architecture fields, or loaded from
 `model.init_from` (a converted Qwen3 or a difflm step folder); then the spec stored with every
@@ -32,11 +35,12 @@ from difflm.errors import DifflmError
 from difflm.evaluate.options import EvalOptions
 from difflm.models.block_attention import block_attention_bias
 from difflm.models.layers import KVCache
+from difflm.models.qwen3 import build_qwen3
 from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada, load_qwen3_llada
 from difflm.pretrained import Pretrained
 from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
-from difflm.train.tasks import MaskedDiffusionTask
+from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import Run, evaluate_loss
 
 Batch = dict[str, Tensor]
@@ -141,6 +145,23 @@ def build_pretrain(cfg: RunConfig) -> Run:
     tokenizer, train, val = text_blocks(cfg.data, tokenizer)
     model = build_model(cfg, tokenizer)
     return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
+
+
+def build_ar_pretrain(cfg: RunConfig) -> Run:
+    """A causal Qwen3 (`model.family: qwen3`) trained by next-token prediction on packed text: the AR
+    model that `difflm convert --from qwen3` turns into a Qwen3-LLaDA."""
+    if model_family(cfg.model) != "qwen3":
+        raise DifflmError(f"task '{cfg.task}' trains model.family=qwen3, got {model_family(cfg.model)}")
+    tokenizer, train, val = text_blocks(cfg.data, _hf_tokenizer(cfg))
+    if cfg.data.block_size > cfg.model.max_position_embeddings:
+        raise DifflmError(
+            f"data.block_size {cfg.data.block_size} exceeds model.max_position_embeddings "
+            f"{cfg.model.max_position_embeddings}; lower one or raise the other"
+        )
+    cfg.model = dataclasses.replace(
+        cfg.model, vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id
+    )
+    return Run(build_qwen3(cfg.model), AutoregressiveTask(), train, val, tokenizer)
 
 
 def sft_splits(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[object, object]:

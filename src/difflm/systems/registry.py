@@ -111,6 +111,13 @@ SYSTEMS: dict[str, System] = {
             f"{QWEN3}:sample",
         ),
         System(
+            "qwen3_ar_pretrain",
+            "causal Qwen3 (transformers' Qwen3ForCausalLM) pretrained on packed text: the AR model to convert",
+            f"{QWEN3}:build_ar_pretrain",
+            f"{TEXT}:eval_autoregressive",
+            f"{TEXT}:sample_autoregressive",
+        ),
+        System(
             "qwen3_llada_sft",
             "bidirectional Qwen3 fine-tuned on conversations (answers masked, prompts kept)",
             f"{QWEN3}:build_sft",

@@ -207,7 +207,8 @@ class AutoregressiveTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         ids = batch["input_ids"]  # [B, L]
-        logits = model(ids[:, :-1])  # [B, L-1, V]
+        out = model(ids[:, :-1])
+        logits = getattr(out, "logits", out)  # [B, L-1, V] (a Hugging Face causal LM returns an output object)
         targets = ids[:, 1:]
         if "attention_mask" in batch:
             targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)

@@ -5,7 +5,8 @@
 
 EXPERIMENT is shakespeare (AR / masked diffusion / BD3 K=4, K=16), poems (prefix diffusion vs AR
 poem completion), forcing (Diffusion Forcing vs teacher forcing), sgdd (phase-1 reconstruction, a
-MiniLM-initialised and a from-scratch decoder) or all. Every setting of every experiment at every
+MiniLM-initialised and a from-scratch decoder), a2d (a causal Qwen3 converted into Qwen3-LLaDA vs
+Qwen3-LLaDA from scratch) or all. Every setting of every experiment at every
 scale is one `Preset` in `PRESETS`; nothing else here picks a size, a step count or an eval flag.
 
 - Training: one `difflm train` process per run (stdout and stderr in WORK/NAME.log), two side by
@@ -58,6 +59,7 @@ class Run:
     sample: str = ""  # `difflm sample` flags for samples.md (empty: the evaluation writes the samples)
     schedule: int | None = None  # train.max_steps of the lr schedule when the run stops before its end
     init_from: str = ""  # "RUN/step-N": start from that checkpoint of another run (trained first)
+    convert: str = ""  # "RUN": start from that causal Qwen3 run's best checkpoint after `difflm convert`
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,58 @@ PRESETS: dict[str, dict[str, Preset]] = {
 }
 
 
+def a2d_runs(ar: int, diffusion: int) -> tuple[Run, ...]:
+    """A causal Qwen3, then Qwen3-LLaDA three ways: from its converted weights, from random init, and
+    from its converted weights under block attention (run names as benchmarks/qwen3_ar_to_diffusion.py reads)."""
+    return (
+        Run("ar", "qwen3_ar_pretrain", ar),
+        Run("from_ar", "qwen3_llada_pretrain", diffusion, convert="ar"),
+        Run("scratch", "qwen3_llada_pretrain", diffusion),
+        Run("from_ar_block", "qwen3_llada_pretrain", diffusion, "system.block_attention=true", convert="ar"),
+    )
+
+
+A2D_SMOKE_MODEL = (
+    "model.hidden_size=32 model.intermediate_size=64 model.num_hidden_layers=1 model.num_attention_heads=2 "
+    "model.num_key_value_heads=1 model.head_dim=16 data.block_size=32"
+)
+A2D_TRAIN = (
+    "train.lr=1e-3 train.min_lr=1e-4 train.warmup_steps=50 train.eval_every=100 train.eval_batches=8 "
+    "train.save_every=100 train.keep_last=1 train.log_every=10"
+)
+
+PRESETS["a2d"] = {
+    "smoke": Preset(
+        runs=a2d_runs(3, 3),
+        model=A2D_SMOKE_MODEL,
+        batch_size=4,
+        precision="fp32",
+        train=SMOKE_TRAIN,
+        evaluation=("--samples 1 --gen-length 8",),
+    ),
+    "cpu": Preset(  # examples/qwen3_ar_to_diffusion.sh: the recipes' 4 x 128 Qwen3, AR best at step ~1000
+        runs=a2d_runs(1500, 1000),
+        model="",
+        batch_size=16,
+        precision="fp32",
+        train=A2D_TRAIN,
+        evaluation=("--samples 4",),
+    ),
+    "gpu": Preset(
+        runs=a2d_runs(1500, 1000),
+        model="model.hidden_size=384 model.intermediate_size=1152 model.num_hidden_layers=6 "
+        "model.num_attention_heads=6 model.num_key_value_heads=2 model.head_dim=64",
+        batch_size=64,
+        precision="bf16",
+        train=A2D_TRAIN,
+        evaluation=("--samples 4",),
+        device="cuda",
+        threads=2,
+        side_by_side=4,
+    ),
+}
+
+
 # ----------------------------------------------------------------------------------------------
 # Corpora: the shared data, or synthetic stand-ins for smoke and dry runs
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +410,9 @@ def synthetic_corpora(folder: Path, sentences: int) -> Path:
         verses = ["".join(rng.choice(HANZI) for _ in range(rng.randint(4, 9))) for _ in range(4)]
         poems.append(json.dumps({"title": f"诗{i}", "author": "佚名", "content": "\n\n".join(verses)}))
     (folder / "modern_poems.jsonl").write_text("\n".join(poems) + "\n", encoding="utf-8")
+    (folder / "wikitext2_test.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    pairs = [json.dumps({"source": a, "target": b}) for a, b in zip(texts[::2], texts[1::2], strict=False)]
+    (folder / "paws_pairs.jsonl").write_text("\n".join(pairs) + "\n", encoding="utf-8")
     return folder
 
 
@@ -384,6 +441,17 @@ def poem_split(data_dir: Path, work: Path) -> tuple[list[str], list[Job]]:
     source = corpus_file(data_dir, "modern_poems.jsonl")
     build = [*DIFFLM, "data", "build-poems", str(source), str(split), "--seed", "0"]
     return [f"data.path={split}"], [Job(build, work / "build-poems.log")]
+
+
+def qwen3_text(data_dir: Path, work: Path) -> tuple[list[str], list[Job]]:
+    """WikiText-2 (test split) with the BPE tokenizer of the Qwen3 examples (trained once into WORK)."""
+    corpus = corpus_file(data_dir, "wikitext2_test.txt")
+    corpus_file(data_dir, "paws_pairs.jsonl")  # the tokenizer's second corpus
+    overrides = [f"data.path={corpus}", f"data.tokenizer={work / 'tokenizer'}"]
+    if (work / "tokenizer" / "tokenizer.json").is_file():
+        return overrides, []
+    script = str(REPO / "examples" / "bpe_tokenizer.py")
+    return overrides, [Job([sys.executable, script, str(work), str(data_dir)], work / "tokenizer.log")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +497,12 @@ def eval_forcing(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
     return [[Job(benchmark("forcing_vs_teacher.py", *flags), out / "logs" / "eval.log")]]
 
 
+def eval_a2d(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
+    """benchmarks/qwen3_ar_to_diffusion.py over the work folder the runs are in."""
+    flags = [str(runs["ar"].parent), *options(results=out), *preset.evaluation[0].split()]
+    return [[Job(benchmark("qwen3_ar_to_diffusion.py", *flags), out / "logs" / "eval.log")]]
+
+
 def eval_sgdd(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
     """benchmarks/sgdd.py once per run side by side, then --merge into one table."""
     parts = {name: out / "parts" / name for name in runs}
@@ -459,6 +533,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "poems": Experiment("poems", poem_split, eval_poems),
     "forcing": Experiment("forcing", text_corpus("tinyshakespeare.txt"), eval_forcing),
     "sgdd": Experiment("sgdd", text_corpus("sentences_en.txt"), eval_sgdd),
+    "a2d": Experiment("qwen3_ar_to_diffusion", qwen3_text, eval_a2d),
 }
 
 
@@ -497,6 +572,7 @@ def train_job(preset: Preset, run: Run, data: list[str], folder: Path, extra: st
         f"train.max_steps={run.schedule or run.steps}",
         *([f"train.stop_at_step={run.steps}"] if run.schedule else []),
         *([f"train.init_from={init_path(run, folder.parent)}"] if run.init_from else []),
+        *([f"model.init_from={converted_path(run.convert, folder.parent)}"] if run.convert else []),
         "train.progress=false",
         f"train.output_dir={folder}",
         *resume,
@@ -511,11 +587,29 @@ def init_path(run: Run, work: Path) -> Path:
     return work / source / "checkpoints" / step if step else work / source
 
 
+def converted_path(source: str, work: Path) -> Path:
+    return work / f"{source}_converted"
+
+
+def convert_jobs(runs: list[Run], work: Path) -> list[Job]:
+    """`difflm convert` of each AR run a later run starts from (its best checkpoint, else its last)."""
+    jobs = []
+    for source in sorted({run.convert for run in runs if run.convert}):
+        checkpoints, dst = work / source / "checkpoints", converted_path(source, work)
+        if dst.is_dir():
+            continue
+        best = checkpoints / "best" if (checkpoints / "best").is_dir() else checkpoints / (
+            (checkpoints / "latest").read_text().strip()
+        )
+        command = [*DIFFLM, "convert", "--from", "qwen3", str(best), str(dst)]
+        jobs.append(Job(command, work / f"{source}_convert.log"))
+    return jobs
+
+
 def training_stages(runs: list[Run]) -> list[list[Run]]:
     """Runs that start from another run's checkpoint train after the others."""
-    return [
-        stage for stage in ([r for r in runs if not r.init_from], [r for r in runs if r.init_from]) if stage
-    ]
+    later = [r for r in runs if r.init_from or r.convert]
+    return [stage for stage in ([r for r in runs if r not in later], later) if stage]
 
 
 def execute(job: Job, threads: int) -> int:
@@ -648,7 +742,10 @@ def dry_run(name: str, scale: str, work: Path) -> None:
     for folder in folders.values():
         shutil.rmtree(folder, ignore_errors=True)  # our own scratch run from an earlier dry run
     runs = [dataclasses.replace(run, init_from=run.init_from.partition("/")[0]) for run in preset.runs]
+    for source in {run.convert for run in preset.runs if run.convert}:
+        shutil.rmtree(converted_path(source, work / "dry_run"), ignore_errors=True)
     for stage in training_stages(runs):  # a run started from another starts from its last step here
+        run_stage(convert_jobs(stage, work / "dry_run"), 1, commands)
         run_stage([train_job(preset, run, data, folders[run.name], DRY_RUN) for run in stage], 1, commands)
     for run in preset.runs:
         print(
@@ -670,6 +767,7 @@ def reproduce(name: str, scale: str, data_dir: Path, work: Path, out: Path) -> N
             print(f"[reproduce] reuse {folders[run.name]}: it holds step-{run.steps}", flush=True)
             commands.append(f"# reused {folders[run.name]} (it holds step-{run.steps})")
     for stage in training_stages(todo):
+        run_stage(convert_jobs(stage, work), 1, commands)
         run_stage(
             [train_job(preset, run, data, folders[run.name]) for run in stage],
             preset.threads,

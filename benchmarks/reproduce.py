@@ -323,24 +323,27 @@ PRESETS: dict[str, dict[str, Preset]] = {
 }
 
 
+A2D_DIFFUSION = (  # examples/qwen3_ar_to_diffusion.sh's diffusion runs (the AR run keeps its recipe's)
+    "train.lr=1e-3 train.min_lr=1e-4 train.warmup_steps=50 train.eval_every=100 train.eval_batches=8 "
+    "train.save_every=100 train.keep_last=1"
+)
+
+
 def a2d_runs(ar: int, diffusion: int) -> tuple[Run, ...]:
     """A causal Qwen3, then Qwen3-LLaDA three ways: from its converted weights, from random init, and
     from its converted weights under block attention (run names as benchmarks/qwen3_ar_to_diffusion.py reads)."""
+    block = f"{A2D_DIFFUSION} system.block_attention=true"
     return (
         Run("ar", "qwen3_ar_pretrain", ar),
-        Run("from_ar", "qwen3_llada_pretrain", diffusion, convert="ar"),
-        Run("scratch", "qwen3_llada_pretrain", diffusion),
-        Run("from_ar_block", "qwen3_llada_pretrain", diffusion, "system.block_attention=true", convert="ar"),
+        Run("from_ar", "qwen3_llada_pretrain", diffusion, A2D_DIFFUSION, convert="ar"),
+        Run("scratch", "qwen3_llada_pretrain", diffusion, A2D_DIFFUSION),
+        Run("from_ar_block", "qwen3_llada_pretrain", diffusion, block, convert="ar"),
     )
 
 
 A2D_SMOKE_MODEL = (
     "model.hidden_size=32 model.intermediate_size=64 model.num_hidden_layers=1 model.num_attention_heads=2 "
     "model.num_key_value_heads=1 model.head_dim=16 data.block_size=32"
-)
-A2D_TRAIN = (
-    "train.lr=1e-3 train.min_lr=1e-4 train.warmup_steps=50 train.eval_every=100 train.eval_batches=8 "
-    "train.save_every=100 train.keep_last=1 train.log_every=10"
 )
 
 PRESETS["a2d"] = {
@@ -357,7 +360,7 @@ PRESETS["a2d"] = {
         model="",
         batch_size=16,
         precision="fp32",
-        train=A2D_TRAIN,
+        train="",
         evaluation=("--samples 4",),
     ),
     "gpu": Preset(
@@ -366,7 +369,7 @@ PRESETS["a2d"] = {
         "model.num_attention_heads=6 model.num_key_value_heads=2 model.head_dim=64",
         batch_size=64,
         precision="bf16",
-        train=A2D_TRAIN,
+        train="",
         evaluation=("--samples 4",),
         device="cuda",
         threads=2,

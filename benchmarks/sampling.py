@@ -74,6 +74,7 @@ def parse_args() -> argparse.Namespace:
         help="train (or find) this model and exit: lets the two models train in parallel processes",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the models given with --diffusion/--ar/--bd3)")
     return p.parse_args()
 
 
@@ -125,6 +126,8 @@ def gen_ppl(judge, tokens: torch.Tensor, P: int, upto: int) -> float:
 def timed(fn):
     start = time.perf_counter()
     result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is queued: stop the clock when it is done
     return result, time.perf_counter() - start
 
 
@@ -170,7 +173,7 @@ def bench_bd3(bd3, K: int, ar, ids, args, G: int, B: int, base_tps: float) -> li
 def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=None) -> list[list[str]]:
     """The rows of one (gen length, batch) setting; `bd3` = (block-diffusion model, its K) adds its rows."""
     P = args.prompt_length
-    ids = prompts(tok, B, P)
+    ids = prompts(tok, B, P).to(args.device)
     rows, ref, base_tps = [], None, None
     for name, kw in methods(args, G).items():
         if only_vanilla and name != "vanilla" or args.bd3_only:
@@ -224,6 +227,12 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join([line(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def where(args: argparse.Namespace) -> str:
+    if torch.device(args.device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(args.device))
+    return f"CPU ({args.threads} threads)"
+
+
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -242,11 +251,12 @@ def main() -> int:
         return 0
     diff_path = args.diffusion or train_model("masked_diffusion", args, block, size)
     ar_path = args.ar or train_model("autoregressive", args, block, size)
-    diff, ar = load_pretrained(diff_path), load_pretrained(ar_path)
-    bd3 = load_pretrained(args.bd3) if args.bd3 else None
+    diff, ar = load_pretrained(diff_path, args.device), load_pretrained(ar_path, args.device)
+    bd3 = load_pretrained(args.bd3, args.device) if args.bd3 else None
     bd3_and_k = (bd3.model, bd3.config.diffusion.block_length) if bd3 else None
     tok = diff.tokenizer
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    device_type = torch.device(args.device).type
+    precision = torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     rows = []
     with torch.no_grad(), precision:
         for G in lengths:
@@ -258,7 +268,7 @@ def main() -> int:
     mc = diff.model.config
     size = {"n_layer": mc.n_layer, "n_head": mc.n_head, "n_embd": mc.n_embd}  # of the model benchmarked
     head = (
-        f"difflm sampling benchmark: CPU ({args.threads} threads), {args.precision}; diffusion{', BD3' if bd3 else ''} and AR "
+        f"difflm sampling benchmark: {where(args)}, {args.precision}; diffusion{', BD3' if bd3 else ''} and AR "
         f"transformers of {n_params / 1e6:.2f}M params each ({size}), char-level Tiny Shakespeare; "
         f"prompt {args.prompt_length} chars, block length {args.block_length}, greedy; "
         f"vanilla blocks: {args.vanilla_blocks or 'all'}; gen-ppl judged by the AR model."

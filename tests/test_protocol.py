@@ -11,6 +11,7 @@ from difflm.errors import DifflmError
 from difflm.models import MODEL_CONFIGS, build_model
 from difflm.models.dfgpt import DFGPTConfig
 from difflm.models.mlm import MLMConfig
+from difflm.models.qwen3 import Qwen3Spec
 from difflm.models.protocol import Denoiser, SequenceModel, check_denoiser, max_length_of
 from difflm.models.qwen3_llada import Qwen3LLaDASpec
 from difflm.models.sgdd import SGDDConfig
@@ -62,10 +63,25 @@ TINY = {
         ),
         20,
     ),
+    "qwen3": (
+        Qwen3Spec(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=20,
+        ),
+        20,
+    ),
     "mlm": (MLMConfig(mask_token_id=4, hf_config=BERT), 24),
     "dfgpt": (DFGPTConfig(vocab_size=32, block_size=10, n_layer=1, n_head=2, n_embd=16), 10),
 }
-CONTINUOUS = {"dfgpt"}  # Diffusion Forcing: a SequenceModel, not a masked Denoiser
+# SequenceModels that are not masked Denoisers: Diffusion Forcing (continuous noise) and the causal
+# Qwen3 that a Qwen3-LLaDA is converted from
+NOT_DENOISERS = {"dfgpt", "qwen3"}
 
 
 def test_every_family_is_listed_here():
@@ -77,7 +93,7 @@ def test_every_family_declares_the_protocol(family):
     cfg, length = TINY[family]
     model = build_model(family, cfg)
     assert isinstance(model, SequenceModel) and max_length_of(model) == length
-    if family in CONTINUOUS:
+    if family in NOT_DENOISERS:
         assert not isinstance(model, Denoiser)
         return
     assert isinstance(model, Denoiser) and check_denoiser(model) is model

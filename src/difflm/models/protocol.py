@@ -1,7 +1,8 @@
 """The denoiser protocol, written down as types: what samplers, losses and evaluators may ask of a model.
 
 Every model family has one `max_length` (the longest input it takes: `SequenceModel`). A masked
-denoiser (every family but Diffusion Forcing's continuous `DFGPT`) is also a `Denoiser`: called on
+denoiser (every family but Diffusion Forcing's continuous `DFGPT` and the causal `qwen3` that a
+Qwen3-LLaDA is converted from) is also a `Denoiser`: called on
 token ids it returns logits, and it declares its optional capabilities as plain attributes instead
 of having its `forward` signature sniffed:
 

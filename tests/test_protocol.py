@@ -11,8 +11,8 @@ from difflm.errors import DifflmError
 from difflm.models import MODEL_CONFIGS, build_model
 from difflm.models.dfgpt import DFGPTConfig
 from difflm.models.mlm import MLMConfig
-from difflm.models.qwen3 import Qwen3Spec
 from difflm.models.protocol import Denoiser, SequenceModel, check_denoiser, max_length_of
+from difflm.models.qwen3 import Qwen3Spec
 from difflm.models.qwen3_llada import Qwen3LLaDASpec
 from difflm.models.sgdd import SGDDConfig
 from difflm.models.transformer import TransformerConfig

@@ -3,7 +3,8 @@
     python benchmarks/reproduce.py EXPERIMENT --scale smoke|cpu|gpu [--data-dir DIR] [--work-dir DIR] \
         [--out DIR] [--dry-run]
 
-EXPERIMENT is shakespeare (AR / masked diffusion / BD3 K=4, K=16), poems (prefix diffusion vs AR
+EXPERIMENT is shakespeare (AR / masked diffusion / BD3 K=4, K=16), shakespeare_long (the same to
+the AR plateau, and diffusion started from the AR weights), poems (prefix diffusion vs AR
 poem completion), forcing (Diffusion Forcing vs teacher forcing), sgdd (phase-1 reconstruction, a
 MiniLM-initialised and a from-scratch decoder), a2d (a causal Qwen3 converted into Qwen3-LLaDA vs
 Qwen3-LLaDA from scratch) or all. Every setting of every experiment at every
@@ -112,6 +113,21 @@ def shakespeare_runs(steps: int) -> tuple[Run, ...]:
         Run("ref_mdm", "shakespeare_char", steps),
         Run("ref_bd3_4", "shakespeare_char", steps, "diffusion.block_length=4"),
         Run("ref_bd3_16", "shakespeare_char", steps, "diffusion.block_length=16"),
+    )
+
+
+def long_runs(ar: int, mdm: int, from_ar: int, bd3: int, init: str) -> tuple[Run, ...]:
+    """The AR model to its plateau, masked diffusion from scratch for as long, and diffusion started
+    from the AR checkpoint `init` ("ar/best") with Dream's shifted head: full masked diffusion, and
+    BD3 K=4 / K=16 with a clipped t (docs/results/shakespeare_core/long). The AR run judges."""
+    shifted = "model.logits_shift=1 train.lr=1e-3 train.min_lr=1e-4"
+    clipped = "diffusion.t_eps=0.3 diffusion.t_max=0.8"
+    return (
+        Run("ar", "shakespeare_char_ar", ar),
+        Run("mdm", "shakespeare_char", mdm),
+        Run("mdm_from_ar", "shakespeare_char", from_ar, shifted, init_from=init),
+        Run("bd3_4_from_ar", "shakespeare_char", bd3, f"diffusion.block_length=4 {clipped} {shifted}", init_from=init),
+        Run("bd3_16_from_ar", "shakespeare_char", bd3, f"diffusion.block_length=16 {clipped} {shifted}", init_from=init),
     )
 
 
@@ -346,6 +362,38 @@ A2D_SMOKE_MODEL = (
     "model.num_key_value_heads=1 model.head_dim=16 data.block_size=32"
 )
 
+LONG_MODEL = "model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128"
+PRESETS["shakespeare_long"] = {
+    "smoke": Preset(
+        runs=long_runs(3, 3, 3, 3, init="ar"),
+        model=f"{TINY} data.block_size=32",
+        batch_size=4,
+        precision="fp32",
+        train=SMOKE_TRAIN,
+        evaluation=("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",),
+    ),
+    "cpu": Preset(  # docs/results/shakespeare_core/long: 7-36 min per run, one thread each
+        runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
+        model=LONG_MODEL,
+        batch_size=16,
+        precision="fp32",
+        train="train.warmup_steps=100 train.lr=2e-3 train.min_lr=2e-4 train.eval_every=250 "
+        "train.eval_batches=20 train.save_every=250 train.keep_best=true",
+        evaluation=("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",),
+    ),
+    "gpu": Preset(
+        runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
+        model="model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256",
+        batch_size=64,
+        precision="bf16",
+        train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4 train.keep_best=true",
+        evaluation=("--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",),
+        device="cuda",
+        threads=2,
+        side_by_side=4,
+    ),
+}
+
 PRESETS["a2d"] = {
     "smoke": Preset(
         runs=a2d_runs(3, 3),
@@ -474,9 +522,9 @@ def options(**named: object) -> list[str]:
 
 
 def eval_shakespeare(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
-    """benchmarks/shakespeare_core.py over the four runs, the AR run judging."""
+    """benchmarks/shakespeare_core.py over the runs, the first (the AR run) judging."""
     named = [arg for name, path in runs.items() for arg in ("--run", f"{name.removeprefix('ref_')}={path}")]
-    flags = [*options(judge=runs["ref_ar"], out=out), *preset.evaluation[0].split()]
+    flags = [*options(judge=next(iter(runs.values())), out=out), *preset.evaluation[0].split()]
     return [[Job(benchmark("shakespeare_core.py", *named, *flags), out / "logs" / "eval.log")]]
 
 
@@ -533,6 +581,7 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     "shakespeare": Experiment("shakespeare_core", text_corpus("tinyshakespeare.txt"), eval_shakespeare),
+    "shakespeare_long": Experiment("shakespeare_core/long", text_corpus("tinyshakespeare.txt"), eval_shakespeare),
     "poems": Experiment("poems", poem_split, eval_poems),
     "forcing": Experiment("forcing", text_corpus("tinyshakespeare.txt"), eval_forcing),
     "sgdd": Experiment("sgdd", text_corpus("sentences_en.txt"), eval_sgdd),

@@ -28,9 +28,13 @@ FILES = {  # besides COMMON_FILES
     "poems": ["results.csv", "plot.png", "rescored/table.md", "rescored/results.json"],
     "forcing": ["forcing_vs_teacher.png"],
     "sgdd": ["curves.png"],
+    "shakespeare_long": ["curves.png"],
+    "a2d": ["curves.png"],
 }
 FIGURES = {  # results.json -> the figures each experiment must report
     "shakespeare": lambda r: [x[k] for x in r["results"] for k in ("val_nll", "gen_ppl", "words_in_corpus")],
+    "shakespeare_long": lambda r: [x[k] for x in r["results"] for k in ("val_nll", "gen_ppl")],
+    "a2d": lambda r: [run["val_loss"] for run in r["runs"].values()],
     "poems": lambda rows: [row["accuracy"] for row in rows] + [row["chrf"] for row in rows],
     "forcing": lambda r: [
         r["teacher forcing"]["val_loss"],

@@ -5,7 +5,8 @@
 
 EXPERIMENT is shakespeare (AR / masked diffusion / BD3 K=4, K=16), shakespeare_long (the same to
 the AR plateau, and diffusion started from the AR weights), poems (prefix diffusion vs AR
-poem completion), forcing (Diffusion Forcing vs teacher forcing), sgdd (phase-1 reconstruction, a
+poem completion), forcing (Diffusion Forcing vs teacher forcing), forcing_long (Diffusion Forcing
+trained in legs to its 2.0 nats/char target, against teacher forcing), sgdd (phase-1 reconstruction, a
 MiniLM-initialised and a from-scratch decoder), a2d (a causal Qwen3 converted into Qwen3-LLaDA vs
 Qwen3-LLaDA from scratch) or all. Every setting of every experiment at every
 scale is one `Preset` in `PRESETS`; nothing else here picks a size, a step count or an eval flag.
@@ -180,6 +181,25 @@ def forcing_runs(steps: int, gen: int, horizon: int, ddim: int) -> tuple[Run, ..
             sample=f"{prompt} --schedule pyramid --horizon {horizon} --steps {ddim}",
         ),
     )
+
+
+def forcing_legs(tf: int, legs: tuple[tuple[int, str], ...], gen: int, horizon: int, ddim: int) -> tuple[Run, ...]:
+    """Teacher forcing, and Diffusion Forcing trained in legs: each leg starts from the last weights
+    of the one before (`train.init_from`) with its own peak lr (docs/results/forcing_ablation). The
+    last leg is evaluated against TF."""
+    tf_run, df_run = forcing_runs(tf, gen, horizon, ddim)
+    runs = [tf_run]
+    for i, (steps, lr) in enumerate(legs):
+        name = "df" if i == 0 else f"df_leg{i + 1}"
+        overrides = f"train.lr={lr} train.min_lr={float(lr) / 10:g}"
+        init = runs[-1].name if i else ""
+        last = i == len(legs) - 1
+        runs.append(
+            dataclasses.replace(
+                df_run, name=name, steps=steps, overrides=overrides, init_from=init, sample=df_run.sample if last else ""
+            )
+        )
+    return tuple(runs)
 
 
 def forcing_eval(
@@ -394,6 +414,40 @@ PRESETS["shakespeare_long"] = {
     ),
 }
 
+FORCING_LONG_TRAIN = (
+    "train.lr=2e-3 train.min_lr=2e-4 train.warmup_steps=50 train.eval_every=250 train.eval_batches=10 "
+    "train.save_every=250 train.keep_last=0"
+)
+PRESETS["forcing_long"] = {
+    "smoke": Preset(
+        runs=forcing_legs(3, ((3, "2e-3"), (3, "1e-3")), gen=8, horizon=4, ddim=2),
+        model=f"{TINY} data.block_size=32",
+        batch_size=4,
+        precision="fp32",
+        train=SMOKE_TRAIN,
+        evaluation=forcing_eval(1, 2, 8, 8, 4, 2),
+    ),
+    "cpu": Preset(  # docs/results/forcing_ablation: 4 legs of 2000 steps, 98 min of DF training in all
+        runs=forcing_legs(1000, ((2000, "2e-3"), (2000, "1e-3"), (2000, "7e-4"), (2000, "5e-4")), 200, 16, 20),
+        model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+        batch_size=32,
+        precision="fp32",
+        train=FORCING_LONG_TRAIN,
+        evaluation=forcing_eval(20, 8, 64, 256, 16, 20),
+    ),
+    "gpu": Preset(
+        runs=forcing_legs(2000, ((2000, "1e-3"), (2000, "5e-4")), 200, 16, 20),
+        model="",
+        batch_size=64,
+        precision="bf16",
+        train=GPU_TRAIN,
+        evaluation=(f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",),
+        device="cuda",
+        threads=2,
+        side_by_side=4,
+    ),
+}
+
 PRESETS["a2d"] = {
     "smoke": Preset(
         runs=a2d_runs(3, 3),
@@ -542,9 +596,9 @@ def eval_poems(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
 
 
 def eval_forcing(preset: Preset, runs: dict[str, Path], out: Path) -> Stages:
-    """benchmarks/forcing_vs_teacher.py: the TF run judges both."""
+    """benchmarks/forcing_vs_teacher.py: the TF run judges both (DF: its last run, the last leg)."""
     files = options(plot=out / "forcing_vs_teacher.png", json=out / "results.json", table=out / "table.md")
-    flags = [*options(tf=runs["tf"], df=runs["df"]), *files, *preset.evaluation[0].split()]
+    flags = [*options(tf=runs["tf"], df=list(runs.values())[-1]), *files, *preset.evaluation[0].split()]
     return [[Job(benchmark("forcing_vs_teacher.py", *flags), out / "logs" / "eval.log")]]
 
 
@@ -584,6 +638,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "shakespeare_long": Experiment("shakespeare_core/long", text_corpus("tinyshakespeare.txt"), eval_shakespeare),
     "poems": Experiment("poems", poem_split, eval_poems),
     "forcing": Experiment("forcing", text_corpus("tinyshakespeare.txt"), eval_forcing),
+    "forcing_long": Experiment("forcing_ablation/legs", text_corpus("tinyshakespeare.txt"), eval_forcing),
     "sgdd": Experiment("sgdd", text_corpus("sentences_en.txt"), eval_sgdd),
     "a2d": Experiment("qwen3_ar_to_diffusion", qwen3_text, eval_a2d),
 }
@@ -659,9 +714,19 @@ def convert_jobs(runs: list[Run], work: Path) -> list[Job]:
 
 
 def training_stages(runs: list[Run]) -> list[list[Run]]:
-    """Runs that start from another run's checkpoint train after the others."""
-    later = [r for r in runs if r.init_from or r.convert]
-    return [stage for stage in ([r for r in runs if r not in later], later) if stage]
+    """Runs in order of what they start from: a run that starts from another run's checkpoint
+    (init_from, convert) trains in a later stage than that run; a source not in `runs` is done."""
+    names = {run.name for run in runs}
+    stages, done, left = [], set(), list(runs)
+    while left:
+        sources = {run.name: {run.init_from.partition("/")[0], run.convert} & names for run in left}
+        stage = [run for run in left if sources[run.name] <= done]
+        if not stage:
+            raise SystemExit(f"reproduce: these runs start from each other in a cycle: {sorted(sources)}")
+        stages.append(stage)
+        done |= {run.name for run in stage}
+        left = [run for run in left if run not in stage]
+    return stages
 
 
 def execute(job: Job, threads: int) -> int:

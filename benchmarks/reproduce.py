@@ -23,7 +23,7 @@ scale is one `Preset` in `PRESETS`; nothing else here picks a size, a step count
   data needed, for CI); cpu is sized for <= 60 min per model on a 2-core CPU; gpu for the whole suite
   in <= 10 min on one H200. --dry-run builds every model of the preset and trains it 2 steps on the
   CPU (synthetic corpora, batch 2, fp32), then stops: a check of the gpu preset without a GPU.
-- Corpora: --data-dir, else $DIFFLM_DATA, else ../shared/data beside the repository.
+- Corpora: --data-dir, else $DIFFLM_DATA_DIR, else ../shared/data beside the repository.
 """
 
 from __future__ import annotations
@@ -494,7 +494,7 @@ HANZI = "我想在春天的早晨醒来风吹过山岗夜里河流们灯下读�
 
 
 def default_data_dir() -> Path:
-    found = os.environ.get("DIFFLM_DATA")
+    found = os.environ.get("DIFFLM_DATA_DIR")
     return Path(found) if found else REPO.parent / "shared" / "data"
 
 
@@ -524,7 +524,7 @@ def synthetic_corpora(folder: Path, sentences: int) -> Path:
 def corpus_file(data_dir: Path, name: str) -> Path:
     if not (data_dir / name).is_file():
         raise SystemExit(
-            f"reproduce: {data_dir / name} not found: point --data-dir (or $DIFFLM_DATA) at the corpora"
+            f"reproduce: {data_dir / name} not found: point --data-dir (or $DIFFLM_DATA_DIR) at the corpora"
         )
     return data_dir / name
 
@@ -916,7 +916,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
     p.add_argument("--scale", choices=SCALES, required=True)
     p.add_argument(
-        "--data-dir", type=Path, default=None, help="the corpora (default $DIFFLM_DATA or ../shared/data)"
+        "--data-dir", type=Path, default=None, help="the corpora (default $DIFFLM_DATA_DIR or ../shared/data)"
     )
     p.add_argument(
         "--work-dir",

@@ -8,13 +8,15 @@
 # DATA_DIR holds wikitext2_test.txt and paws_pairs.jsonl. Run it from
 # the repository root (it reads recipes/). PRE_STEPS / SFT_STEPS (environment) set the step
 # counts; the defaults kept each run under ~15 minutes on a 2-core CPU shared with other jobs
-# (~10 s a step); the recipes' own 600 / 300 steps suit an idle machine.
+# (~10 s a step in bf16 on a CPU without AVX512-BF16, where PRECISION=fp32 takes ~0.5 s); the
+# recipes' own 600 / 300 steps suit an idle machine.
 set -euo pipefail
 
 OUT=${1:?usage: $0 OUT DATA_DIR}
 DATA=${2:?usage: $0 OUT DATA_DIR}
 PRE_STEPS=${PRE_STEPS:-64}
 SFT_STEPS=${SFT_STEPS:-80}
+PRECISION=${PRECISION:-bf16}
 mkdir -p "$OUT"
 
 # 1. A 4096-token byte-level BPE tokenizer with the specials difflm needs (an HF tokenizer folder).
@@ -40,7 +42,7 @@ difflm train recipes/qwen3_llada_pretrain.yaml \
   data.path="$DATA/wikitext2_test.txt" data.tokenizer="$OUT/tokenizer" data.cache_dir="$OUT/cache" \
   train.output_dir="$OUT/pretrain" train.max_steps="$PRE_STEPS" train.warmup_steps=6 \
   train.eval_every=32 train.eval_batches=4 train.save_every=32 train.log_every=4 train.progress=false \
-  train.precision=bf16 train.device=cpu
+  train.precision="$PRECISION" train.device=cpu
 
 # 4. SFT from the last pretraining checkpoint (its own tokenizer), on the conversations.
 difflm train recipes/qwen3_llada_sft.yaml \
@@ -48,7 +50,7 @@ difflm train recipes/qwen3_llada_sft.yaml \
   data.path="$OUT/paws_conversations.jsonl" \
   train.output_dir="$OUT/sft" train.max_steps="$SFT_STEPS" train.warmup_steps=6 \
   train.eval_every=30 train.eval_batches=4 train.save_every=30 train.log_every=4 train.progress=false \
-  train.precision=bf16 train.device=cpu
+  train.precision="$PRECISION" train.device=cpu
 
 # 5. Chat samples on three held-out (val split) sources.
 tail -n 3 "$OUT/paws_conversations.jsonl" | python -c '

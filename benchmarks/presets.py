@@ -71,8 +71,20 @@ def long_runs(ar: int, mdm: int, from_ar: int, bd3: int, init: str) -> tuple[Run
         Run("ar", "shakespeare_char_ar", ar),
         Run("mdm", "shakespeare_char", mdm),
         Run("mdm_from_ar", "shakespeare_char", from_ar, shifted, init_from=init),
-        Run("bd3_4_from_ar", "shakespeare_char", bd3, f"diffusion.block_length=4 {clipped} {shifted}", init_from=init),
-        Run("bd3_16_from_ar", "shakespeare_char", bd3, f"diffusion.block_length=16 {clipped} {shifted}", init_from=init),
+        Run(
+            "bd3_4_from_ar",
+            "shakespeare_char",
+            bd3,
+            f"diffusion.block_length=4 {clipped} {shifted}",
+            init_from=init,
+        ),
+        Run(
+            "bd3_16_from_ar",
+            "shakespeare_char",
+            bd3,
+            f"diffusion.block_length=16 {clipped} {shifted}",
+            init_from=init,
+        ),
     )
 
 
@@ -127,7 +139,9 @@ def forcing_runs(steps: int, gen: int, horizon: int, ddim: int) -> tuple[Run, ..
     )
 
 
-def forcing_legs(tf: int, legs: tuple[tuple[int, str], ...], gen: int, horizon: int, ddim: int) -> tuple[Run, ...]:
+def forcing_legs(
+    tf: int, legs: tuple[tuple[int, str], ...], gen: int, horizon: int, ddim: int
+) -> tuple[Run, ...]:
     """Teacher forcing, and Diffusion Forcing trained in legs: each leg starts from the last weights
     of the one before (`train.init_from`) with its own peak lr (docs/results/forcing_ablation). The
     last leg is evaluated against TF."""
@@ -140,7 +154,12 @@ def forcing_legs(tf: int, legs: tuple[tuple[int, str], ...], gen: int, horizon: 
         last = i == len(legs) - 1
         runs.append(
             dataclasses.replace(
-                df_run, name=name, steps=steps, overrides=overrides, init_from=init, sample=df_run.sample if last else ""
+                df_run,
+                name=name,
+                steps=steps,
+                overrides=overrides,
+                init_from=init,
+                sample=df_run.sample if last else "",
             )
         )
     return tuple(runs)
@@ -158,6 +177,35 @@ def forcing_eval(
 SGDD_SMOKE = "model.block_size=16 system.holdout=8 system.sample_steps=2 system.encode_batch_size=32"
 SGDD_SCRATCH_SMOKE = (
     "model.n_layer=1 model.n_head=2 model.n_embd=32 model.ffn_hidden=64 model.embedding_init=random"
+)
+
+A2D_DIFFUSION = (  # examples/qwen3_ar_to_diffusion.sh's diffusion runs (the AR run keeps its recipe's)
+    "train.lr=1e-3 train.min_lr=1e-4 train.warmup_steps=50 train.eval_every=100 train.eval_batches=8 "
+    "train.save_every=100 train.keep_last=1"
+)
+
+
+def a2d_runs(ar: int, diffusion: int) -> tuple[Run, ...]:
+    """A causal Qwen3, then Qwen3-LLaDA three ways: from its converted weights, from random init, and
+    from its converted weights under block attention (run names as benchmarks/qwen3_ar_to_diffusion.py reads)."""
+    block = f"{A2D_DIFFUSION} system.block_attention=true"
+    return (
+        Run("ar", "qwen3_ar_pretrain", ar),
+        Run("from_ar", "qwen3_llada_pretrain", diffusion, A2D_DIFFUSION, convert="ar"),
+        Run("scratch", "qwen3_llada_pretrain", diffusion, A2D_DIFFUSION),
+        Run("from_ar_block", "qwen3_llada_pretrain", diffusion, block, convert="ar"),
+    )
+
+
+A2D_SMOKE_MODEL = (
+    "model.hidden_size=32 model.intermediate_size=64 model.num_hidden_layers=1 model.num_attention_heads=2 "
+    "model.num_key_value_heads=1 model.head_dim=16 data.block_size=32"
+)
+
+LONG_MODEL = "model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128"
+FORCING_LONG_TRAIN = (
+    "train.lr=2e-3 train.min_lr=2e-4 train.warmup_steps=50 train.eval_every=250 train.eval_batches=10 "
+    "train.save_every=250 train.keep_last=0"
 )
 
 PRESETS: dict[str, dict[str, Preset]] = {
@@ -185,7 +233,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=64,
             precision="bf16",
             train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4",
-            evaluation=("--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",),
+            evaluation=(
+                "--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",
+            ),
             device="cuda",
             threads=2,
             side_by_side=4,  # small models leave most of one H200 idle: four runs share it
@@ -300,125 +350,97 @@ PRESETS: dict[str, dict[str, Preset]] = {
             side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
-}
-
-
-A2D_DIFFUSION = (  # examples/qwen3_ar_to_diffusion.sh's diffusion runs (the AR run keeps its recipe's)
-    "train.lr=1e-3 train.min_lr=1e-4 train.warmup_steps=50 train.eval_every=100 train.eval_batches=8 "
-    "train.save_every=100 train.keep_last=1"
-)
-
-
-def a2d_runs(ar: int, diffusion: int) -> tuple[Run, ...]:
-    """A causal Qwen3, then Qwen3-LLaDA three ways: from its converted weights, from random init, and
-    from its converted weights under block attention (run names as benchmarks/qwen3_ar_to_diffusion.py reads)."""
-    block = f"{A2D_DIFFUSION} system.block_attention=true"
-    return (
-        Run("ar", "qwen3_ar_pretrain", ar),
-        Run("from_ar", "qwen3_llada_pretrain", diffusion, A2D_DIFFUSION, convert="ar"),
-        Run("scratch", "qwen3_llada_pretrain", diffusion, A2D_DIFFUSION),
-        Run("from_ar_block", "qwen3_llada_pretrain", diffusion, block, convert="ar"),
-    )
-
-
-A2D_SMOKE_MODEL = (
-    "model.hidden_size=32 model.intermediate_size=64 model.num_hidden_layers=1 model.num_attention_heads=2 "
-    "model.num_key_value_heads=1 model.head_dim=16 data.block_size=32"
-)
-
-LONG_MODEL = "model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128"
-PRESETS["shakespeare_long"] = {
-    "smoke": Preset(
-        runs=long_runs(3, 3, 3, 3, init="ar"),
-        model=f"{TINY} data.block_size=32",
-        batch_size=4,
-        precision="fp32",
-        train=SMOKE_TRAIN,
-        evaluation=("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",),
-    ),
-    "cpu": Preset(  # docs/results/shakespeare_core/long: 7-36 min per run, one thread each
-        runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
-        model=LONG_MODEL,
-        batch_size=16,
-        precision="fp32",
-        train="train.warmup_steps=100 train.lr=2e-3 train.min_lr=2e-4 train.eval_every=250 "
-        "train.eval_batches=20 train.save_every=250 train.keep_best=true",
-        evaluation=("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",),
-    ),
-    "gpu": Preset(
-        runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
-        model="model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256",
-        batch_size=64,
-        precision="bf16",
-        train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4 train.keep_best=true",
-        evaluation=("--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",),
-        device="cuda",
-        threads=2,
-        side_by_side=4,
-    ),
-}
-
-FORCING_LONG_TRAIN = (
-    "train.lr=2e-3 train.min_lr=2e-4 train.warmup_steps=50 train.eval_every=250 train.eval_batches=10 "
-    "train.save_every=250 train.keep_last=0"
-)
-PRESETS["forcing_long"] = {
-    "smoke": Preset(
-        runs=forcing_legs(3, ((3, "2e-3"), (3, "1e-3")), gen=8, horizon=4, ddim=2),
-        model=f"{TINY} data.block_size=32",
-        batch_size=4,
-        precision="fp32",
-        train=SMOKE_TRAIN,
-        evaluation=forcing_eval(1, 2, 8, 8, 4, 2),
-    ),
-    "cpu": Preset(  # docs/results/forcing_ablation: 4 legs of 2000 steps, 98 min of DF training in all
-        runs=forcing_legs(1000, ((2000, "2e-3"), (2000, "1e-3"), (2000, "7e-4"), (2000, "5e-4")), 200, 16, 20),
-        model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
-        batch_size=32,
-        precision="fp32",
-        train=FORCING_LONG_TRAIN,
-        evaluation=forcing_eval(20, 8, 64, 256, 16, 20),
-    ),
-    "gpu": Preset(
-        runs=forcing_legs(2000, ((2000, "1e-3"), (2000, "5e-4")), 200, 16, 20),
-        model="",
-        batch_size=64,
-        precision="bf16",
-        train=GPU_TRAIN,
-        evaluation=(f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",),
-        device="cuda",
-        threads=2,
-        side_by_side=4,
-    ),
-}
-
-PRESETS["a2d"] = {
-    "smoke": Preset(
-        runs=a2d_runs(3, 3),
-        model=A2D_SMOKE_MODEL,
-        batch_size=4,
-        precision="fp32",
-        train=SMOKE_TRAIN,
-        evaluation=("--samples 1 --gen-length 8",),
-    ),
-    "cpu": Preset(  # examples/qwen3_ar_to_diffusion.sh: the recipes' 4 x 128 Qwen3, AR best at step ~1000
-        runs=a2d_runs(1500, 1000),
-        model="",
-        batch_size=16,
-        precision="fp32",
-        train="",
-        evaluation=("--samples 4",),
-    ),
-    "gpu": Preset(
-        runs=a2d_runs(1500, 1000),
-        model="model.hidden_size=384 model.intermediate_size=1152 model.num_hidden_layers=6 "
-        "model.num_attention_heads=6 model.num_key_value_heads=2 model.head_dim=64",
-        batch_size=64,
-        precision="bf16",
-        train="",
-        evaluation=("--samples 4",),
-        device="cuda",
-        threads=2,
-        side_by_side=4,
-    ),
+    "shakespeare_long": {
+        "smoke": Preset(
+            runs=long_runs(3, 3, 3, 3, init="ar"),
+            model=f"{TINY} data.block_size=32",
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",),
+        ),
+        "cpu": Preset(  # docs/results/shakespeare_core/long: 7-36 min per run, one thread each
+            runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
+            model=LONG_MODEL,
+            batch_size=16,
+            precision="fp32",
+            train="train.warmup_steps=100 train.lr=2e-3 train.min_lr=2e-4 train.eval_every=250 "
+            "train.eval_batches=20 train.save_every=250 train.keep_best=true",
+            evaluation=("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",),
+        ),
+        "gpu": Preset(
+            runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
+            model="model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256",
+            batch_size=64,
+            precision="bf16",
+            train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4 train.keep_best=true",
+            evaluation=(
+                "--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",
+            ),
+            device="cuda",
+            threads=2,
+            side_by_side=4,
+        ),
+    },
+    "forcing_long": {
+        "smoke": Preset(
+            runs=forcing_legs(3, ((3, "2e-3"), (3, "1e-3")), gen=8, horizon=4, ddim=2),
+            model=f"{TINY} data.block_size=32",
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=forcing_eval(1, 2, 8, 8, 4, 2),
+        ),
+        "cpu": Preset(  # docs/results/forcing_ablation: 4 legs of 2000 steps, 98 min of DF training in all
+            runs=forcing_legs(
+                1000, ((2000, "2e-3"), (2000, "1e-3"), (2000, "7e-4"), (2000, "5e-4")), 200, 16, 20
+            ),
+            model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+            batch_size=32,
+            precision="fp32",
+            train=FORCING_LONG_TRAIN,
+            evaluation=forcing_eval(20, 8, 64, 256, 16, 20),
+        ),
+        "gpu": Preset(
+            runs=forcing_legs(2000, ((2000, "1e-3"), (2000, "5e-4")), 200, 16, 20),
+            model="",
+            batch_size=64,
+            precision="bf16",
+            train=GPU_TRAIN,
+            evaluation=(f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",),
+            device="cuda",
+            threads=2,
+            side_by_side=4,
+        ),
+    },
+    "a2d": {
+        "smoke": Preset(
+            runs=a2d_runs(3, 3),
+            model=A2D_SMOKE_MODEL,
+            batch_size=4,
+            precision="fp32",
+            train=SMOKE_TRAIN,
+            evaluation=("--samples 1 --gen-length 8",),
+        ),
+        "cpu": Preset(  # examples/qwen3_ar_to_diffusion.sh: the recipes' 4 x 128 Qwen3, AR best at step ~1000
+            runs=a2d_runs(1500, 1000),
+            model="",
+            batch_size=16,
+            precision="fp32",
+            train="",
+            evaluation=("--samples 4",),
+        ),
+        "gpu": Preset(
+            runs=a2d_runs(1500, 1000),
+            model="model.hidden_size=384 model.intermediate_size=1152 model.num_hidden_layers=6 "
+            "model.num_attention_heads=6 model.num_key_value_heads=2 model.head_dim=64",
+            batch_size=64,
+            precision="bf16",
+            train="",
+            evaluation=("--samples 4",),
+            device="cuda",
+            threads=2,
+            side_by_side=4,
+        ),
+    },
 }

@@ -75,7 +75,7 @@ def _check_family(cfg: RunConfig) -> None:
 def _hf_tokenizer(cfg: RunConfig) -> Tokenizer:
     if cfg.data.tokenizer == "char":
         raise DifflmError(
-            f"task '{cfg.task}' needs an HF tokenizer: set data.tokenizer to a tokenizer folder (e.g. the init_from folder)"
+            f"task '{cfg.task}' needs an HF tokenizer: set data.tokenizer to a tokenizer folder (with model.init_from, that folder)"
         )
     return build_tokenizer(cfg.data.tokenizer)
 

@@ -40,8 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 DEBUG_FLAG = "--debug"
 # Decoding runs many small forwards: OpenMP threads that spin while they wait lose the core to any
-# other busy process (measured: 2 threads next to a busy process sampled at 101 tok/s, 1 thread at
-# 316, 2 passive threads at 251). Training's large steps keep the spinning default (2% faster).
+# other busy process (docs/results/threads: 2 threads next to a busy process sample at 67 tok/s
+# spinning, 175 passive; quiet, passive costs ~10%). Training keeps the spinning default.
 PASSIVE_THREADS = ("sample", "eval", "compare", "serve")
 
 

@@ -47,6 +47,19 @@ TINY = "model.n_layer=1 model.n_head=2 model.n_embd=32 model.dropout=0.0"
 GPU_TRAIN = (
     "train.warmup_steps=100 train.eval_every=250 train.eval_batches=20 train.save_every=500 train.keep_last=1"
 )
+GPU = {  # one H200: bf16; small models leave most of it idle, so four runs share it
+    "precision": "bf16",
+    "device": "cuda",
+    "threads": 2,
+    "side_by_side": 4,
+}
+NANO_CHAR = "model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256"
+CPU_CHAR = "model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128"
+SHAKESPEARE_SMOKE_EVAL = ("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",)
+SHAKESPEARE_CPU_EVAL = ("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",)
+SHAKESPEARE_GPU_EVAL = (
+    "--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",
+)
 POEM_PROMPT = "我想在春天的早晨醒来/"
 ALL_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6"
 
@@ -174,6 +187,8 @@ def forcing_eval(
     )
 
 
+FORCING_GPU_EVAL = (f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",)
+
 SGDD_SMOKE = "model.block_size=16 system.holdout=8 system.sample_steps=2 system.encode_batch_size=32"
 SGDD_SCRATCH_SMOKE = (
     "model.n_layer=1 model.n_head=2 model.n_embd=32 model.ffn_hidden=64 model.embedding_init=random"
@@ -202,7 +217,6 @@ A2D_SMOKE_MODEL = (
     "model.num_key_value_heads=1 model.head_dim=16 data.block_size=32"
 )
 
-LONG_MODEL = "model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128"
 FORCING_LONG_TRAIN = (
     "train.lr=2e-3 train.min_lr=2e-4 train.warmup_steps=50 train.eval_every=250 train.eval_batches=10 "
     "train.save_every=250 train.keep_last=0"
@@ -216,29 +230,24 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=4,
             precision="fp32",
             train=SMOKE_TRAIN,
-            evaluation=("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",),
+            evaluation=SHAKESPEARE_SMOKE_EVAL,
         ),
         "cpu": Preset(  # docs/results/shakespeare_core: 1000 steps of 16 x 128 chars, 11-23 min per run
             runs=shakespeare_runs(1000),
-            model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+            model=CPU_CHAR,
             batch_size=16,
             precision="fp32",
             train="train.warmup_steps=100 train.lr=2e-3 train.min_lr=2e-4 train.eval_every=100 "
             "train.eval_batches=10 train.save_every=100 train.keep_last=0",
-            evaluation=("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",),
+            evaluation=SHAKESPEARE_CPU_EVAL,
         ),
         "gpu": Preset(  # nanoGPT's shakespeare_char size; 1500 steps of 64 x 256 chars (~12 epochs)
             runs=shakespeare_runs(1500),
-            model="model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256",
+            model=NANO_CHAR,
             batch_size=64,
-            precision="bf16",
+            **GPU,
             train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4",
-            evaluation=(
-                "--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",
-            ),
-            device="cuda",
-            threads=2,
-            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
+            evaluation=SHAKESPEARE_GPU_EVAL,
         ),
     },
     "poems": {
@@ -263,13 +272,10 @@ PRESETS: dict[str, dict[str, Preset]] = {
             runs=poem_runs((1100, None), (1300, None), init=500, scratch=None, gen=64, denoise=10),
             model="model.n_layer=6 model.n_head=6 model.n_embd=384",
             batch_size=64,
-            precision="bf16",
+            **GPU,
             train="train.warmup_steps=50 train.eval_every=100 train.eval_batches=11 train.save_every=100 "
             "train.keep_last=1",
             evaluation=poem_eval(344, 100, ALL_RATIOS, 10, "cuda"),  # 344: the whole test split
-            device="cuda",
-            threads=2,
-            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
     "forcing": {
@@ -283,7 +289,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
         ),
         "cpu": Preset(  # examples/forcing_vs_teacher.sh's CPU size, trained 2000 steps instead of 300
             runs=forcing_runs(2000, gen=200, horizon=16, ddim=20),
-            model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+            model=CPU_CHAR,
             batch_size=32,
             precision="fp32",
             train="train.warmup_steps=30 train.eval_every=100 train.eval_batches=4 train.save_every=100 "
@@ -294,12 +300,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             runs=forcing_runs(2000, gen=200, horizon=16, ddim=20),
             model="",
             batch_size=64,
-            precision="bf16",
+            **GPU,
             train=GPU_TRAIN,
-            evaluation=(f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",),
-            device="cuda",
-            threads=2,
-            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
+            evaluation=FORCING_GPU_EVAL,
         ),
     },
     "sgdd": {
@@ -342,12 +345,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             ),
             model="",
             batch_size=128,
-            precision="bf16",
+            **GPU,
             train="train.keep_last=1",
             evaluation=("--grid 1:0,4:0 --examples 200 --batch-size 100 --latency-sentences 10",),
-            device="cuda",
-            threads=2,
-            side_by_side=4,  # small models leave most of one H200 idle: four runs share it
         ),
     },
     "shakespeare_long": {
@@ -357,29 +357,24 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=4,
             precision="fp32",
             train=SMOKE_TRAIN,
-            evaluation=("--prompts 2 --prompt-length 8 --gen-length 8 --samples 1 --max-batches 1",),
+            evaluation=SHAKESPEARE_SMOKE_EVAL,
         ),
         "cpu": Preset(  # docs/results/shakespeare_core/long: 7-36 min per run, one thread each
             runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
-            model=LONG_MODEL,
+            model=CPU_CHAR,
             batch_size=16,
             precision="fp32",
             train="train.warmup_steps=100 train.lr=2e-3 train.min_lr=2e-4 train.eval_every=250 "
             "train.eval_batches=20 train.save_every=250 train.keep_best=true",
-            evaluation=("--prompts 16 --prompt-length 32 --gen-length 96 --samples 4",),
+            evaluation=SHAKESPEARE_CPU_EVAL,
         ),
         "gpu": Preset(
             runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
-            model="model.n_layer=6 model.n_head=6 model.n_embd=384 model.dropout=0.1 data.block_size=256",
+            model=NANO_CHAR,
             batch_size=64,
-            precision="bf16",
+            **GPU,
             train=f"{GPU_TRAIN} train.lr=1e-3 train.min_lr=1e-4 train.keep_best=true",
-            evaluation=(
-                "--prompts 16 --prompt-length 64 --gen-length 128 --samples 2 --max-batches 20 --device cuda",
-            ),
-            device="cuda",
-            threads=2,
-            side_by_side=4,
+            evaluation=SHAKESPEARE_GPU_EVAL,
         ),
     },
     "forcing_long": {
@@ -395,7 +390,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             runs=forcing_legs(
                 1000, ((2000, "2e-3"), (2000, "1e-3"), (2000, "7e-4"), (2000, "5e-4")), 200, 16, 20
             ),
-            model="model.n_layer=4 model.n_head=4 model.n_embd=128 model.dropout=0.0 data.block_size=128",
+            model=CPU_CHAR,
             batch_size=32,
             precision="fp32",
             train=FORCING_LONG_TRAIN,
@@ -405,12 +400,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             runs=forcing_legs(2000, ((2000, "1e-3"), (2000, "5e-4")), 200, 16, 20),
             model="",
             batch_size=64,
-            precision="bf16",
+            **GPU,
             train=GPU_TRAIN,
-            evaluation=(f"{forcing_eval(20, 16, 64, 256, 16, 20)[0]} --device cuda",),
-            device="cuda",
-            threads=2,
-            side_by_side=4,
+            evaluation=FORCING_GPU_EVAL,
         ),
     },
     "a2d": {
@@ -435,12 +427,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             model="model.hidden_size=384 model.intermediate_size=1152 model.num_hidden_layers=6 "
             "model.num_attention_heads=6 model.num_key_value_heads=2 model.head_dim=64",
             batch_size=64,
-            precision="bf16",
+            **GPU,
             train="",
             evaluation=("--samples 4",),
-            device="cuda",
-            threads=2,
-            side_by_side=4,
         ),
     },
 }

@@ -19,6 +19,16 @@ from difflm.models.transformer import TransformerConfig
 from difflm.sampling.settings import SampleConfig
 from difflm.sampling.unmask import generate
 
+QWEN3 = {  # the architecture fields shared by the bidirectional and the causal Qwen3
+    "vocab_size": 32,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "max_position_embeddings": 20,
+}
 BERT = {
     "model_type": "bert",
     "vocab_size": 32,
@@ -49,33 +59,8 @@ TINY = {
         ),
         12,
     ),
-    "qwen3_llada": (
-        Qwen3LLaDASpec(
-            vocab_size=32,
-            mask_token_id=31,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=20,
-        ),
-        20,
-    ),
-    "qwen3": (
-        Qwen3Spec(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=20,
-        ),
-        20,
-    ),
+    "qwen3_llada": (Qwen3LLaDASpec(**QWEN3, mask_token_id=31), 20),
+    "qwen3": (Qwen3Spec(**QWEN3), 20),
     "mlm": (MLMConfig(mask_token_id=4, hf_config=BERT), 24),
     "dfgpt": (DFGPTConfig(vocab_size=32, block_size=10, n_layer=1, n_head=2, n_embd=16), 10),
 }

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from difflm.diffusion.gaussian import GaussianConfig
 from difflm.errors import DifflmError
 from difflm.models.dfgpt import DFGPT, DFGPTConfig
+from difflm.train.tasks import AutoregressiveTask, DiffusionForcingTask, forcing_loss
 
 V, L, D = 64, 16, 32
 
@@ -22,6 +23,17 @@ def config(**kw) -> DFGPTConfig:
 
 def tokens(batch=2, length=L, seed=0) -> torch.Tensor:
     return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def df_loss(model: DFGPT, idx: torch.Tensor, g: torch.Generator, levels: torch.Tensor | None = None):
+    """The training loss on idx with levels (default: drawn) and noise drawn from g, as the task does."""
+    task = DiffusionForcingTask(model.config.gaussian, model.config.n_embd)
+    if levels is None:
+        batch = task.prepare({"input_ids": idx}, g)
+        levels, noise = batch["levels"], batch["noise"]
+    else:
+        noise = task.diffusion.randn((*idx.shape, model.config.n_embd), g, idx.device)
+    return forcing_loss(model, idx, levels, noise)
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
@@ -37,36 +49,38 @@ def reference_logits(model: DFGPT, idx: torch.Tensor) -> torch.Tensor:
     """GPT-2 forward written out from the parameters: explicit masked softmax attention, no SDPA."""
     B, T = idx.shape
     H, rope = model.config.n_head, model.config.positions == "rope"
-    x = model.wte.weight[idx] + (0 if rope else model.wpe.weight[:T])  # [B, T, D]
+    trunk = model.trunk
+    x = trunk.tok_emb.weight[idx] + (0 if rope else trunk.pos_emb.weight[:T])  # [B, T, D]
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
-    for blk in model.blocks:
-        h = F.layer_norm(x, (D,), blk.ln_1.weight, blk.ln_1.bias)
-        qkv = h @ blk.attn.c_attn.weight.T + blk.attn.c_attn.bias  # [B, T, 3D]
+    for blk in trunk.blocks:
+        h = F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias)
+        qkv = h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias  # [B, T, 3D]
         q, k, v = (t.reshape(B, T, H, D // H).transpose(1, 2) for t in qkv.split(D, dim=-1))
         if rope:
             q, k = rotate(q), rotate(k)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(D // H)  # [B, H, T, T]
         att = att.masked_fill(future, float("-inf")).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, D)
-        x = x + y @ blk.attn.c_proj.weight.T + blk.attn.c_proj.bias
-        h = F.layer_norm(x, (D,), blk.ln_2.weight, blk.ln_2.bias)
+        x = x + y @ blk.attn.out_proj.weight.T + blk.attn.out_proj.bias
+        h = F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias)
         h = F.gelu(h @ blk.mlp.fc.weight.T + blk.mlp.fc.bias, approximate="tanh")
         x = x + h @ blk.mlp.out_proj.weight.T + blk.mlp.out_proj.bias
-    x = F.layer_norm(x, (D,), model.ln_f.weight, model.ln_f.bias)
-    return x @ model.wte.weight.T  # tied head
+    x = F.layer_norm(x, (D,), trunk.norm_f.weight, trunk.norm_f.bias)
+    return x @ trunk.tok_emb.weight.T  # tied head
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
 def test_flag_off_matches_plain_gpt_reference(positions):
     torch.manual_seed(0)
     model = DFGPT(config(positions=positions)).eval()
-    idx, targets = tokens(), tokens(seed=1)
+    ids = tokens(length=L + 1)  # the next-token task reads L inputs, L targets
     with torch.no_grad():
-        ref = reference_logits(model, idx)
-        torch.testing.assert_close(model(idx), ref, atol=1e-5, rtol=1e-5)
-        ref_loss = -ref.log_softmax(-1).gather(-1, targets[..., None]).mean()
-        torch.testing.assert_close(model.next_token_loss(idx, targets), ref_loss, atol=1e-5, rtol=1e-5)
-    assert model.lm_head.weight is model.wte.weight
+        ref = reference_logits(model, ids[:, :-1])
+        torch.testing.assert_close(model(ids[:, :-1]), ref, atol=1e-5, rtol=1e-5)
+        ref_loss = -ref.log_softmax(-1).gather(-1, ids[:, 1:, None]).mean()
+        loss, _ = AutoregressiveTask().loss(model, {"input_ids": ids})
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert model.trunk.lm_head.weight is model.trunk.tok_emb.weight
     names = {n for n, _ in model.named_parameters()}
     assert not any(n.startswith(("fuse", "head")) for n in names)  # a plain GPT has no diffusion parts
 
@@ -74,10 +88,10 @@ def test_flag_off_matches_plain_gpt_reference(positions):
 def test_modes_reject_the_other_call():
     plain, df = DFGPT(config()), DFGPT(config(use_diffusion_forcing=True))
     g = torch.Generator().manual_seed(0)
-    with pytest.raises(DifflmError, match="use_diffusion_forcing=True"):
-        plain.diffusion_loss(tokens(), g)
-    with pytest.raises(DifflmError, match="use_diffusion_forcing=False"):
-        df.next_token_loss(tokens(), tokens())
+    with pytest.raises(DifflmError, match="use_diffusion_forcing=true"):
+        df_loss(plain, tokens(), g)
+    with pytest.raises(DifflmError, match="use_diffusion_forcing is False"):
+        plain(tokens(), torch.zeros(2, L, dtype=torch.long))
     with pytest.raises(DifflmError, match="noise levels"):
         df(torch.zeros(1, 4, D))
     with pytest.raises(DifflmError, match="block_size"):
@@ -119,7 +133,7 @@ def test_clean_embeddings_and_rounding():
     torch.testing.assert_close(x0.norm(dim=-1), torch.full((2, L), math.sqrt(D)))
     assert torch.equal(model.decode_nearest(x0), idx)
     with torch.no_grad():
-        model.wte.weight.mul_(1e-3)  # shrinking wte cannot shrink the clean targets (no collapse)
+        model.trunk.tok_emb.weight.mul_(1e-3)  # shrinking the embeddings cannot shrink the clean targets (no collapse)
     torch.testing.assert_close(model.embed_clean(idx), x0)
     x = torch.randn(2, L, D) * 3
     assert torch.equal(model.decode_nearest(x), model.round_logits(x).argmax(-1))
@@ -129,14 +143,14 @@ def test_diffusion_loss_parts_and_determinism():
     torch.manual_seed(0)
     model = DFGPT(config(use_diffusion_forcing=True))
     idx = tokens()
-    loss, metrics = model.diffusion_loss(idx, torch.Generator().manual_seed(3))
-    again, _ = model.diffusion_loss(idx, torch.Generator().manual_seed(3))
+    loss, metrics = df_loss(model, idx, torch.Generator().manual_seed(3))
+    again, _ = df_loss(model, idx, torch.Generator().manual_seed(3))
     assert set(metrics) == {"diffusion_loss", "rounding_nll"}
     torch.testing.assert_close(loss, again)
     w = model.config.gaussian.rounding_weight
     torch.testing.assert_close(loss.detach(), metrics["diffusion_loss"] + w * metrics["rounding_nll"])
     loss.backward()
-    assert model.wte.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+    assert model.trunk.tok_emb.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
 
 
 def test_target_grad_off_detaches_only_the_diffusion_target():
@@ -145,9 +159,9 @@ def test_target_grad_off_detaches_only_the_diffusion_target():
     for flag in (True, False):
         torch.manual_seed(0)
         model = DFGPT(config(use_diffusion_forcing=True, target_grad=flag))
-        loss, _ = model.diffusion_loss(idx, torch.Generator().manual_seed(3))
+        loss, _ = df_loss(model, idx, torch.Generator().manual_seed(3))
         loss.backward()
-        losses[flag], grads[flag] = loss.item(), model.wte.weight.grad.clone()
+        losses[flag], grads[flag] = loss.item(), model.trunk.tok_emb.weight.grad.clone()
     assert losses[True] == losses[False]
     assert not torch.equal(grads[True], grads[False])
 
@@ -159,7 +173,7 @@ def test_diffusion_forcing_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(40):
-        loss, _ = model.diffusion_loss(idx, torch.Generator().manual_seed(step))
+        loss, _ = df_loss(model, idx, torch.Generator().manual_seed(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -168,9 +182,7 @@ def test_diffusion_forcing_overfits_one_batch():
 
     def rounding_nll(level: int) -> float:
         levels = torch.full_like(idx, level)  # fixed levels instead of random ones
-        return model.diffusion_loss(idx, torch.Generator().manual_seed(0), levels=levels)[1][
-            "rounding_nll"
-        ].item()
+        return df_loss(model, idx, torch.Generator().manual_seed(0), levels)[1]["rounding_nll"].item()
 
     # trained: nearly clean input rounds back to its tokens far better than pure noise does
     assert rounding_nll(0) < 0.5 * rounding_nll(99)
@@ -197,7 +209,7 @@ def _task_nll(rows, input_scale: float = 0.02, positions: str = "learned", steps
     model = DFGPT(dataclasses.replace(cfg, use_diffusion_forcing=True, input_scale=input_scale))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for _ in range(steps):
-        loss, _ = model.diffusion_loss(rows(32, g), g)
+        loss, _ = df_loss(model, rows(32, g), g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -227,3 +239,46 @@ def test_saved_configs_from_before_rotary_positions_load_with_learned_positions(
     del data["model"]["positions"]  # a difflm.json written before the option existed
     assert saved_config_from_dict(data).model.positions == "learned"
     assert config_from_dict(data).model.positions == "rope"  # a new config takes the new default
+
+
+def test_checkpoints_written_before_the_core_trunk_still_load(tmp_path):
+    """Weights saved under DFGPT's own module names (wte, blocks.i.attn.c_attn, ...) load by
+    `legacy_keys`, and the loaded model computes what the saved one did."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from difflm.train import checkpoint as ckpt
+
+    old_names = {  # new name -> the name the pre-trunk DFGPT stored it under (written out by hand)
+        "trunk.tok_emb.weight": "wte.weight",
+        "trunk.norm_f.weight": "ln_f.weight",
+        "trunk.norm_f.bias": "ln_f.bias",
+    }
+    for i in range(2):
+        for new, old in (
+            ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv", "attn.c_attn"), ("attn.out_proj", "attn.c_proj"),
+            ("mlp.fc", "mlp.fc"), ("mlp.out_proj", "mlp.out_proj"),
+        ):
+            for kind in ("weight", "bias"):
+                old_names[f"trunk.blocks.{i}.{new}.{kind}"] = f"blocks.{i}.{old}.{kind}"
+    for name in ("fuse.0", "fuse.2", "head"):
+        for kind in ("weight", "bias"):
+            old_names[f"{name}.{kind}"] = f"{name}.{kind}"
+    torch.manual_seed(0)
+    model = DFGPT(config(use_diffusion_forcing=True)).eval()
+    step = ckpt.save_checkpoint(tmp_path, 1, model=model, run_config={}, trainer_state={})
+    stored = load_file(str(step / ckpt.MODEL_FILE))
+    buffers = {k: v for k, v in stored.items() if k not in old_names}
+    assert all(k.startswith("diffusion.") for k in buffers)  # the schedule's buffers kept their names
+    save_file({**{old_names[k]: v for k, v in stored.items() if k in old_names}, **buffers}, str(step / ckpt.MODEL_FILE))
+    manifest = json.loads((step / ckpt.MANIFEST_FILE).read_text())
+    manifest["tied"] = {}  # the old Diffusion Forcing model had no LM head to tie
+    (step / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    torch.manual_seed(1)
+    loaded = DFGPT(config(use_diffusion_forcing=True)).eval()
+    ckpt.load_weights(loaded, step)
+    x, k = torch.randn(2, L, D), torch.randint(0, 100, (2, L))
+    torch.testing.assert_close(loaded(x, k), model(x, k), atol=0, rtol=0)
+    assert loaded.trunk.lm_head.weight is loaded.trunk.tok_emb.weight

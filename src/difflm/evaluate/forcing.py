@@ -36,6 +36,7 @@ from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.forcing import sample_forcing
 from difflm.systems.forcing import ForcingSystemConfig, sampling_diffusion
+from difflm.train.tasks import forcing_loss
 from difflm.train.trainer import collate
 
 
@@ -71,7 +72,7 @@ def rounding_nll(
     for ids in _val_batches(val, batch_size, max_batches):
         levels = torch.full(ids.shape, level, dtype=torch.long)  # [B, L]
         noise = model.diffusion.randn((*ids.shape, model.config.n_embd), g, device)  # [B, L, D]
-        _, parts = model.diffusion_loss(ids.to(device), None, levels=levels, noise=noise)
+        _, parts = forcing_loss(model, ids.to(device), levels, noise)
         total, count = total + parts["rounding_nll"].item() * ids.numel(), count + ids.numel()
     return total / count
 

@@ -1,19 +1,23 @@
-"""DFGPT: a nanoGPT-style causal transformer that is either a plain GPT or a Diffusion Forcing denoiser.
+"""DFGPT: a nanoGPT-shaped causal model that is either a plain GPT or a Diffusion Forcing denoiser.
 
-`use_diffusion_forcing=False`: token embeddings, causal pre-LN blocks with rotary positions (or
-nanoGPT's learned position embeddings), final LayerNorm and a tied LM head; `model(idx) -> logits [B, L, V]`, `model.next_token_loss(idx, targets)`.
+Both run on the core `Transformer` (`models/transformer.py`), configured as nanoGPT: causal
+pre-LN blocks (LayerNorm, tanh-GELU MLP), rotary positions (or nanoGPT's learned position
+embeddings), final LayerNorm, tied LM head.
+
+`use_diffusion_forcing=False`: the transformer itself, `model(idx) -> logits [B, L, V]`.
 
 `use_diffusion_forcing=True`: the input is a sequence of noisy embeddings x_t [B, L, D], each token
 at its own level k [B, L] (difflm.diffusion.gaussian).  A sinusoidal embedding of k is fused with the
-token (added after an MLP, or concatenated and mapped back by an MLP), the same causal blocks run,
-and a linear head returns the objective's prediction in embedding space: `model(x_t, k) -> [B, L, D]`.
+token (added after an MLP, or concatenated and mapped back by an MLP), the trunk runs on these
+embeddings (`Transformer.hidden`), and a linear head returns the objective's prediction in
+embedding space: `model(x_t, k) -> [B, L, D]`.
 
-Clean embeddings and rounding.  The clean target of token w is `sqrt(D) * wte[w] / |wte[w]|`:
-unit RMS per dimension, the scale of the unit-variance noise.  Gradients flow into `wte` through
-both the input and the target (`target_grad=False`: the input and the rounding head only); the fixed norm removes the collapse where all embeddings shrink to 0
-(noise-free x_t would make every objective trivial), and the rounding cross-entropy, with logits
-`x0_hat . wte[w] / |wte[w]|` (the tied embedding, normalised), keeps tokens apart.  Because every
-clean embedding has the same norm, nearest-embedding decoding equals the argmax of these logits.
+Clean embeddings and rounding.  The clean target of token w is `sqrt(D) * E[w] / |E[w]|` (E the
+trunk's token embedding): unit RMS per dimension, the scale of the unit-variance noise.  The fixed
+norm removes the collapse where all embeddings shrink to 0 (noise-free x_t would make every
+objective trivial), and the rounding cross-entropy, with logits `x0_hat . E[w] / |E[w]|` (the tied
+embedding, normalised), keeps tokens apart.  Because every clean embedding has the same norm,
+nearest-embedding decoding equals the argmax of these logits.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from torch import Tensor, nn
 from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.errors import DifflmError
 from difflm.fields import opt
-from difflm.models.layers import GeluMLP, apply_rope, rope_cos_sin, timestep_embedding
+from difflm.models.layers import timestep_embedding
+from difflm.models.transformer import Transformer, TransformerConfig
 
 FUSIONS = ("add", "concat")
 POSITIONS = ("rope", "learned")
 ROPE_THETA = 10000.0
+LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, as nanoGPT
 
 
 @dataclass
@@ -82,55 +88,54 @@ class DFGPTConfig:
         if self.input_scale <= 0:
             raise DifflmError(f"input_scale must be > 0, got {self.input_scale}")
 
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: DFGPTConfig) -> None:
-        super().__init__()
-        self.n_head, self.dropout, self.rope = cfg.n_head, cfg.dropout, cfg.positions == "rope"
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, C = x.shape
-        q, k, v = (
-            self.c_attn(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        )  # [B, H, L, hs]
-        if self.rope:
-            cos, sin = rope_cos_sin(0, L, C // self.n_head, ROPE_THETA, x.device)  # [L, hs]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # [B, H, L, hs]
-        return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, L, C)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: DFGPTConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = GeluMLP(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias, dropout=cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def trunk_config(self) -> TransformerConfig:
+        """The core transformer this model runs on: nanoGPT's shape (LayerNorm, tanh-GELU MLP of
+        4x width, tied head), causal, RoPE or learned positions."""
+        return TransformerConfig(
+            vocab_size=self.vocab_size,
+            block_size=self.block_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            mlp="gelu",
+            dropout=self.dropout,
+            causal=True,
+            rope=self.positions == "rope",
+            rope_theta=ROPE_THETA,
+            learned_positions=self.positions == "learned",
+            norm="layer",
+            norm_eps=LAYER_NORM_EPS,
+            bias=self.bias,
+            tie_embeddings=True,
+        )
 
 
 class DFGPT(nn.Module):
-    """Diffusion Forcing's GPT: continuous (embedding-space) noise, so a `SequenceModel` but no
-    masked `Denoiser` (models/protocol.py)."""
+    """Diffusion Forcing's GPT: the core `Transformer` (causal, LayerNorm, GELU, tied head) with,
+    for Diffusion Forcing, a per-token level embedding in front and an embedding-space head on top.
+
+    Continuous (embedding-space) noise makes it a `SequenceModel` but no masked `Denoiser`
+    (models/protocol.py); its training loss is `train/tasks.py:DiffusionForcingTask`.
+    """
+
+    legacy_keys = (  # names before DFGPT ran on the core Transformer (2026-12-01); checkpoint.load_weights
+        (r"^wte\.", "trunk.tok_emb."),
+        (r"^wpe\.", "trunk.pos_emb."),
+        (r"^ln_f\.", "trunk.norm_f."),
+        (r"^lm_head\.", "trunk.lm_head."),
+        (r"^blocks\.(\d+)\.ln_1\.", r"trunk.blocks.\1.norm1."),
+        (r"^blocks\.(\d+)\.ln_2\.", r"trunk.blocks.\1.norm2."),
+        (r"^blocks\.(\d+)\.attn\.c_attn\.", r"trunk.blocks.\1.attn.qkv."),
+        (r"^blocks\.(\d+)\.attn\.c_proj\.", r"trunk.blocks.\1.attn.out_proj."),
+        (r"^blocks\.(\d+)\.mlp\.", r"trunk.blocks.\1.mlp."),
+    )
 
     def __init__(self, config: DFGPTConfig) -> None:
         super().__init__()
         self.config = config
-        D = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, D)
-        self.wpe = nn.Embedding(config.block_size, D) if config.positions == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(D, bias=config.bias)
+        self.trunk = Transformer(config.trunk_config())  # GPT-2 init, as nanoGPT
         if config.use_diffusion_forcing:
+            D = config.n_embd
             self.diffusion = GaussianDiffusion(config.gaussian)
             fuse_in = D if config.fusion == "add" else 2 * D
             self.fuse = nn.Sequential(
@@ -139,48 +144,24 @@ class DFGPT(nn.Module):
                 nn.Linear(D, D, bias=config.bias),
             )
             self.head = nn.Linear(D, D, bias=config.bias)
-        else:
-            self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
-            self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
-            if name.endswith(("c_proj.weight", "mlp.out_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    # ------------------------------------------------------------------ shared trunk
+            for layer in (self.fuse[0], self.fuse[2], self.head):
+                nn.init.normal_(layer.weight, mean=0.0, std=0.02)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     @property
     def max_length(self) -> int:
         return self.config.block_size
-
-    def _trunk(self, h: Tensor) -> Tensor:
-        """Positions, causal blocks, final norm: [B, L, D] -> [B, L, D]."""
-        L = h.shape[1]
-        if L > self.config.block_size:
-            raise DifflmError(f"sequence length {L} > block_size {self.config.block_size}; crop the input")
-        if self.wpe is not None:
-            h = h + self.wpe(torch.arange(L, device=h.device))
-        h = self.drop(h)  # [B, L, D]
-        for block in self.blocks:
-            h = block(h)
-        return self.ln_f(h)
 
     def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         """Plain GPT: `model(idx [B, L]) -> logits [B, L, V]`.  Diffusion Forcing: `model(x_t [B, L, D], k [B, L])`."""
         if not self.config.use_diffusion_forcing:
             if k is not None:
                 raise DifflmError("noise levels k were given but use_diffusion_forcing is False")
-            return self.lm_head(self._trunk(self.wte(x)))  # [B, L, V]
+            return self.trunk(x)  # [B, L, V]
         if k is None:
             raise DifflmError("a Diffusion Forcing model needs per-token noise levels k [B, L]")
-        return self.head(self._trunk(self._fuse(x, k)))  # [B, L, D]
+        return self.head(self.trunk.hidden(self._fuse(x, k)))  # [B, L, D]
 
     def _fuse(self, x_t: Tensor, k: Tensor) -> Tensor:
         """Join each noisy token [B, L, D] with a sinusoidal embedding of its integer level k [B, L]."""
@@ -191,74 +172,22 @@ class DFGPT(nn.Module):
             return x_t + self.fuse(level)
         return self.fuse(torch.cat([x_t, level], dim=-1))
 
-    # ------------------------------------------------------------------ plain GPT
-
-    def next_token_loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of logits(idx) against targets [B, L] (-100 = ignored)."""
-        if self.config.use_diffusion_forcing:
-            raise DifflmError("next_token_loss needs use_diffusion_forcing=False; use diffusion_loss")
-        logits = self(idx)  # [B, L, V]
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-
     # ------------------------------------------------------------------ embedding space
 
     def clean_embedding_matrix(self) -> Tensor:
-        """[V, D] clean embeddings: wte rows scaled to norm sqrt(D) (unit RMS per dimension)."""
-        return F.normalize(self.wte.weight, dim=-1) * math.sqrt(self.config.n_embd)
+        """[V, D] clean embeddings: token embeddings scaled to norm sqrt(D) (unit RMS per dimension)."""
+        return F.normalize(self.trunk.tok_emb.weight, dim=-1) * math.sqrt(self.config.n_embd)
 
     def embed_clean(self, idx: Tensor) -> Tensor:
         """Tokens [B, L] -> clean embeddings x0 [B, L, D]."""
-        return F.normalize(self.wte(idx), dim=-1) * math.sqrt(self.config.n_embd)
+        return F.normalize(self.trunk.tok_emb(idx), dim=-1) * math.sqrt(self.config.n_embd)
 
     def round_logits(self, x0_hat: Tensor) -> Tensor:
         """Token logits [B, L, V] of predicted embeddings: x0_hat projected on the normalised tied embedding."""
-        return x0_hat @ F.normalize(self.wte.weight, dim=-1).T
+        return x0_hat @ F.normalize(self.trunk.tok_emb.weight, dim=-1).T
 
     def decode_nearest(self, x: Tensor) -> Tensor:
         """Embeddings [B, L, D] -> ids [B, L] of the nearest clean embedding (squared distance)."""
         E = self.clean_embedding_matrix()  # [V, D]
         dist = x.pow(2).sum(-1, keepdim=True) - 2 * x @ E.T + E.pow(2).sum(-1)  # [B, L, V]
         return dist.argmin(-1)
-
-    # ------------------------------------------------------------------ Diffusion Forcing loss
-
-    def diffusion_loss(
-        self,
-        idx: Tensor,
-        generator: torch.Generator | None,
-        levels: Tensor | None = None,
-        noise: Tensor | None = None,
-        net: nn.Module | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Diffusion Forcing training loss of tokens idx [B, L] with independent per-token levels.
-
-        levels [B, L] (default: uniform on 0..T-1 from `generator`) may be fixed, e.g. all 0 to
-        measure `rounding_nll` on nearly clean input (the likelihood-style metric).  noise [B, L, D]
-        (default: drawn from `generator`) lets a trainer draw both on the whole global batch, so
-        they do not depend on the micro-batch split.  `net` is what the denoiser forward runs
-        through (default self; a DistributedDataParallel wrapper of self, so gradients sync).  The rounding
-        CE uses x0_hat clamped to +-clip_noise: for pred_noise at the highest levels,
-        x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies errors by up to 1/sqrt(a).
-        Returns (diffusion loss + rounding_weight * rounding CE, detached metrics).
-        """
-        if not self.config.use_diffusion_forcing:
-            raise DifflmError("diffusion_loss needs use_diffusion_forcing=True; use next_token_loss")
-        diff, gcfg = self.diffusion, self.config.gaussian
-        x0 = self.embed_clean(idx)  # [B, L, D]
-        if (levels is None or noise is None) and generator is None:
-            raise DifflmError("diffusion_loss needs a generator unless both levels and noise are given")
-        if levels is None:
-            levels = torch.randint(0, gcfg.timesteps, idx.shape, generator=generator, device=generator.device)
-        k = levels.to(idx.device)  # [B, L]
-        if noise is None:
-            noise = diff.randn(tuple(x0.shape), generator, x0.device)  # [B, L, D]
-        noise = noise.to(x0.device)
-        x_t = diff.q_sample(x0, k, noise)
-        pred = (net or self)(x_t, k)  # [B, L, D]
-        target = x0 if self.config.target_grad else x0.detach()
-        loss_diffusion = diff.training_loss(pred, target, noise, k)
-        x0_hat, _ = diff.split_prediction(pred, x_t, k)
-        logits = self.round_logits(x0_hat.clamp(-gcfg.clip_noise, gcfg.clip_noise))  # [B, L, V]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
-        loss = loss_diffusion + gcfg.rounding_weight * nll
-        return loss, {"diffusion_loss": loss_diffusion.detach(), "rounding_nll": nll.detach()}

@@ -74,6 +74,16 @@ class RMSNorm(nn.Module):
         return h * self.weight if self.weight is not None else h
 
 
+NORMS = ("rms", "layer")
+
+
+def make_norm(kind: str, dim: int, eps: float, affine: bool = True, bias: bool = False) -> nn.Module:
+    """RMSNorm (`rms`, LLaMA) or LayerNorm (`layer`, GPT-2 / nanoGPT; `bias` as its linears)."""
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=bias and affine)
+    return RMSNorm(dim, eps, affine)
+
+
 def rope_cos_sin(
     start: int, length: int, head_dim: int, theta: float, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -202,8 +212,8 @@ class KVCache:
 class AttentionContext:
     """What every layer's self-attention needs for one forward, built once by the model."""
 
-    cos: Tensor  # [Q, D]
-    sin: Tensor  # [Q, D]
+    cos: Tensor | None  # [Q, D]; None: no rotary positions
+    sin: Tensor | None  # [Q, D]
     bias: Tensor | None = None  # broadcastable to [B, 1, Q, K]
     is_causal: bool = False  # SDPA's own causal path (no cache, no extra bias)
     cache: KVCache | None = None
@@ -227,7 +237,8 @@ class SelfAttention(nn.Module):
         q, k, v = (
             self.qkv(x).view(B, Q, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         )  # [B, H, Q, D]
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.start, k, v, ctx.attend_len)  # [B, H, K, D]
             k, v = k.to(q.dtype), v.to(q.dtype)

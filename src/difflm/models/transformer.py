@@ -19,15 +19,16 @@ from difflm.errors import DifflmError
 from difflm.fields import REQUIRED, opt
 from difflm.models.layers import (
     MLPS,
+    NORMS,
     AdaLNModulation,
     AttentionContext,
     CrossAttention,
     KVCache,
-    RMSNorm,
     SelfAttention,
     causal_bias,
     combine_bias,
     gated,
+    make_norm,
     modulate,
     rope_cos_sin,
     rope_tables,
@@ -55,6 +56,9 @@ class TransformerConfig:
         None, "width of a semantic vector [B, cond_dim] added to the AdaLN-Zero conditioning (SGDD)"
     )
     cond_tokens: int = opt(0, "also cross-attend to the semantic vector as this many memory tokens (0 = off)")
+    rope: bool = opt(
+        True, "rotary positions in attention; false leaves positions to learned_positions (GPT-2)"
+    )
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     learned_positions: bool = opt(
         False,
@@ -62,7 +66,8 @@ class TransformerConfig:
         "gives every position the same output, so a decoder with no prompt to anchor it (SGDD) "
         "predicts the same token everywhere",
     )
-    norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+    norm: str = opt("rms", "normalisation: rms (RMSNorm, LLaMA) or layer (LayerNorm, GPT-2)", choices=NORMS)
+    norm_eps: float = opt(1e-6, "epsilon of the norms")
     bias: bool = opt(False, "use biases in linear layers")
     tie_embeddings: bool = opt(True, "share the output head with the token embedding")
     logits_shift: int = opt(
@@ -82,12 +87,14 @@ class TransformerConfig:
             raise DifflmError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
-        if (self.n_embd // self.n_head) % 2:
+        if self.rope and (self.n_embd // self.n_head) % 2:
             raise DifflmError(
                 f"head dim n_embd/n_head = {self.n_embd // self.n_head} must be even for RoPE; change n_embd or n_head"
             )
         if self.ffn_hidden is not None and self.ffn_hidden <= 0:
             raise DifflmError(f"model.ffn_hidden must be positive or null, got {self.ffn_hidden}")
+        if self.norm not in NORMS:
+            raise DifflmError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
         if self.mlp not in MLPS:
             raise DifflmError(f"model.mlp must be one of {sorted(MLPS)}, got {self.mlp!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -132,13 +139,13 @@ class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         affine = not cfg.conditioned  # with AdaLN the scale comes from the modulation
-        self.norm1 = RMSNorm(cfg.n_embd, cfg.norm_eps, affine)
+        self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, affine, cfg.bias)
         self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout)
-        self.norm_cross = RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.cond_tokens else None
+        self.norm_cross = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, bias=cfg.bias) if cfg.cond_tokens else None
         self.cross_attn = (
             CrossAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout) if cfg.cond_tokens else None
         )
-        self.norm2 = RMSNorm(cfg.n_embd, cfg.norm_eps, affine)
+        self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, affine, cfg.bias)
         self.mlp = MLPS[cfg.mlp](cfg.n_embd, cfg.ffn_hidden or 4 * cfg.n_embd, cfg.bias, cfg.dropout)
         self.modulation = AdaLNModulation(cfg.n_embd, 6) if cfg.conditioned else None
 
@@ -175,7 +182,7 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, C) if config.learned_positions else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = RMSNorm(C, config.norm_eps, affine=not config.conditioned)
+        self.norm_f = make_norm(config.norm, C, config.norm_eps, not config.conditioned, config.bias)
         self.final_modulation = AdaLNModulation(C, 2) if config.conditioned else None
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.time_conditioning:
@@ -231,6 +238,7 @@ class Transformer(nn.Module):
         attend_len: int | None = None,
         logits_at: Tensor | None = None,
         position_ids: Tensor | None = None,
+        vocab: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q, or
         packed [N, V] at the N true positions of `logits_at` [B, Q] (the vocabulary projection is
@@ -246,16 +254,50 @@ class Transformer(nn.Module):
         slots [0, attend_len) (default position_offset + Q).
         position_ids: [Q] explicit positions instead of position_offset..+Q (no cache): block
         diffusion feeds the noisy and the clean copy of a sequence, both at positions 0..L-1.
+        vocab: [K] token ids: score only these (logits [..., K], in this order).
         """
         if input_ids.dim() != 2:
             raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        B, Q = input_ids.shape
+        h = self.hidden(
+            self.tok_emb(input_ids),
+            attention_bias=attention_bias,
+            t=t,
+            cond=cond,
+            position_offset=position_offset,
+            kv_cache=kv_cache,
+            attend_len=attend_len,
+            position_ids=position_ids,
+        )  # [B, Q, C]
+        if self.logits_shift:
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
+        h = h if logits_at is None else h[logits_at.bool()]
+        return self.lm_head(h) if vocab is None else h @ self.lm_head.weight[vocab].T  # [.., V] or [.., K]
+
+    def hidden(
+        self,
+        x: Tensor,
+        *,
+        attention_bias: Tensor | None = None,
+        t: Tensor | None = None,
+        cond: Tensor | None = None,
+        position_offset: int = 0,
+        kv_cache: KVCache | None = None,
+        attend_len: int | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The trunk on input embeddings x [B, Q, C]: positions, blocks, final norm -> [B, Q, C].
+
+        `forward` feeds it the token embeddings; a model whose inputs are not tokens (Diffusion
+        Forcing's noisy embeddings, `models/dfgpt.py`) feeds its own and puts its own head on top.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.config.n_embd:
+            raise DifflmError(f"embeddings must be [batch, length, {self.config.n_embd}], got {tuple(x.shape)}")
+        B, Q, _ = x.shape
         ctx = self._attention_context(
-            B, Q, attention_bias, position_offset, kv_cache, attend_len, input_ids.device, position_ids
+            B, Q, attention_bias, position_offset, kv_cache, attend_len, x.device, position_ids
         )
-        c = self._conditioning(B, t, cond, input_ids.device)  # [B, C] or None
+        c = self._conditioning(B, t, cond, x.device)  # [B, C] or None
         memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
-        x = self.tok_emb(input_ids)  # [B, Q, C]
         if self.pos_emb is not None and position_ids is not None:
             x = x + self.pos_emb(position_ids)
         elif self.pos_emb is not None:
@@ -264,10 +306,7 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, ctx, layer, c, memory)
         shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)
-        h = modulate(self.norm_f(x), shift, scale)  # [B, Q, C]
-        if self.logits_shift:
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
-        return self.lm_head(h if logits_at is None else h[logits_at.bool()])  # [B, Q, V] or [N, V]
+        return modulate(self.norm_f(x), shift, scale)  # [B, Q, C]
 
     def _attention_context(
         self,
@@ -310,7 +349,7 @@ class Transformer(nn.Module):
                 causal_bias(Q, device) if cache is None else causal_bias(K, device)[:, :, start : start + Q]
             )
             bias = combine_bias(bias, causal)  # [., 1, Q, K]
-        cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device)  # [Q, D]
+        cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device) if cfg.rope else (None, None)
         return AttentionContext(cos, sin, bias, is_causal, cache, start, attend_len or 0)
 
     def _explicit_positions_context(
@@ -329,7 +368,7 @@ class Transformer(nn.Module):
             raise DifflmError(
                 f"attention_bias of shape {tuple(bias.shape)} does not broadcast to [B, 1, Q, Q] = {[B, 1, Q, Q]}"
             )
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # [Q, D]
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta) if cfg.rope else (None, None)
         return AttentionContext(cos, sin, bias)
 
     def _conditioning(

@@ -2,11 +2,11 @@
 
 With the flag off the model is a plain nanoGPT trained by next-token loss (`AutoregressiveTask`);
 with it on, every token of a block gets its own Gaussian noise level and the model denoises the
-whole block causally (`DFGPT.diffusion_loss`).  The flag is the one switch: the builder rewrites
+whole block causally (`train/tasks.py:DiffusionForcingTask`).  The flag is the one switch: the builder rewrites
 `task` to match it (`teacher_forcing` / `diffusion_forcing`), so the checkpoint's `eval` and
 `sample` dispatch follow the model that was actually trained.
 
-The per-token levels and the noise are drawn in `ForcingTask.prepare` on the whole global batch
+The per-token levels and the noise are drawn in `DiffusionForcingTask.prepare` on the whole global batch
 with the step's generator, then split with the batch: resume and multi-process runs see the same
 noise as an uninterrupted single-process run.
 """
@@ -20,17 +20,15 @@ from torch import Tensor, nn
 
 from difflm.config import RunConfig, model_family, opt, system_config
 from difflm.data.blocks import text_blocks
-from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
+from difflm.diffusion.gaussian import GaussianDiffusion
 from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
 from difflm.sampling.forcing import SCHEDULES, sample_forcing
 from difflm.sampling.settings import SampleOptions
 from difflm.sampling.unmask import SampleResult
-from difflm.train.tasks import AutoregressiveTask
+from difflm.train.tasks import AutoregressiveTask, DiffusionForcingTask
 from difflm.train.trainer import Run
-
-Batch = dict[str, Tensor]
 
 TASK_OF_FLAG = {False: "teacher_forcing", True: "diffusion_forcing"}
 
@@ -53,27 +51,6 @@ class ForcingSystemConfig:
             raise DifflmError(f"system.sampling_timesteps must be >= 1, got {self.sampling_timesteps}")
         if self.uncertainty_scale < 0:
             raise DifflmError(f"system.uncertainty_scale must be >= 0, got {self.uncertainty_scale}")
-
-
-class DiffusionForcingTask:
-    """Independent per-token levels k ~ U{0..T-1} and unit Gaussian noise, drawn on the global batch."""
-
-    def __init__(self, gaussian: GaussianConfig, n_embd: int) -> None:
-        self.diffusion = GaussianDiffusion(gaussian)
-        self.n_embd = n_embd
-
-    def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
-        ids = batch["input_ids"]  # [B, L]
-        levels = torch.randint(0, self.diffusion.config.timesteps, ids.shape, generator=generator)  # [B, L]
-        noise = self.diffusion.randn((*ids.shape, self.n_embd), generator, torch.device("cpu"))  # [B, L, D]
-        return {"input_ids": ids, "levels": levels, "noise": noise}
-
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        loss, parts = core.diffusion_loss(
-            batch["input_ids"], None, levels=batch["levels"], noise=batch["noise"], net=model
-        )
-        return loss, {name: value.item() for name, value in parts.items()}
 
 
 def sampling_diffusion(model: nn.Module, sampling_timesteps: int | None) -> GaussianDiffusion:

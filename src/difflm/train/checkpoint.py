@@ -30,7 +30,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -380,8 +380,16 @@ def load_weights(model: torch.nn.Module, path: Path, name: str = MODEL_FILE) -> 
     state = model.state_dict()
     manifest = read_manifest(path)
     tied = manifest["tied"] if "tied" in manifest else _model_ties(state, shapes)
+    rename = _legacy_renamer(model, shapes, state)
+    if rename is not None:
+        shapes = {rename(k): v for k, v in shapes.items()}
+        tied = {rename(alias): rename(source) for alias, source in tied.items()}
+        tied = {**_model_ties(state, shapes), **tied}  # ties the old layout did not have
     _check_keys(path, state, shapes, tied)
-    load_model(model, str(file), strict=False)
+    if rename is None:
+        load_model(model, str(file), strict=False)
+    else:
+        model.load_state_dict({rename(k): v for k, v in load_file(str(file)).items()}, strict=False)
     state = model.state_dict()
     for alias, source in tied.items():
         if state[alias].data_ptr() != state[source].data_ptr():
@@ -391,6 +399,21 @@ def load_weights(model: torch.nn.Module, path: Path, name: str = MODEL_FILE) -> 
     bad = [k for k, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise DifflmError(f"weights in '{path}' hold NaN or inf ({_names(bad)}): use an earlier checkpoint")
+
+
+def _legacy_renamer(model: torch.nn.Module, stored: dict, state: dict) -> Callable[[str], str] | None:
+    """The model's `legacy_keys` renames (regex, replacement), when the file holds names it no longer
+    uses: checkpoints written before a model's modules were renamed keep loading."""
+    renames = getattr(model, "legacy_keys", ())
+    if not renames or all(k in state for k in stored):
+        return None
+
+    def rename(key: str) -> str:
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        return key
+
+    return rename
 
 
 def _check_keys(path: Path, state: dict, shapes: dict, tied: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflm.config import DiffusionConfig
+from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.diffusion.losses import get_loss
 from difflm.diffusion.masking import NoiseConfig, corrupt, protected_mask, random_truncate
 from difflm.diffusion.schedules import build_schedule, sample_t
@@ -214,3 +215,55 @@ class AutoregressiveTask:
             targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return loss, {}
+
+
+class DiffusionForcingTask:
+    """Diffusion Forcing (Chen et al. 2024) on a `DFGPT`: every token gets its own Gaussian noise
+    level k ~ U{0..T-1} in embedding space and the causal model denoises the whole block.
+
+    `prepare` draws the levels and the unit noise on the global batch; `loss` is the objective's
+    loss (`GaussianDiffusion.training_loss`) plus `rounding_weight` times the rounding CE of
+    x0_hat back to the tokens (`forcing_loss`).
+    """
+
+    def __init__(self, gaussian: GaussianConfig, n_embd: int) -> None:
+        self.diffusion = GaussianDiffusion(gaussian)
+        self.n_embd = n_embd
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
+        ids = batch["input_ids"]  # [B, L]
+        levels = torch.randint(0, self.diffusion.config.timesteps, ids.shape, generator=generator)  # [B, L]
+        noise = self.diffusion.randn((*ids.shape, self.n_embd), generator, torch.device("cpu"))  # [B, L, D]
+        return {"input_ids": ids, "levels": levels, "noise": noise}
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        loss, parts = forcing_loss(core, batch["input_ids"], batch["levels"], batch["noise"], net=model)
+        return loss, {name: value.item() for name, value in parts.items()}
+
+
+def forcing_loss(
+    model: nn.Module, ids: Tensor, levels: Tensor, noise: Tensor, net: nn.Module | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Diffusion Forcing loss of tokens ids [B, L] at levels [B, L] with noise [B, L, D].
+
+    Fixed levels (e.g. all 0) measure `rounding_nll` on nearly clean input. `net` is what the
+    forward runs through (default `model`; a DistributedDataParallel wrapper, so gradients sync).
+    The rounding CE uses x0_hat clamped to +-clip_noise: for pred_noise at the highest levels,
+    x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies errors by up to 1/sqrt(a).
+    Returns (diffusion loss + rounding_weight * rounding CE, detached parts).
+    """
+    if not model.config.use_diffusion_forcing:
+        raise DifflmError("the Diffusion Forcing loss needs model.use_diffusion_forcing=true")
+    diffusion, gcfg = model.diffusion, model.config.gaussian
+    x0 = model.embed_clean(ids)  # [B, L, D]
+    k, noise = levels.to(ids.device), noise.to(x0.device)
+    x_t = diffusion.q_sample(x0, k, noise)
+    pred = (net or model)(x_t, k)  # [B, L, D]
+    target = x0 if model.config.target_grad else x0.detach()
+    loss_diffusion = diffusion.training_loss(pred, target, noise, k)
+    x0_hat, _ = diffusion.split_prediction(pred, x_t, k)
+    logits = model.round_logits(x0_hat.clamp(-gcfg.clip_noise, gcfg.clip_noise))  # [B, L, V]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+    loss = loss_diffusion + gcfg.rounding_weight * nll
+    return loss, {"diffusion_loss": loss_diffusion.detach(), "rounding_nll": nll.detach()}

@@ -5,8 +5,8 @@
     python benchmarks/sgdd.py --merge OUT_A --merge OUT_B --out docs/results/sgdd
 
 Each run folder is a finished `difflm train` SGDD run. For each run and each (N, R) of the grid
-(N candidates kept by the encoder's cosine, R correction rounds; 1:0 is plain decoding), the
-held-out sentences are decoded at the run's CFG scale and 16 steps and scored: exact match, token
+(N candidates kept by the encoder's cosine, R correction rounds; 1:0 is plain decoding) and each
+CFG scale of --cfg (default: the run's own), the held-out sentences are decoded in 16 steps and scored: exact match, token
 accuracy, BLEU, chrF, cosine(input, output), and the wall time per sentence at --batch-size. Plain
 decoding is also timed at batch 1 (the latency a user sees). Writes results.json, table.md,
 samples.md, curves.png and command.txt into --out. `--merge` combines the results.json of
@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--out", required=True, help="results folder (e.g. docs/results/sgdd)")
     p.add_argument("--grid", default="1:0,4:0,8:0,1:2,8:2", help="N:R settings, comma-separated")
+    p.add_argument(
+        "--cfg", default=None, help="CFG scales to score each setting at, comma-separated (default: the run's)"
+    )
     p.add_argument("--examples", type=int, default=500, help="held-out sentences scored")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--latency-sentences", type=int, default=50, help="sentences timed at batch 1")
@@ -70,9 +73,8 @@ def training_minutes(run: Path) -> float:
     return (log.stat().st_mtime - born) / 60
 
 
-def decode(pre: Pretrained, encoder, vectors: torch.Tensor, n: int, r: int, batch: int, seed: int):
-    """Outputs for every vector and the seconds it took."""
-    scale = system_config(pre.config, SGDDSystemConfig).cfg_scale
+def decode(pre: Pretrained, encoder, vectors: torch.Tensor, n: int, r: int, batch: int, seed: int, scale: float):
+    """Outputs for every vector at CFG `scale` and the seconds it took."""
     outputs, start = [], time.perf_counter()
     for i in range(0, len(vectors), batch):
         gen = torch.Generator().manual_seed(seed)
@@ -106,20 +108,25 @@ def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argpar
         "settings": [],
         "samples": [],
     }
+    own = system_config(cfg, SGDDSystemConfig).cfg_scale
+    scales = [float(x) for x in args.cfg.split(",")] if args.cfg else [own]
+    result["latency_ms_batch1"] = {}
     with torch.no_grad():
-        _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], 1, 0, 1, args.seed)
-        result["latency_ms_batch1"] = 1000 * latency / min(args.latency_sentences, len(pairs))
-        for n, r in grid:
-            outputs, seconds = decode(pre, encoder, data.vectors, n, r, args.batch_size, args.seed)
+        for scale in scales:
+            _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], 1, 0, 1, args.seed, scale)
+            result["latency_ms_batch1"][str(scale)] = 1000 * latency / min(args.latency_sentences, len(pairs))
+        for scale, (n, r) in ((s, g) for s in scales for g in grid):
+            outputs, seconds = decode(pre, encoder, data.vectors, n, r, args.batch_size, args.seed, scale)
             metrics = score(pre, encoder, data.vectors, data, outputs)
-            row = {"N": n, "R": r, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
+            row = {"cfg": scale, "N": n, "R": r, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
             result["settings"].append(row)
-            print(f"{name} N={n} R={r}: {json.dumps(row)}", flush=True)
+            print(f"{name} cfg={scale} N={n} R={r}: {json.dumps(row)}", flush=True)
             (Path(args.out) / f"partial_{name}.json").write_text(
                 json.dumps(result, indent=1)
             )  # survives a kill
             result["samples"].append(
                 {
+                    "cfg": scale,
                     "N": n,
                     "R": r,
                     "pairs": [
@@ -132,21 +139,24 @@ def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argpar
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| decoder | params | train | N | R | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| decoder | params | train | CFG | N | R | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in results:
         for row in res["settings"]:
             lines.append(
                 f"| {res['name']} | {res['params'] / 1e6:.1f} M | {res['train_minutes']:.0f} min, {res['steps']} steps "
-                f"| {row['N']} | {row['R']} | {100 * row['exact_match']:.1f} | {100 * row['token_acc']:.1f} "
-                f"| {row['bleu']:.1f} | {row['chrf']:.1f} | {row['cosine']:.3f} | {row['ms_per_sentence']:.0f} |"
+                f"| {row.get('cfg', 2.0):g} | {row['N']} | {row['R']} | {100 * row['exact_match']:.1f} "
+                f"| {100 * row['token_acc']:.1f} | {row['bleu']:.1f} | {row['chrf']:.1f} | {row['cosine']:.3f} "
+                f"| {row['ms_per_sentence']:.0f} |"
             )
     lines.append("")
     for res in results:
-        lines.append(
-            f"- {res['name']}: plain decoding (16 steps, CFG) at batch 1: {res['latency_ms_batch1']:.0f} ms per sentence"
-        )
+        latency = res["latency_ms_batch1"]
+        for scale, ms in (latency if isinstance(latency, dict) else {"2.0": latency}).items():
+            lines.append(
+                f"- {res['name']}: plain decoding (16 steps, CFG {float(scale):g}) at batch 1: {ms:.0f} ms per sentence"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +164,7 @@ def samples(results: list[dict]) -> str:
     out = []
     for res in results:
         for block in res["samples"]:
-            out.append(f"## {res['name']}, N={block['N']}, R={block['R']}\n")
+            out.append(f"## {res['name']}, CFG {block.get('cfg', 2.0):g}, N={block['N']}, R={block['R']}\n")
             out += [f"- `{src}`\n  -> `{hyp}`" for src, hyp in block["pairs"]]
             out.append("")
     return "\n".join(out) + "\n"

@@ -117,6 +117,16 @@ def test_uncond_prob_one_hides_the_vector(tmp_path):
     assert torch.equal(a, b)  # the decoder's loss does not depend on the vector at all
 
 
+def test_extra_data_trains_on_more_texts_but_never_on_held_out_ones(tmp_path):
+    base = build_run(tiny_config(tmp_path))
+    held = [t for _, t in split_examples(tiny_config(tmp_path), "val")]
+    extra = tmp_path / "extra.txt"
+    extra.write_text("the moon rose over the sea.\na new sentence here.\n" + held[0] + "\n", encoding="utf-8")
+    run = build_run(tiny_config(tmp_path, f"system.extra_data={extra}"))
+    assert len(run.train_data) == len(base.train_data) + 2  # the held-out text in the file is dropped
+    assert torch.equal(run.val_data.ids, base.val_data.ids)  # the held-out split is unchanged
+
+
 def test_packed_logits_and_dropped_rows(trained):
     model = load_pretrained(trained).model
     ids = torch.tensor([[103, 2009, 103, 0], [2009, 103, 103, 103]])

@@ -138,6 +138,27 @@ def test_correction_never_lowers_similarity(trained):
         current = after
 
 
+def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
+    pre = load_pretrained(trained / "run")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
+    ids = torch.tensor([[103, 103, 103, 1012], [103, 103, 0, 0]])
+    bias = torch.zeros(2, 1, 1, 4).masked_fill((ids == 0)[:, None, None, :], float("-inf"))
+    full = pre.model(ids, attention_bias=bias, cond=vectors)  # [2, 4, V]
+    keep = torch.tensor([5, 1996, 2023, 1012])
+    with pre.model.restricted_vocabulary(keep):
+        short = pre.model(ids, attention_bias=bias, cond=vectors)
+    torch.testing.assert_close(short[..., keep], full[..., keep])
+    off = torch.ones(full.shape[-1], dtype=torch.bool)
+    off[keep] = False
+    assert (short[..., off] == torch.finfo(short.dtype).min).all() and pre.model.vocab is None
+    # with guidance the off-shortlist logits stay finite and lowest, and decoding ends the same
+    # as with the whole head whenever the whole head's choices are on the shortlist (k = V here)
+    pre.config.system["shortlist"] = 0
+    whole = decode_vectors(pre, vectors, cfg_scale=2.0)
+    pre.config.system["shortlist"] = full.shape[-1]
+    assert decode_vectors(pre, vectors, cfg_scale=2.0) == whole
+
+
 def test_token_logprobs_mask_each_token_once(trained):
     pre = load_pretrained(trained / "run")
     vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from difflm.config import system_config
 from difflm.errors import DifflmError
+from difflm.models.layers import padding_bias
 from difflm.pretrained import Pretrained
 from difflm.sampling.settings import SampleConfig
 from difflm.sampling.unmask import infill
@@ -205,7 +206,7 @@ def refill(
     cfg = sample_config(scfg, count, cfg_scale, suppressed_ids(pre.tokenizer), temperature=temperature)
     drop = torch.zeros(len(ids), dtype=torch.bool, device=device)
     ids = ids.masked_fill(fill, pre.tokenizer.mask_token_id)
-    result = infill(
+    run = lambda: infill(  # noqa: E731
         pre.model,
         ids.to(device),
         fill.to(device),
@@ -215,7 +216,24 @@ def refill(
         model_kwargs={"cond": vectors.to(device), "cond_drop": drop},
         uncond_kwargs={"cond_drop": ~drop},
     )
-    return result.tokens.cpu()
+    if not scfg.shortlist:
+        return run().tokens.cpu()
+    with pre.model.restricted_vocabulary(shortlist(pre, vectors, ids, real, fill, scfg.shortlist)):
+        return run().tokens.cpu()
+
+
+@torch.no_grad()
+def shortlist(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, fill: Tensor, k: int) -> Tensor:
+    """Token ids [K]: the union over the `fill` positions of ids [B, W] of their k most likely
+    tokens given the vector, from one forward before decoding starts (no guidance)."""
+    device = device_of(pre)
+    logits = pre.model(
+        ids.to(device),
+        attention_bias=padding_bias(real.to(device)),
+        cond=vectors.to(device),
+        logits_at=fill.to(device),
+    )  # [N, V]
+    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices.unique()
 
 
 def correction_round(

@@ -186,11 +186,13 @@ class BertDecoder(nn.Module):
         t: Tensor | None = None,
         cond: Tensor | None = None,
         logits_at: Tensor | None = None,
+        vocab: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, L, V], or packed [N, V] at the true positions of `logits_at` [B, L].
 
         attention_bias: additive, broadcastable to [B, 1, L, L] (the pad mask); cond: [B, K]
-        semantic vectors or None (the learned null vector); t: [B] or scalar mask fraction.
+        semantic vectors or None (the learned null vector); t: [B] or scalar mask fraction;
+        vocab: [K] token ids to score instead of the whole vocabulary (logits [..., K]).
         """
         B, L = input_ids.shape
         if L > self.block_size:
@@ -210,7 +212,9 @@ class BertDecoder(nn.Module):
             x = modulate(x, *self.modulations[i](c))
         h = x if logits_at is None else x[logits_at.bool()]
         h = self.head_norm(F.gelu(self.head_dense(h)))
-        return h @ self.tok_emb.weight.T + self.head_bias  # [B, L, V] or [N, V]
+        if vocab is None:
+            return h @ self.tok_emb.weight.T + self.head_bias  # [B, L, V] or [N, V]
+        return h @ self.tok_emb.weight[vocab].T + self.head_bias[vocab]  # [..., K]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -22,6 +22,8 @@ What is here, and what is not:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +129,7 @@ class SGDD(nn.Module):
             )
         self.config = config
         self.mask_token_id = config.mask_token_id
+        self.vocab: Tensor | None = None  # a shortlist of token ids while `restricted_vocabulary` runs
         self.head = SemanticHead(config.encoder, config.encoder_dim)
         self.decoder = build_decoder(config)
         width = config.n_embd
@@ -192,7 +195,25 @@ class SGDD(nn.Module):
                 c = torch.where(cond_drop.bool()[:, None], null, c)  # [B, K]
         if t is None and self.config.time_conditioning:
             t = self.mask_fraction(input_ids)  # [B]
-        return self.decoder(input_ids, attention_bias=attention_bias, t=t, cond=c, logits_at=logits_at)
+        kw = {"attention_bias": attention_bias, "t": t, "cond": c, "logits_at": logits_at}
+        if self.vocab is None:
+            return self.decoder(input_ids, **kw)
+        short = self.decoder(input_ids, **kw, vocab=self.vocab)  # [..., K]
+        # the dtype's lowest finite value, not -inf: guidance subtracts two such logits
+        full = short.new_full((*short.shape[:-1], self.config.vocab_size), torch.finfo(short.dtype).min)
+        return full.index_copy_(-1, self.vocab, short)  # [..., V]
+
+    @contextmanager
+    def restricted_vocabulary(self, ids: Tensor) -> Iterator[None]:
+        """Score only the token ids [K] inside the block (every other logit is -inf).
+
+        Decoding reads the whole [V, C] output matrix at every step, and at batch 1 that read is
+        most of a step's time; a shortlist (`evaluate/sgdd_decode.shortlist`) makes it K rows."""
+        self.vocab = ids.to(self.decoder.tok_emb.weight.device)
+        try:
+            yield
+        finally:
+            self.vocab = None
 
     def length_logits(self, z: Tensor) -> Tensor:
         """[B, block_size] scores of lengths 1..block_size, from the mean conditioning vector."""

@@ -20,8 +20,8 @@ import torch
 from difflm.config import DiffusionConfig, TrainConfig
 from difflm.models.transformer import Transformer, TransformerConfig
 from difflm.train.flops import attention_shape, flops_per_token, peak_flops
+from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.optim import build_optimizer
-from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
 from difflm.train.trainer import autocast, step_generator
 
 
@@ -69,9 +69,9 @@ def main() -> None:
         )
         model = Transformer(cfg).to(device)
         task = (
-            MaskedDiffusionTask(DiffusionConfig(), mask_token_id=vocab - 3, vocab_size=vocab)
+            MaskedDiffusionObjective(DiffusionConfig(), mask_token_id=vocab - 3, vocab_size=vocab)
             if name == "diffusion"
-            else AutoregressiveTask()
+            else AutoregressiveObjective()
         )
         setups[name] = (model, task, build_optimizer(model, TrainConfig()))
     times = {name: [] for name in setups}

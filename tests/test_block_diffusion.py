@@ -14,7 +14,7 @@ from difflm.models.block_attention import bd3_training_bias, block_causal_bias
 from difflm.models.layers import causal_bias
 from difflm.models.transformer import Transformer, TransformerConfig
 from difflm.sampling.unmask import SampleConfig, generate
-from difflm.train.tasks import MaskedDiffusionTask
+from difflm.train.objectives import MaskedDiffusionObjective
 
 ROOT = Path(__file__).resolve().parents[1]
 V, L = 17, 12
@@ -50,8 +50,8 @@ def test_bd3_training_mask_by_hand():
     assert torch.equal(visible(block_causal_bias(4, 2)), expected[4:, 4:])
 
 
-def task(K: int | None) -> MaskedDiffusionTask:
-    return MaskedDiffusionTask(DiffusionConfig(block_length=K), mask_token_id=MASK, vocab_size=V)
+def task(K: int | None) -> MaskedDiffusionObjective:
+    return MaskedDiffusionObjective(DiffusionConfig(block_length=K), mask_token_id=MASK, vocab_size=V)
 
 
 def batch(seed: int = 0) -> dict:

@@ -115,7 +115,7 @@ class SignalAtStep:
 def test_stop_signal_saves_a_final_checkpoint(tmp_path, sig):
     cfg = load_config(RECIPE, tiny_overrides(tmp_path, "R", "train.max_steps=50", "train.save_every=0"))
     run = build_run(cfg)
-    run.task = SignalAtStep(run.task, at=2, sig=sig)
+    run.objective = SignalAtStep(run.objective, at=2, sig=sig)
     before = signal.getsignal(sig)  # SIG_IGN when the suite runs as a background job
     with pytest.raises(TrainingInterrupted, match=f"stopped by {signal.Signals(sig).name} after step 3"):
         train(cfg, run)

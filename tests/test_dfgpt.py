@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from difflm.diffusion.gaussian import GaussianConfig
 from difflm.errors import DifflmError
 from difflm.models.dfgpt import DFGPT, DFGPTConfig
-from difflm.train.tasks import AutoregressiveTask, DiffusionForcingTask, forcing_loss
+from difflm.train.objectives import AutoregressiveObjective, DiffusionForcingObjective, forcing_loss
 
 V, L, D = 64, 16, 32
 
@@ -27,7 +27,7 @@ def tokens(batch=2, length=L, seed=0) -> torch.Tensor:
 
 def df_loss(model: DFGPT, idx: torch.Tensor, g: torch.Generator, levels: torch.Tensor | None = None):
     """The training loss on idx with levels (default: drawn) and noise drawn from g, as the task does."""
-    task = DiffusionForcingTask(model.config.gaussian, model.config.n_embd)
+    task = DiffusionForcingObjective(model.config.gaussian, model.config.n_embd)
     if levels is None:
         batch = task.prepare({"input_ids": idx}, g)
         levels, noise = batch["levels"], batch["noise"]
@@ -78,7 +78,7 @@ def test_flag_off_matches_plain_gpt_reference(positions):
         ref = reference_logits(model, ids[:, :-1])
         torch.testing.assert_close(model(ids[:, :-1]), ref, atol=1e-5, rtol=1e-5)
         ref_loss = -ref.log_softmax(-1).gather(-1, ids[:, 1:, None]).mean()
-        loss, _ = AutoregressiveTask().loss(model, {"input_ids": ids})
+        loss, _ = AutoregressiveObjective().loss(model, {"input_ids": ids})
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert model.trunk.lm_head.weight is model.trunk.tok_emb.weight
     names = {n for n, _ in model.named_parameters()}

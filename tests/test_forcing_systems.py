@@ -22,7 +22,7 @@ from difflm.evaluate.options import EvalOptions
 from difflm.models.dfgpt import DFGPT, DFGPTConfig
 from difflm.pretrained import load_pretrained
 from difflm.sampling.autoregressive import generate_ar
-from difflm.systems.forcing import DiffusionForcingTask
+from difflm.systems.forcing import DiffusionForcingObjective
 from difflm.systems.registry import build_run
 from difflm.train.trainer import train
 
@@ -98,7 +98,7 @@ def test_trained_checkpoint_reloads_with_identical_outputs(trained, flag):
 def test_one_flag_switches_the_system(tmp_path):
     cfg = load_config(recipe(False), overrides(tmp_path, "x", "model.use_diffusion_forcing=true"))
     run = build_run(cfg)
-    assert cfg.task == "diffusion_forcing" and isinstance(run.task, DiffusionForcingTask)
+    assert cfg.task == "diffusion_forcing" and isinstance(run.objective, DiffusionForcingObjective)
     assert cfg.model.block_size == 16  # DF denoises whole blocks
     cfg = load_config(recipe(True), overrides(tmp_path, "y", "model.use_diffusion_forcing=false"))
     build_run(cfg)
@@ -110,7 +110,7 @@ def test_levels_and_noise_come_from_prepare_and_split_evenly():
     model = DFGPT(
         DFGPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, use_diffusion_forcing=True)
     )
-    task = DiffusionForcingTask(model.config.gaussian, 16)
+    task = DiffusionForcingObjective(model.config.gaussian, 16)
     ids = torch.randint(0, 20, (4, 8))
     a = task.prepare({"input_ids": ids}, torch.Generator().manual_seed(5))
     b = task.prepare({"input_ids": ids}, torch.Generator().manual_seed(5))

@@ -191,16 +191,16 @@ def test_subs_errors():
 def test_eval_reports_the_subs_bound(mock_denoiser):
     """`difflm eval`'s elbo_nll is the SUBS bound, below the plain-softmax one on the same draws."""
     from difflm.config import DiffusionConfig
-    from difflm.evaluate.likelihood import elbo_nll, mean_task_loss
-    from difflm.train.tasks import MaskedDiffusionTask
+    from difflm.evaluate.likelihood import elbo_nll, mean_objective_loss
+    from difflm.train.objectives import MaskedDiffusionObjective
 
     model = mock_denoiser(vocab=32, seed=1)
     data = [torch.randint(0, 31, (12,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
     kw = dict(batch_size=4, samples=2, seed=0, progress=False)
 
     def bound(loss: str) -> float:
-        task = MaskedDiffusionTask(DiffusionConfig(loss=loss), mask_token_id=31, vocab_size=32)
-        return mean_task_loss(model, task, data, **kw)
+        task = MaskedDiffusionObjective(DiffusionConfig(loss=loss), mask_token_id=31, vocab_size=32)
+        return mean_objective_loss(model, task, data, **kw)
 
     got = elbo_nll(model, data, mask_token_id=31, vocab_size=32, **kw)
     assert got == bound("mdlm") and got < bound("elbo")

@@ -17,7 +17,7 @@ from difflm.config import load_config
 from difflm.data.tokenizers import CharTokenizer
 from difflm.errors import DifflmError
 from difflm.pretrained import load_pretrained
-from difflm.systems.prefix_diffusion import PrefixDiffusionConfig, PrefixDiffusionTask
+from difflm.systems.prefix_diffusion import PrefixDiffusionConfig, PrefixDiffusionObjective
 from difflm.systems.registry import build_run
 from difflm.train.trainer import split_batch, train
 
@@ -69,7 +69,7 @@ def task_and_batch(rates: list[float], noise: str = "discrete", loss: str = "mea
         row = (tok.encode("".join(LINES)) * 2)[: n - 1] + [tok.eos_token_id]
         ids[r, :n] = torch.tensor(row)
     mask = (torch.arange(12) < torch.tensor(lengths)[:, None]).long()
-    return tok, PrefixDiffusionTask(cfg, scfg, tok), {"input_ids": ids, "attention_mask": mask}
+    return tok, PrefixDiffusionObjective(cfg, scfg, tok), {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("noise", ["discrete", "elbo"])

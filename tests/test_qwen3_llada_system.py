@@ -46,7 +46,7 @@ def tokenizer(tmp_path) -> HFTokenizer:
 
 def prepared_batch(run, seed: int = 0, n: int = 4):
     batch = collate([run.train_data[i] for i in range(n)])
-    return batch, run.task.prepare(batch, torch.Generator().manual_seed(seed))
+    return batch, run.objective.prepare(batch, torch.Generator().manual_seed(seed))
 
 
 def hand_loss(name: str, logits, batch, prepared) -> torch.Tensor:
@@ -88,7 +88,7 @@ def test_task_wires_the_chosen_loss(tmp_path, name):
     if "attention_mask" in batch:
         bias = bias + padding_bias(batch["attention_mask"])
     with torch.no_grad():
-        loss, _ = run.task.loss(run.model.eval(), prepared)
+        loss, _ = run.objective.loss(run.model.eval(), prepared)
         logits = run.model(prepared["noisy"], attention_bias=bias)
     torch.testing.assert_close(loss.double(), hand_loss(name, logits, batch, prepared), rtol=1e-5, atol=1e-6)
 
@@ -107,7 +107,7 @@ def test_sft_batch_never_masks_prompt_or_padding(tmp_path):
     answer = (positions[None] >= batch["prompt_lengths"][:, None]) & batch["attention_mask"].bool()
     assert (batch["attention_mask"] == 0).any() and (batch["prompt_lengths"] >= 3).all()
     for seed in range(20):
-        prepared = run.task.prepare(batch, torch.Generator().manual_seed(seed))
+        prepared = run.objective.prepare(batch, torch.Generator().manual_seed(seed))
         assert not (prepared["noised"] & ~answer).any()
         assert torch.equal(prepared["noisy"][~answer], batch["input_ids"][~answer])
         assert torch.equal(prepared["loss_mask"], answer)  # the sft loss divides by this count

@@ -109,11 +109,11 @@ def test_eval_and_sample_after_training(trained, capsys):
 
 def test_uncond_prob_one_hides_the_vector(tmp_path):
     run = build_run(tiny_config(tmp_path, "system.uncond_prob=1.0", "model.dropout=0.0"))
-    batch = run.task.prepare(collate([run.train_data[i] for i in range(8)]), step_generator(0, 0))
+    batch = run.objective.prepare(collate([run.train_data[i] for i in range(8)]), step_generator(0, 0))
     assert batch["cond_drop"].all()
     other = {**batch, "cond": torch.randn_like(batch["cond"])}
-    a, _ = run.task.diffusion.loss(run.model, batch)
-    b, _ = run.task.diffusion.loss(run.model, other)
+    a, _ = run.objective.diffusion.loss(run.model, batch)
+    b, _ = run.objective.diffusion.loss(run.model, other)
     assert torch.equal(a, b)  # the decoder's loss does not depend on the vector at all
 
 

@@ -229,7 +229,7 @@ def test_save_every_zero_saves_only_at_the_end(tmp_path):
 # ----------------------------------------------------------------------------- fp16 loss scaling
 
 
-class TinyGradientTask:
+class TinyGradientObjective:
     """loss = 1e-8 * sum of a Linear's outputs: under fp16 autocast its gradient (1e-8) underflows."""
 
     def prepare(self, batch, generator):
@@ -248,7 +248,7 @@ def test_fp16_scales_the_loss_so_small_gradients_survive(tmp_path):
     model = torch.nn.Linear(4, 4)
     before = model.weight.detach().clone()
     data = [torch.arange(4) + i for i in range(8)]
-    state = train(cfg, Run(model, TinyGradientTask(), data, data))
+    state = train(cfg, Run(model, TinyGradientObjective(), data, data))
     assert not torch.equal(model.weight.detach(), before)  # without a loss scale: gradient 0, no move
     assert state.grad_scaler["scale"] == 65536.0 and state.grad_scaler["_growth_tracker"] == 1
 

@@ -23,7 +23,7 @@ RECIPE = "recipes/shakespeare_char.yaml"
 DATA = [torch.arange(4) + i for i in range(8)]  # 8 rows of 4 "tokens", read as floats by a Linear
 
 
-class ScriptedTask:
+class ScriptedObjective:
     """Trains a Linear on mean(y^2); in eval mode the "val loss" is the next value of a script
     (or, with no script, that same loss)."""
 
@@ -41,7 +41,7 @@ class ScriptedTask:
 
 def linear_run(val_losses: list[float] | None = None) -> Run:
     torch.manual_seed(0)
-    return Run(torch.nn.Linear(4, 4), ScriptedTask(val_losses), DATA, DATA)
+    return Run(torch.nn.Linear(4, 4), ScriptedObjective(val_losses), DATA, DATA)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -133,7 +133,7 @@ def test_ema_is_the_hand_computed_average(tmp_path):
     held = torch.nn.Linear(4, 4)
     held.load_state_dict(average)
     with torch.no_grad():  # validation used the average: the loss of the first val batch
-        assert state.val_loss == ScriptedTask().loss(held, {"input_ids": torch.stack(DATA[:4])})[0].item()
+        assert state.val_loss == ScriptedObjective().loss(held, {"input_ids": torch.stack(DATA[:4])})[0].item()
 
 
 def test_ema_resume_is_exact(tmp_path):

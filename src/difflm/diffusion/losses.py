@@ -64,7 +64,7 @@ def elbo_loss(
     diffusion: each block has its own t), capped at `reweight_cap`.
     Positions counted: noised, and inside `loss_mask` [B, L] when given. `logits` may instead be
     packed [N, V]: the rows of the N counted positions in row-major order (a model that skips the
-    vocabulary projection elsewhere; see MaskedDiffusionTask's packed_logits).
+    vocabulary projection elsewhere; see MaskedDiffusionObjective's packed_logits).
     normalize='tokens': sum / (B * L). normalize='answer': each example's sum divided by its
     number of `loss_mask` positions, then the mean over the batch (needs `loss_mask`).
     `banned_id` (SUBS): a token the model may never predict; its logit is -inf in the log-softmax.

@@ -36,7 +36,7 @@ from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.forcing import sample_forcing
 from difflm.systems.forcing import ForcingSystemConfig, sampling_diffusion
-from difflm.train.tasks import forcing_loss
+from difflm.train.objectives import forcing_loss
 from difflm.train.trainer import collate
 
 

@@ -23,14 +23,14 @@ from tqdm import tqdm
 from difflm.config import DiffusionConfig
 from difflm.models.protocol import check_denoiser
 from difflm.sampling.unmask import mask_token_of
-from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
+from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.trainer import collate, step_generator, to_device
 
 
 @torch.no_grad()
-def mean_task_loss(
+def mean_objective_loss(
     model,
-    task,
+    objective,
     data,
     *,
     batch_size: int,
@@ -49,8 +49,8 @@ def mean_task_loss(
     for b in range(n_batches):
         batch = collate([data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))])
         for s in range(samples):
-            prepared = task.prepare(batch, step_generator(seed, b * samples + s, salt=2))
-            loss, _ = task.loss(model, to_device(prepared, device))
+            prepared = objective.prepare(batch, step_generator(seed, b * samples + s, salt=2))
+            loss, _ = objective.loss(model, to_device(prepared, device))
             rows = batch["input_ids"].shape[0]
             total += loss.item() * rows
             count += rows
@@ -77,14 +77,14 @@ def elbo_nll(
     so it is a true bound, with MDLM's SUBS parameterisation (the mask token never predicted);
     `block_length` K gives block diffusion's bound (each block given the clean earlier ones; K = 1
     is a next-token likelihood, K = None full-sequence masked diffusion)."""
-    task = MaskedDiffusionTask(
+    objective = MaskedDiffusionObjective(
         DiffusionConfig(schedule=schedule, loss="mdlm", block_length=block_length),
         mask_token_id=mask_token_id,
         vocab_size=vocab_size,
     )
-    return mean_task_loss(
+    return mean_objective_loss(
         model,
-        task,
+        objective,
         data,
         batch_size=batch_size,
         samples=samples,
@@ -98,9 +98,9 @@ def ar_nll(
     model, data, *, batch_size: int = 32, max_batches: int | None = None, progress: bool = True
 ) -> float:
     """Next-token CE per predicted token (nats)."""
-    return mean_task_loss(
+    return mean_objective_loss(
         model,
-        AutoregressiveTask(),
+        AutoregressiveObjective(),
         data,
         batch_size=batch_size,
         samples=1,

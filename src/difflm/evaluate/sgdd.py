@@ -24,7 +24,7 @@ from difflm.sampling.settings import SampleOptions
 from difflm.systems.sgdd import (
     SGDDSystemConfig,
     build_examples,
-    build_task,
+    build_objective,
     load_encoder,
     read_file_examples,
     split_examples,
@@ -131,12 +131,12 @@ def decode_all(
 def diffusion_loss(pre: Pretrained, data, opts: EvalOptions) -> float:
     """Mean diffusion loss (ELBO, per token) on `data`, vectors never dropped."""
     scfg = system_config(pre.config, SGDDSystemConfig)
-    task = build_task(pre.config, SGDDSystemConfig(**{**vars(scfg), "uncond_prob": 0.0}), pre.tokenizer)
+    objective = build_objective(pre.config, SGDDSystemConfig(**{**vars(scfg), "uncond_prob": 0.0}), pre.tokenizer)
     losses = []
     for b, start in enumerate(range(0, len(data), opts.batch_size)):
         items = [data[i] for i in range(start, min(len(data), start + opts.batch_size))]
-        batch = task.prepare(collate(items), step_generator(opts.seed, b, salt=1))
-        losses.append(task.diffusion.loss(pre.model, batch)[0].item())
+        batch = objective.prepare(collate(items), step_generator(opts.seed, b, salt=1))
+        losses.append(objective.diffusion.loss(pre.model, batch)[0].item())
     return sum(losses) / len(losses)
 
 

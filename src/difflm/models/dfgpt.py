@@ -115,7 +115,7 @@ class DFGPT(nn.Module):
     for Diffusion Forcing, a per-token level embedding in front and an embedding-space head on top.
 
     Continuous (embedding-space) noise makes it a `SequenceModel` but no masked `Denoiser`
-    (models/protocol.py); its training loss is `train/tasks.py:DiffusionForcingTask`.
+    (models/protocol.py); its training loss is `train/objectives.py:DiffusionForcingObjective`.
     """
 
     legacy_keys = (  # names before DFGPT ran on the core Transformer (2026-12-01); checkpoint.load_weights

@@ -151,7 +151,7 @@ class SGDD(nn.Module):
     def semantic(self, z: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Encoder vectors [B, D] -> (conditioning vectors [B, semantic_dim], VIB KL or 0).
 
-        `noise` [B, semantic_dim] is the VIB's standard-normal draw, made by the caller (the task's
+        `noise` [B, semantic_dim] is the VIB's standard-normal draw, made by the caller (the objective's
         `prepare`, so it depends only on (seed, step)); None gives the mean, as at inference.
         """
         if z.dim() != 2 or z.shape[1] != self.config.encoder_dim:

@@ -1,12 +1,12 @@
 """Teacher Forcing vs Diffusion Forcing: one DFGPT, one flag (`model.use_diffusion_forcing`).
 
-With the flag off the model is a plain nanoGPT trained by next-token loss (`AutoregressiveTask`);
+With the flag off the model is a plain nanoGPT trained by next-token loss (`AutoregressiveObjective`);
 with it on, every token of a block gets its own Gaussian noise level and the model denoises the
-whole block causally (`train/tasks.py:DiffusionForcingTask`).  The flag is the one switch: the builder rewrites
+whole block causally (`train/objectives.py:DiffusionForcingObjective`).  The flag is the one switch: the builder rewrites
 `task` to match it (`teacher_forcing` / `diffusion_forcing`), so the checkpoint's `eval` and
 `sample` dispatch follow the model that was actually trained.
 
-The per-token levels and the noise are drawn in `DiffusionForcingTask.prepare` on the whole global batch
+The per-token levels and the noise are drawn in `DiffusionForcingObjective.prepare` on the whole global batch
 with the step's generator, then split with the batch: resume and multi-process runs see the same
 noise as an uninterrupted single-process run.
 """
@@ -27,7 +27,7 @@ from difflm.pretrained import Pretrained
 from difflm.sampling.forcing import SCHEDULES, sample_forcing
 from difflm.sampling.settings import SampleOptions
 from difflm.sampling.unmask import SampleResult
-from difflm.train.tasks import AutoregressiveTask, DiffusionForcingTask
+from difflm.train.objectives import AutoregressiveObjective, DiffusionForcingObjective
 from difflm.train.trainer import Run
 
 TASK_OF_FLAG = {False: "teacher_forcing", True: "diffusion_forcing"}
@@ -74,10 +74,10 @@ def build_forcing(cfg: RunConfig) -> Run:
     cfg.task = TASK_OF_FLAG[flag]
     model = build_model("dfgpt", cfg.model)
     if flag:
-        task = DiffusionForcingTask(cfg.model.gaussian, cfg.model.n_embd)
+        objective = DiffusionForcingObjective(cfg.model.gaussian, cfg.model.n_embd)
     else:
-        task = AutoregressiveTask()
-    return Run(model, task, train, val, tokenizer)
+        objective = AutoregressiveObjective()
+    return Run(model, objective, train, val, tokenizer)
 
 
 # ----------------------------------------------------------------------------- `difflm sample` entries

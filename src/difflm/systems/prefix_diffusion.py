@@ -8,7 +8,7 @@ keep their first `system.prefix_len` tokens clean; the rest is masked by one of 
   in `prepare` to the fixed-length batch with the step's generator). Loss (`system.loss`):
   `mean` = plain mean CE over masked tokens (the seed), or `elbo` = CE / p summed over masked
   tokens and divided by B*L (LLaDA's estimator); both through `difflm.diffusion.losses.elbo_loss`.
-- `elbo`: the core's continuous schedule (`MaskedDiffusionTask`, `diffusion:` section), the prefix
+- `elbo`: the core's continuous schedule (`MaskedDiffusionObjective`, `diffusion:` section), the prefix
   protected through `prompt_lengths`.
 Special tokens (EOS/[SEP], [PAD], ...) and padding are never masked.
 
@@ -47,7 +47,7 @@ from difflm.models.layers import padding_bias
 from difflm.models.mlm import hf_config_dict, load_mlm
 from difflm.pretrained import Pretrained
 from difflm.systems.text import fill_derived
-from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
+from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.trainer import Run
 
 Batch = dict[str, Tensor]
@@ -145,7 +145,7 @@ def trim_padding(batch: Batch) -> Batch:
 # ----------------------------------------------------------------------------- tasks
 
 
-class PrefixDiffusionTask:
+class PrefixDiffusionObjective:
     """Corrupt after a clean prefix (discrete rate table or the core's ELBO schedule); CE on masks."""
 
     def __init__(self, cfg: RunConfig, scfg: PrefixDiffusionConfig, tokenizer: Tokenizer) -> None:
@@ -161,7 +161,7 @@ class PrefixDiffusionTask:
         )
         self.elbo = None
         if scfg.noise == "elbo":
-            self.elbo = MaskedDiffusionTask(
+            self.elbo = MaskedDiffusionObjective(
                 cfg.diffusion,
                 mask_token_id=tokenizer.mask_token_id,
                 vocab_size=tokenizer.vocab_size,
@@ -203,7 +203,7 @@ class PrefixDiffusionTask:
         return loss, {"mask_rate": batch["rate"].float().mean().item()}
 
 
-class DocumentARTask(AutoregressiveTask):
+class DocumentARObjective(AutoregressiveObjective):
     """Next-token loss on padded documents, padding-only columns trimmed first."""
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
@@ -253,7 +253,7 @@ def build_prefix_diffusion(cfg: RunConfig) -> Run:
         model = build_model("transformer", cfg.model)
     else:
         raise DifflmError(f"task 'prefix_diffusion' trains model.family mlm or transformer, got {family}")
-    return Run(model, PrefixDiffusionTask(cfg, scfg, tokenizer), train, val, tokenizer)
+    return Run(model, PrefixDiffusionObjective(cfg, scfg, tokenizer), train, val, tokenizer)
 
 
 def build_poems_ar(cfg: RunConfig) -> Run:
@@ -261,7 +261,7 @@ def build_poems_ar(cfg: RunConfig) -> Run:
         raise DifflmError(f"task 'poems_ar' trains model.family=transformer, got {model_family(cfg.model)}")
     tokenizer, train, val = run_data(cfg)
     fill_derived(cfg, tokenizer, causal=True)
-    return Run(build_model("transformer", cfg.model), DocumentARTask(), train, val, tokenizer)
+    return Run(build_model("transformer", cfg.model), DocumentARObjective(), train, val, tokenizer)
 
 
 def eval_prefix_system(pre: Pretrained, opts: EvalOptions) -> dict:
@@ -271,9 +271,9 @@ def eval_prefix_system(pre: Pretrained, opts: EvalOptions) -> dict:
     cfg = pre.config
     _, _, val = run_data(cfg, pre.tokenizer)
     if cfg.task == "poems_ar":
-        task = DocumentARTask()
+        objective = DocumentARObjective()
     else:
-        task = PrefixDiffusionTask(cfg, system_config(cfg, PrefixDiffusionConfig), pre.tokenizer)
+        objective = PrefixDiffusionObjective(cfg, system_config(cfg, PrefixDiffusionConfig), pre.tokenizer)
     tc = dataclasses.replace(cfg.train, batch_size=opts.batch_size, precision="fp32")
     batches = opts.max_batches or max(1, len(val) // opts.batch_size)
-    return {"val_loss": evaluate_loss(pre.model, task, val, tc, batches=batches)}
+    return {"val_loss": evaluate_loss(pre.model, objective, val, tc, batches=batches)}

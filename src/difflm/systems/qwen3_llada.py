@@ -2,7 +2,7 @@
 and the causal Qwen3 they are converted from.
 
 `qwen3_llada_pretrain`: text packed into `data.block_size` blocks with an HF tokenizer
-(`text_blocks`), the masked-diffusion core (`MaskedDiffusionTask`) with the loss and noise of the
+(`text_blocks`), the masked-diffusion core (`MaskedDiffusionObjective`) with the loss and noise of the
 `diffusion:` section. `qwen3_llada_sft`: conversation records (`difflm.data.conversations`),
 one padded example per conversation; prompt and padding are never masked, attended to as keys
 (padding) or scored, and the `sft` loss divides by each example's answer length.
@@ -40,7 +40,7 @@ from difflm.models.qwen3_llada import Qwen3LLaDASpec, build_qwen3_llada, load_qw
 from difflm.pretrained import Pretrained
 from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
-from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
+from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.trainer import Run, evaluate_loss
 
 Batch = dict[str, Tensor]
@@ -124,10 +124,10 @@ def block_bias_fn(system: Qwen3LLaDASystem) -> Callable[[Batch], Tensor]:
     return bias
 
 
-def build_task(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusionTask:
-    """The core task with `diffusion.loss`; no special id is protected (the answer's EOS is learned)."""
+def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusionObjective:
+    """The core objective with `diffusion.loss`; no special id is protected (the answer's EOS is learned)."""
     system = system_config(cfg, Qwen3LLaDASystem)
-    return MaskedDiffusionTask(
+    return MaskedDiffusionObjective(
         cfg.diffusion,
         mask_token_id=tokenizer.mask_token_id,
         vocab_size=tokenizer.vocab_size,
@@ -144,7 +144,7 @@ def build_pretrain(cfg: RunConfig) -> Run:
     tokenizer = _hf_tokenizer(cfg)
     tokenizer, train, val = text_blocks(cfg.data, tokenizer)
     model = build_model(cfg, tokenizer)
-    return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
+    return Run(model, build_objective(cfg, tokenizer), train, val, tokenizer)
 
 
 def build_ar_pretrain(cfg: RunConfig) -> Run:
@@ -161,7 +161,7 @@ def build_ar_pretrain(cfg: RunConfig) -> Run:
     cfg.model = dataclasses.replace(
         cfg.model, vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id
     )
-    return Run(build_qwen3(cfg.model), AutoregressiveTask(), train, val, tokenizer)
+    return Run(build_qwen3(cfg.model), AutoregressiveObjective(), train, val, tokenizer)
 
 
 def sft_splits(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[object, object]:
@@ -180,7 +180,7 @@ def build_sft(cfg: RunConfig) -> Run:
     tokenizer = _hf_tokenizer(cfg)
     train, val = sft_splits(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
-    return Run(model, build_task(cfg, tokenizer), train, val, tokenizer)
+    return Run(model, build_objective(cfg, tokenizer), train, val, tokenizer)
 
 
 def eval_sft(pre: Pretrained, opts: EvalOptions) -> dict:
@@ -189,9 +189,9 @@ def eval_sft(pre: Pretrained, opts: EvalOptions) -> dict:
     ELBO of `qwen3_llada_pretrain` does not apply: SFT data are conversation records, not text."""
     val = sft_splits(pre.config, pre.tokenizer)[1]
     tc = dataclasses.replace(pre.config.train, batch_size=opts.batch_size, precision="fp32", seed=opts.seed)
-    task = build_task(pre.config, pre.tokenizer)
+    objective = build_objective(pre.config, pre.tokenizer)
     batches = opts.max_batches or max(1, len(val) // opts.batch_size)
-    return {"val_loss": evaluate_loss(pre.model, task, val, tc, batches=batches)}
+    return {"val_loss": evaluate_loss(pre.model, objective, val, tc, batches=batches)}
 
 
 # ----------------------------------------------------------------------------- sampling

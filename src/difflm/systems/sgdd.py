@@ -13,9 +13,9 @@ frozen encoder's vector of the source. Vectors of a fixed corpus are computed on
 `cached_encode` (texts sorted by length so batches carry little padding), so later epochs and
 later runs never re-run the encoder.
 
-Training is the core's `MaskedDiffusionTask` (cosine schedule, t on the grid k/1000, CE on
+Training is the core's `MaskedDiffusionObjective` (cosine schedule, t on the grid k/1000, CE on
 masked real tokens only, per-token normalisation through the `sft` loss with no prompt) wrapped
-by `SGDDTask`, which trims all-pad columns, drops the vector for `uncond_prob` of the examples
+by `SGDDObjective`, which trims all-pad columns, drops the vector for `uncond_prob` of the examples
 (classifier-free guidance) and adds the VIB KL and the length head's cross-entropy.
 """
 
@@ -37,7 +37,7 @@ from difflm.models.encoder import EncoderConfig, SemanticEncoder, Whitening, cac
 from difflm.models.sgdd import SGDD
 from difflm.sampling.settings import REMASKING, REVEAL_SCHEDULES
 from difflm.train import checkpoint as ckpt
-from difflm.train.tasks import MaskedDiffusionTask
+from difflm.train.objectives import MaskedDiffusionObjective
 from difflm.train.trainer import Run
 
 PHASES = ("reconstruct", "paraphrase")
@@ -239,13 +239,13 @@ def build_examples(
     return SGDDExamples(ids, lengths, vectors)
 
 
-# ----------------------------------------------------------------------------- task
+# ----------------------------------------------------------------------------- objective
 
 
-class SGDDTask:
+class SGDDObjective:
     """Masked diffusion on the vector-conditioned decoder, plus CFG dropout, VIB KL and length CE."""
 
-    def __init__(self, diffusion: MaskedDiffusionTask, scfg: SGDDSystemConfig, model_cfg) -> None:
+    def __init__(self, diffusion: MaskedDiffusionObjective, scfg: SGDDSystemConfig, model_cfg) -> None:
         self.diffusion = diffusion
         self.uncond_prob = scfg.uncond_prob
         self.length_weight = scfg.length_loss_weight
@@ -276,9 +276,9 @@ class SGDDTask:
         }
 
 
-def build_task(cfg: RunConfig, scfg: SGDDSystemConfig, tokenizer: HFTokenizer) -> SGDDTask:
+def build_objective(cfg: RunConfig, scfg: SGDDSystemConfig, tokenizer: HFTokenizer) -> SGDDObjective:
     inputs = ("cond", "cond_drop", "cond_noise") if cfg.model.encoder.vib else ("cond", "cond_drop")
-    diffusion = MaskedDiffusionTask(
+    diffusion = MaskedDiffusionObjective(
         cfg.diffusion,
         mask_token_id=tokenizer.mask_token_id,
         vocab_size=tokenizer.vocab_size,
@@ -286,7 +286,7 @@ def build_task(cfg: RunConfig, scfg: SGDDSystemConfig, tokenizer: HFTokenizer) -
         model_inputs=inputs,
         packed_logits=True,
     )
-    return SGDDTask(diffusion, scfg, cfg.model)
+    return SGDDObjective(diffusion, scfg, cfg.model)
 
 
 # ----------------------------------------------------------------------------- build
@@ -363,4 +363,4 @@ def build_sgdd(cfg: RunConfig) -> Run:
             model.init_embeddings(encoder.token_embeddings(), cfg.model.embedding_init)
         if model.head.whitening is not None:
             model.head.whitening = Whitening.fit(train.vectors)
-    return Run(model, build_task(cfg, scfg, tokenizer), train, val, tokenizer)
+    return Run(model, build_objective(cfg, scfg, tokenizer), train, val, tokenizer)

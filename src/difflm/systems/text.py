@@ -21,7 +21,7 @@ from difflm.pretrained import Pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
-from difflm.train.tasks import AutoregressiveTask, MaskedDiffusionTask
+from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.trainer import Run
 
 
@@ -47,17 +47,17 @@ def build_masked_diffusion(cfg: RunConfig) -> Run:
     require_family(cfg, "transformer")
     tokenizer, train, val = text_blocks(cfg.data)
     fill_derived(cfg, tokenizer, causal=False)
-    task = MaskedDiffusionTask(
+    objective = MaskedDiffusionObjective(
         cfg.diffusion, mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size
     )
-    return Run(build_model("transformer", cfg.model), task, train, val, tokenizer)
+    return Run(build_model("transformer", cfg.model), objective, train, val, tokenizer)
 
 
 def build_autoregressive(cfg: RunConfig) -> Run:
     require_family(cfg, "transformer")
     tokenizer, train, val = text_blocks(cfg.data)
     fill_derived(cfg, tokenizer, causal=True)
-    return Run(build_model("transformer", cfg.model), AutoregressiveTask(), train, val, tokenizer)
+    return Run(build_model("transformer", cfg.model), AutoregressiveObjective(), train, val, tokenizer)
 
 
 def eval_masked_diffusion(pre: Pretrained, opts: EvalOptions) -> dict:

@@ -1,7 +1,7 @@
 """The one training loop, shared by every system.
 
-A system supplies a `Run` (model, task, datasets, tokenizer); the loop knows nothing of diffusion.
-Each step draws the global batch in a seeded per-epoch order, lets the task corrupt it with a
+A system supplies a `Run` (model, objective, datasets, tokenizer); the loop knows nothing of diffusion.
+Each step draws the global batch in a seeded per-epoch order, lets the objective corrupt it with a
 generator seeded from (seed, step), then each process takes its slice and each micro-batch its
 share. Because nothing random depends on history, resuming at step N replays exactly what an
 uninterrupted run would have done, and 2 processes see the same noise as 1 (DDP parity).
@@ -47,7 +47,7 @@ from difflm.train.run_folder import StopSignals, TrainingInterrupted, claim_outp
 Batch = dict[str, Tensor]
 
 
-class Task(Protocol):
+class Objective(Protocol):
     """What a system trains: how a batch is corrupted and how the loss is computed."""
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> Batch: ...
@@ -58,7 +58,7 @@ class Task(Protocol):
 @dataclass
 class Run:
     model: nn.Module
-    task: Task
+    objective: Objective
     train_data: Any  # map-style: __len__, __getitem__ -> Tensor or dict of Tensors
     val_data: Any
     tokenizer: Any = None
@@ -326,7 +326,7 @@ def _train_step(loop: Loop, state: TrainState) -> dict:
     t0 = time.perf_counter()
     batch = collate([run.train_data[i] for i in _next_indices(run, tc, state)])
     torch.manual_seed(tc.seed + state.step)  # dropout: a function of the step, like the noise
-    prepared = run.task.prepare(batch, step_generator(tc.seed, state.step))
+    prepared = run.objective.prepare(batch, step_generator(tc.seed, state.step))
     local = split_batch(prepared, loop.world_size, loop.rank)
     model.train()
     total, metrics = 0.0, {}
@@ -334,7 +334,7 @@ def _train_step(loop: Loop, state: TrainState) -> dict:
         micro = to_device(split_batch(local, tc.grad_accum, i), device)
         sync = i == tc.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, tc.precision):
-            loss, micro_metrics = run.task.loss(model, micro)
+            loss, micro_metrics = run.objective.loss(model, micro)
         scaler.scale(loss / tc.grad_accum).backward()
         total += loss.item() / tc.grad_accum
         for k, v in micro_metrics.items():
@@ -417,7 +417,7 @@ def _after_step(loop: Loop, state: TrainState, record: dict, stopping: bool = Fa
     out_of_patience = False
     if periodic or last:
         with loop.ema.applied() if loop.ema else contextlib.nullcontext():
-            val_loss = evaluate_loss(loop.model, loop.run.task, loop.run.val_data, tc)
+            val_loss = evaluate_loss(loop.model, loop.run.objective, loop.run.val_data, tc)
         state.val_loss = _from_rank0(val_loss, loop.device)  # best and patience: one decision
         loop.logger.log({"step": state.step, "val_loss": state.val_loss})
         # an early stop_at_step's evaluation is no periodic one: a resumed run must count the same
@@ -504,9 +504,9 @@ def _adapter_files(loop: Loop) -> list[Path]:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, task: Task, data: Any, tc: TrainConfig, batches: int | None = None
+    model: nn.Module, objective: Objective, data: Any, tc: TrainConfig, batches: int | None = None
 ) -> float:
-    """Mean task loss over the first `batches` val batches, with a fixed noise seed."""
+    """Mean objective loss over the first `batches` val batches, with a fixed noise seed."""
     device = next(model.parameters()).device
     model.eval()
     n = min(batches or tc.eval_batches, max(1, len(data) // tc.batch_size))
@@ -515,9 +515,9 @@ def evaluate_loss(
     losses = []
     for b in range(n):
         items = [data[i] for i in range(b * tc.batch_size, min(len(data), (b + 1) * tc.batch_size))]
-        prepared = task.prepare(collate(items), step_generator(tc.seed, b, salt=1))
+        prepared = objective.prepare(collate(items), step_generator(tc.seed, b, salt=1))
         with autocast(device, tc.precision):
-            loss, _ = task.loss(model, to_device(prepared, device))
+            loss, _ = objective.loss(model, to_device(prepared, device))
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)

@@ -18,7 +18,6 @@ import torch
 
 from difflm.diffusion.gaussian import GaussianConfig
 from difflm.models.dfgpt import DFGPT, DFGPTConfig
-from difflm.train.tasks import AutoregressiveTask
 
 RENAMES = (  # old name -> new name
     ("wte.", "trunk.tok_emb."),
@@ -41,9 +40,12 @@ def rename(key: str) -> str:
 def main() -> None:
     which, mode, out = sys.argv[1:4]
     if which == "old":
-        from difflm.systems.forcing import DiffusionForcingTask
+        from difflm.train.tasks import AutoregressiveTask as Autoregressive
+
+        from difflm.systems.forcing import DiffusionForcingTask as DiffusionForcing
     else:
-        from difflm.train.tasks import DiffusionForcingTask
+        from difflm.train.objectives import AutoregressiveObjective as Autoregressive
+        from difflm.train.objectives import DiffusionForcingObjective as DiffusionForcing
     torch.set_num_threads(1)
     text = open(os.environ.get("DATA", "../shared/data/tinyshakespeare.txt")).read()
     chars = sorted(set(text))
@@ -62,7 +64,7 @@ def main() -> None:
         own = model.state_dict()
         print("same init from the same seed:", all(torch.equal(own[k], v) for k, v in init.items() if k in own))
         model.load_state_dict(init, strict=False)
-    task = DiffusionForcingTask(cfg.gaussian, cfg.n_embd) if df else AutoregressiveTask()
+    task = DiffusionForcing(cfg.gaussian, cfg.n_embd) if df else Autoregressive()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     losses = []

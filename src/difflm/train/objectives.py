@@ -1,5 +1,5 @@
-"""Tasks: how each system corrupts a batch and scores the model on it (see trainer.Task), i.e. the
-training objective; not the recipe's `task:`, which names the system (docs/architecture.md).
+"""Training objectives: how each system corrupts a batch and scores the model on it (see
+trainer.Objective). The recipe's `task:` is something else: the system's name (docs/architecture.md).
 
 `prepare` runs on the whole global batch (on the CPU, with the step's generator) so the noise does
 not depend on how the batch is split across processes or micro-batches; `loss` runs per micro-batch.
@@ -26,7 +26,7 @@ from difflm.models.layers import padding_bias
 Batch = dict[str, Tensor]
 
 
-class MaskedDiffusionTask:
+class MaskedDiffusionObjective:
     """Masked diffusion (LLaDA / MDLM): draw t, mask at rate p(t), CE on masked tokens times w(t).
 
     The named losses divide by `inv_weight`; we hand them 1/w(t), which is p(t) itself for the linear
@@ -200,7 +200,7 @@ class MaskedDiffusionTask:
         return noisy[positions] if self.packed_logits else noisy
 
 
-class AutoregressiveTask:
+class AutoregressiveObjective:
     """Next-token prediction on the same blocks (the causal baseline): predict x[1:] from x[:-1]."""
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
@@ -217,7 +217,7 @@ class AutoregressiveTask:
         return loss, {}
 
 
-class DiffusionForcingTask:
+class DiffusionForcingObjective:
     """Diffusion Forcing (Chen et al. 2024) on a `DFGPT`: every token gets its own Gaussian noise
     level k ~ U{0..T-1} in embedding space and the causal model denoises the whole block.
 

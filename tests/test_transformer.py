@@ -77,6 +77,30 @@ def test_output_shape_and_parameter_count(mlp):
     assert model.num_parameters(exclude_embeddings=True) == expected - V * C
 
 
+def test_nanogpt_configuration_is_nanogpt():
+    """norm=layer, rope=false, learned positions, gelu_exact, causal: GPT-2 / nanoGPT written out."""
+    import torch.nn.functional as F
+
+    model = tiny(norm="layer", norm_eps=1e-5, rope=False, learned_positions=True, mlp="gelu_exact",
+                 causal=True, bias=True)  # fmt: skip
+    x_ids = ids()
+    H, D = 2, C // 2
+    with torch.no_grad():
+        for p in model.parameters():  # LayerNorm weights / biases away from 1 / 0
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        x = model.tok_emb.weight[x_ids] + model.pos_emb.weight[:L]
+        future = torch.ones(L, L, dtype=torch.bool).triu(1)
+        for blk in model.blocks:
+            h = F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, 1e-5)
+            q, k, v = (t.reshape(2, L, H, D).transpose(1, 2) for t in blk.attn.qkv(h).split(C, -1))
+            att = ((q @ k.transpose(-1, -2)) / D**0.5).masked_fill(future, INF).softmax(-1)
+            x = x + blk.attn.out_proj((att @ v).transpose(1, 2).reshape(2, L, C))
+            h = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, 1e-5)
+            x = x + blk.mlp.out_proj(0.5 * blk.mlp.fc(h) * (1 + torch.erf(blk.mlp.fc(h) / 2**0.5)))
+        ref = F.layer_norm(x, (C,), model.norm_f.weight, model.norm_f.bias, 1e-5) @ model.tok_emb.weight.T
+        torch.testing.assert_close(model(x_ids), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_tied_head_shares_storage():
     tied = tiny()
     assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()

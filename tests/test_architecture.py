@@ -1,5 +1,6 @@
 """The layers of docs/architecture.md, checked on the source: the import graph of `src/difflm` (every
-import, module-level or inside a function) has no cycle, and the low layers import no high one."""
+import, module-level or inside a function) has no cycle, the low layers import no high one, and no
+file or function grows past the size a reader can hold."""
 
 from __future__ import annotations
 
@@ -114,3 +115,20 @@ def test_low_layers_import_no_high_layer():
         if layer(target) in FORBIDDEN.get(layer(module), ())
     ]
     assert not broken, "layer rule broken (docs/architecture.md):\n" + "\n".join(broken)
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 80
+
+
+def test_files_and_functions_stay_short():
+    too_long = []
+    for module, path in module_files().items():
+        source = path.read_text(encoding="utf-8")
+        if source.count("\n") > MAX_FILE_LINES:
+            too_long.append(f"{module}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{module}.{node.name}: {length} lines")
+    assert not too_long, "split these up:\n" + "\n".join(too_long)

@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--examples", type=int, default=500, help="held-out sentences scored")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--latency-sentences", type=int, default=50, help="sentences timed at batch 1")
+    p.add_argument("--latency-sentences", type=int, default=50, help="sentences timed at batch 1 (0: none)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -112,7 +112,7 @@ def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argpar
     scales = [float(x) for x in args.cfg.split(",")] if args.cfg else [own]
     result["latency_ms_batch1"] = {}
     with torch.no_grad():
-        for scale in scales:
+        for scale in scales if args.latency_sentences else ():
             _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], 1, 0, 1, args.seed, scale)
             result["latency_ms_batch1"][str(scale)] = 1000 * latency / min(args.latency_sentences, len(pairs))
         for scale, (n, r) in ((s, g) for s in scales for g in grid):

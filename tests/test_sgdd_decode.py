@@ -28,6 +28,7 @@ from difflm.evaluate.sgdd_decode import (
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
 from difflm.pretrained import load_pretrained
+from difflm.sampling.unmask import cfg_combine
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder
 from difflm.train.trainer import train
@@ -151,8 +152,12 @@ def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
     off = torch.ones(full.shape[-1], dtype=torch.bool)
     off[keep] = False
     assert (short[..., off] == torch.finfo(short.dtype).min).all() and pre.model.vocab is None
-    # with guidance the off-shortlist logits stay finite and lowest, and decoding ends the same
-    # as with the whole head whenever the whole head's choices are on the shortlist (k = V here)
+    # guidance combines two restricted logits: finite everywhere, and only shortlisted tokens win
+    with pre.model.restricted_vocabulary(keep):
+        uncond = pre.model(ids, attention_bias=bias, cond=None)
+    guided = cfg_combine(short, uncond, 2.0)
+    assert torch.isfinite(guided).all() and torch.isin(guided.argmax(-1), keep).all()
+    # the decoder reads system.shortlist: a shortlist of the whole vocabulary decodes as no shortlist
     pre.config.system["shortlist"] = 0
     whole = decode_vectors(pre, vectors, cfg_scale=2.0)
     pre.config.system["shortlist"] = full.shape[-1]

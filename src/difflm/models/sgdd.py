@@ -205,7 +205,7 @@ class SGDD(nn.Module):
 
     @contextmanager
     def restricted_vocabulary(self, ids: Tensor) -> Iterator[None]:
-        """Score only the token ids [K] inside the block (every other logit is -inf).
+        """Score only the token ids [K] inside the block (every other logit is the dtype's lowest).
 
         Decoding reads the whole [V, C] output matrix at every step, and at batch 1 that read is
         most of a step's time; a shortlist (`evaluate/sgdd_decode.shortlist`) makes it K rows."""

@@ -74,7 +74,7 @@ def shakespeare_runs(steps: int) -> tuple[Run, ...]:
     )
 
 
-def long_runs(ar: int, mdm: int, from_ar: int, bd3: int, init: str) -> tuple[Run, ...]:
+def long_runs(ar: int, mdm: int, from_ar: int, bd3_4: int, bd3_16: int, init: str) -> tuple[Run, ...]:
     """The AR model to its plateau, masked diffusion from scratch for as long, and diffusion started
     from the AR checkpoint `init` ("ar/best") with Dream's shifted head: full masked diffusion, and
     BD3 K=4 / K=16 with a clipped t (docs/results/shakespeare_core/long). The AR run judges."""
@@ -87,14 +87,14 @@ def long_runs(ar: int, mdm: int, from_ar: int, bd3: int, init: str) -> tuple[Run
         Run(
             "bd3_4_from_ar",
             "shakespeare_char",
-            bd3,
+            bd3_4,
             f"diffusion.block_length=4 {clipped} {shifted}",
             init_from=init,
         ),
         Run(
             "bd3_16_from_ar",
             "shakespeare_char",
-            bd3,
+            bd3_16,
             f"diffusion.block_length=16 {clipped} {shifted}",
             init_from=init,
         ),
@@ -352,15 +352,15 @@ PRESETS: dict[str, dict[str, Preset]] = {
     },
     "shakespeare_long": {
         "smoke": Preset(
-            runs=long_runs(3, 3, 3, 3, init="ar"),
+            runs=long_runs(3, 3, 3, 3, 3, init="ar"),
             model=f"{TINY} data.block_size=32",
             batch_size=4,
             precision="fp32",
             train=SMOKE_TRAIN,
             evaluation=SHAKESPEARE_SMOKE_EVAL,
         ),
-        "cpu": Preset(  # docs/results/shakespeare_core/long: 7-41 min per run, one thread each
-            runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
+        "cpu": Preset(  # docs/results/shakespeare_core/long: 7-55 min per run, one thread each
+            runs=long_runs(4000, 4000, 4000, 4000, 2000, init="ar/best"),
             model=CPU_CHAR,
             batch_size=16,
             precision="fp32",
@@ -369,7 +369,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             evaluation=SHAKESPEARE_CPU_EVAL,
         ),
         "gpu": Preset(
-            runs=long_runs(4000, 4000, 1000, 2000, init="ar/best"),
+            runs=long_runs(4000, 4000, 1000, 2000, 2000, init="ar/best"),
             model=NANO_CHAR,
             batch_size=64,
             **GPU,

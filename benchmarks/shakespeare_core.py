@@ -5,10 +5,11 @@
 
 Each run folder is a finished `difflm train` run (same transformer, same data and token budget).
 For each: the validation likelihood in nats/char (AR: next-token NLL; diffusion: the ELBO bound,
-with the run's own block length K), the validation curve from its log, and continuations of
-held-out prompts sampled at temperature 1 (AR: ancestral; diffusion: one token per step,
-block-causal for BD3), scored by the AR judge's perplexity (gen-ppl), the share of their words found
-in the corpus and the longest run of a repeated word. Writes results.json, table.md, samples.md,
+with the run's own block length K, and the exact NLL of decoding it one token a step left to right
+in each block), the validation curve from its log, and continuations of held-out prompts sampled at
+temperature 1 (AR: ancestral; diffusion: one token per step, block-causal for BD3, most confident
+first and left to right), scored by the AR judge's perplexity (gen-ppl), the share of their words
+found in the corpus and the longest run of a repeated word. Writes results.json, table.md, samples.md,
 curves.png and command.txt into --out.
 """
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from difflm.data.blocks import text_blocks
 from difflm.data.corpora import resolve_corpus
-from difflm.evaluate.likelihood import ar_nll, elbo_nll
+from difflm.evaluate.likelihood import ar_nll, elbo_nll, left_to_right_nll
 from difflm.evaluate.metrics import word_quality, words
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.sampling.autoregressive import generate_ar
@@ -37,7 +38,9 @@ from difflm.sampling.unmask import SampleConfig, generate
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", action="append", required=True, metavar="NAME=PATH", help="a finished run (repeat)")
+    p.add_argument(
+        "--run", action="append", required=True, metavar="NAME=PATH", help="a finished run (repeat)"
+    )
     p.add_argument("--judge", required=True, help="the AR run that scores continuations")
     p.add_argument("--out", required=True, help="results folder (e.g. docs/results/shakespeare_core)")
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts continued per model")
@@ -67,6 +70,19 @@ def likelihood(pre: Pretrained, args: argparse.Namespace) -> float:
     )
 
 
+def exact_left_to_right(pre: Pretrained, args: argparse.Namespace) -> float:
+    _, _, val = text_blocks(pre.config.data, pre.tokenizer)
+    return left_to_right_nll(
+        pre.model,
+        val,
+        mask_token_id=pre.tokenizer.mask_token_id,
+        vocab_size=pre.tokenizer.vocab_size,
+        max_batches=args.max_batches,
+        progress=False,
+        block_length=pre.config.diffusion.block_length,
+    )
+
+
 def held_out_prompts(pre: Pretrained, n: int, length: int) -> torch.Tensor:
     """n prompts of `length` characters spread over the validation tail of the corpus [n, P]."""
     text = resolve_corpus(pre.config.data.path).read_text(encoding="utf-8")
@@ -75,8 +91,11 @@ def held_out_prompts(pre: Pretrained, n: int, length: int) -> torch.Tensor:
     return torch.tensor([pre.tokenizer.encode(tail[i * step : i * step + length]) for i in range(n)])
 
 
-def continue_prompts(pre: Pretrained, ids: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
-    """Continuations [n, G] at temperature 1, one token per step for the diffusion models."""
+def continue_prompts(
+    pre: Pretrained, ids: torch.Tensor, args: argparse.Namespace, remasking: str = "low_confidence"
+) -> torch.Tensor:
+    """Continuations [n, G] at temperature 1, one token per step for the diffusion models, revealed
+    in `remasking` order."""
     G = args.gen_length
     gen = [torch.Generator().manual_seed(args.seed + row) for row in range(len(ids))]
     if pre.config.task == "autoregressive":
@@ -89,6 +108,7 @@ def continue_prompts(pre: Pretrained, ids: torch.Tensor, args: argparse.Namespac
         block_causal=K is not None,
         cache="prefix" if K is not None else "none",
         temperature=1.0,
+        remasking=remasking,
         suppress_tokens=sorted(i for i in pre.tokenizer.special_ids if i != pre.tokenizer.mask_token_id),
     )
     return generate(pre.model, ids, cfg, generator=gen).tokens[:, -G:]
@@ -119,6 +139,7 @@ def evaluate_run(name: str, run: str, judge: Pretrained, vocab: set[str], args) 
     texts = [pre.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in cont]
     quality = [word_quality(t, vocab) for t in texts]
     state = json.loads((pre.path / "trainer_state.json").read_text())
+    ordered = {} if pre.config.task == "autoregressive" else left_to_right(pre, ids, judge, vocab, args)
     return {
         "name": name,
         "run": run,
@@ -134,7 +155,24 @@ def evaluate_run(name: str, run: str, judge: Pretrained, vocab: set[str], args) 
         "prompt": pre.tokenizer.decode(ids[0].tolist()),
         "samples": texts,
         "curve": val_curve(pre.path.parent.parent),  # run/checkpoints/step-N -> run
+        **ordered,
         "eval_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def left_to_right(pre: Pretrained, ids: torch.Tensor, judge: Pretrained, vocab: set[str], args) -> dict:
+    """A diffusion model decoded left to right: its exact NLL, and its continuations' figures."""
+    with torch.no_grad():
+        nll = exact_left_to_right(pre, args)
+        cont = continue_prompts(pre, ids, args, remasking="left_to_right")
+        ppl = gen_ppl(judge.model, ids, cont)
+    texts = [pre.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in cont]
+    quality = [word_quality(t, vocab) for t in texts]
+    return {
+        "left_to_right_nll": nll,
+        "left_to_right_gen_ppl": ppl,
+        "left_to_right_words_in_corpus": sum(q["in_corpus"] for q in quality) / len(quality),
+        "left_to_right_samples": texts,
     }
 
 
@@ -144,20 +182,36 @@ def kind(r: dict) -> str:
     return f"BD3 K={r['block_length']} (ELBO bound)" if r["block_length"] else "masked diffusion (ELBO bound)"
 
 
+def ordered_cells(r: dict, ar: float | None) -> str:
+    """The left-to-right columns of a diffusion row ("-" for the AR model, which is its own order)."""
+    if "left_to_right_nll" not in r:
+        return "- | - | - | -"
+    gap = "-" if ar is None else f"{r['left_to_right_nll'] - ar:+.3f}"
+    return (
+        f"{r['left_to_right_nll']:.3f} | {gap} | {r['left_to_right_gen_ppl']:.2f} "
+        f"| {100 * r['left_to_right_words_in_corpus']:.1f}%"
+    )
+
+
 def write_results(results: list[dict], args: argparse.Namespace, seconds: float) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ar = next((r["val_nll"] for r in results if r["task"] == "autoregressive"), None)
-    head = "| model | steps | val nats/char | gap to AR | gen-ppl (AR judge) | words in corpus | longest repeat |"
-    rows = [head, "|---|---|---|---|---|---|---|"]
+    head = (
+        "| model | steps | val nats/char | gap to AR | gen-ppl (AR judge) | words in corpus | longest repeat "
+        "| left to right: exact NLL | its gap to AR | gen-ppl | words in corpus |"
+    )
+    rows = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         gap = "-" if ar is None else f"{r['val_nll'] - ar:+.3f}"
         rows.append(
             f"| {r['name']}: {kind(r)} | {r['steps']} | {r['val_nll']:.3f} | {gap} | {r['gen_ppl']:.2f} "
-            f"| {100 * r['words_in_corpus']:.1f}% | {r['max_repeat']} |"
+            f"| {100 * r['words_in_corpus']:.1f}% | {r['max_repeat']} | {ordered_cells(r, ar)} |"
         )
     (out / "table.md").write_text("\n".join(rows) + "\n")
-    samples = [f"## {r['name']}\n\nprompt: `{r['prompt']!r}`\n\n```\n{r['samples'][0]}\n```\n" for r in results]
+    samples = [
+        f"## {r['name']}\n\nprompt: `{r['prompt']!r}`\n\n```\n{r['samples'][0]}\n```\n" for r in results
+    ]
     (out / "samples.md").write_text("\n".join(samples))
     meta = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),

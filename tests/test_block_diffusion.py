@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from difflm.config import DiffusionConfig
+from difflm.evaluate.likelihood import left_to_right_nll
 from difflm.models.block_attention import bd3_training_bias, block_causal_bias
 from difflm.models.layers import causal_bias
 from difflm.models.transformer import Transformer, TransformerConfig
@@ -219,3 +220,34 @@ def test_shifted_head_with_blocks_of_1_is_the_ar_model():
         for i in range(1, L):  # position i from the clean x_<i, causally
             ref = plain(x0[:, :i], attention_bias=causal_bias(i))
             torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def sampler_view_nll(model: Transformer, x0: torch.Tensor, K: int) -> float:
+    """Mean -log p of each token as the block-causal sampler sees it when revealing it left to
+    right: the sequence up to its block's end, the token and the rest of its block masked."""
+    total = 0.0
+    for i in range(L):
+        end = min(L, (i // K + 1) * K)
+        noisy = x0[:, :end].clone()
+        noisy[:, i:end] = MASK
+        logits = model(noisy, attention_bias=block_causal_bias(end, K))[:, i].float()
+        logits[:, MASK] = float("-inf")  # SUBS, as the sampler bans the mask
+        total -= logits.log_softmax(-1).gather(1, x0[:, i : i + 1]).sum().item()
+    return total / x0.numel()
+
+
+@pytest.mark.parametrize("K", [1, 3, 4, L])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_left_to_right_nll_is_the_samplers_exact_likelihood(K, shift):
+    """One forward per offset in a block (all blocks at once, the two-stream mask) gives the same
+    likelihood as revealing each token on its own the way the block-causal sampler does."""
+    model = Transformer(dataclasses.replace(tiny(3).config, logits_shift=shift)).eval()
+    x0 = batch(4)["input_ids"]  # [3, L]
+    data = list(x0)
+    with torch.no_grad():
+        expected = sampler_view_nll(model, x0, K)
+    block = None if K == L else K
+    got = left_to_right_nll(
+        model, data, mask_token_id=MASK, vocab_size=V, block_length=block, batch_size=2, progress=False
+    )
+    assert got == pytest.approx(expected, rel=1e-5)

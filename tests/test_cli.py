@@ -47,6 +47,16 @@ def test_eval_reports_finite_metrics(checkpoints, capsys):
     assert metrics["task"] == "autoregressive" and metrics["val_loss"] > 0
 
 
+def test_eval_left_to_right_is_exact_so_the_seed_does_not_move_it(checkpoints, capsys):
+    runs = []
+    for seed in ("0", "1"):
+        argv = ["eval", str(checkpoints / "diff"), "--max-batches", "1", "--block-length", "4", "--seed", seed]
+        assert main([*argv, "--left-to-right", "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert runs[0]["val_left_to_right_nll"] == runs[1]["val_left_to_right_nll"] > 0
+    assert runs[0]["val_elbo_nll"] != runs[1]["val_elbo_nll"]  # the bound is a Monte-Carlo estimate
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -7,6 +7,10 @@ parameterisation (the mask token's logit is -inf, as the sampler bans it): the b
 the sampler draws from, and tighter than the plain softmax's (see diffusion/losses.py). Draws use
 a fixed seed: the same checkpoint always gets the same number.
 
+`left_to_right_nll` is not a bound: the exact NLL of the masked model decoded one token a step,
+leftmost mask first inside each block, which is a proper distribution (the sampler's at
+`--remasking left_to_right`, steps = tokens, temperature 1).
+
 `continuation_elbo` scores one continuation given its context (lm-eval's loglikelihood requests)
 with the lower-variance estimator of LLaDA's evaluation code, described at the function.
 """
@@ -92,6 +96,60 @@ def elbo_nll(
         max_batches=max_batches,
         progress=progress,
     )
+
+
+@torch.no_grad()
+def left_to_right_nll(
+    model,
+    data,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    block_length: int | None = None,
+    batch_size: int = 32,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Exact NLL per token (nats) of decoding one token a step, left to right inside each block of
+    `block_length` K (None: one block, the whole sequence), each block given the clean earlier ones.
+
+    Pass j (j = 0..K-1) masks every block from its offset j on and scores the tokens at offset j,
+    so the passes together score every token once, under the mask pattern the sampler sees when it
+    reveals that token: K forwards per batch, no Monte Carlo. SUBS log-probs, as `elbo_nll`.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    objective = MaskedDiffusionObjective(
+        DiffusionConfig(loss="mdlm", block_length=block_length),
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
+    )
+    n_batches = math.ceil(len(data) / batch_size)
+    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    total, count = 0.0, 0
+    bar = tqdm(total=n_batches, desc="eval (left to right)", disable=not progress, dynamic_ncols=True)
+    for b in range(n_batches):
+        batch = to_device(
+            collate([data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]), device
+        )
+        ids = batch["input_ids"]  # [B, L]
+        offset = torch.arange(ids.shape[1], device=device) % (block_length or ids.shape[1])  # [L]
+        for j in range(int(offset.max()) + 1):
+            prepared = {
+                "input_ids": ids,
+                "noisy": ids.masked_fill(offset >= j, mask_token_id),
+                "noised": (offset == j).expand_as(ids),
+                "inv_weight": torch.ones(ids.shape[0], device=device),
+            }
+            if "attention_mask" in batch:
+                prepared["attention_mask"] = batch["attention_mask"]
+                prepared["noised"] = prepared["noised"] & batch["attention_mask"].bool()
+            loss, _ = objective.loss(model, prepared)  # sum of CE at offset j / (B * L)
+            total += loss.item() * ids.shape[0]
+        count += ids.shape[0]
+        bar.update(1)
+    bar.close()
+    return total / count
 
 
 def ar_nll(

@@ -23,6 +23,11 @@ class EvalOptions:
         None,
         "ELBO of block diffusion with blocks of K tokens (default: the checkpoint's diffusion.block_length)",
     )
+    left_to_right: bool = opt(
+        False,
+        "masked diffusion: also the exact NLL of decoding one token a step, left to right in each block "
+        "(as sampled with --remasking left_to_right; K forwards per batch)",
+    )
     device: str = opt("cpu", "the device to evaluate on (e.g. cpu, cuda)")
     split: str = opt(
         "val",

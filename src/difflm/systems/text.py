@@ -14,7 +14,7 @@ from difflm.config import RunConfig, model_family
 from difflm.data.blocks import text_blocks
 from difflm.data.tokenizers import Tokenizer
 from difflm.errors import DifflmError
-from difflm.evaluate.likelihood import ar_nll, elbo_nll
+from difflm.evaluate.likelihood import ar_nll, elbo_nll, left_to_right_nll
 from difflm.evaluate.options import EvalOptions
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
@@ -75,12 +75,23 @@ def eval_masked_diffusion(pre: Pretrained, opts: EvalOptions) -> dict:
         max_batches=opts.max_batches,
         block_length=block_length,
     )
-    return {
+    metrics = {
         "val_elbo_nll": nll,
         "val_ppl_bound": math.exp(nll),
         "samples": opts.samples,
         "block_length": block_length,
     }
+    if opts.left_to_right:
+        metrics["val_left_to_right_nll"] = left_to_right_nll(
+            pre.model,
+            val,
+            mask_token_id=pre.tokenizer.mask_token_id,
+            vocab_size=pre.tokenizer.vocab_size,
+            block_length=block_length,
+            batch_size=opts.batch_size,
+            max_batches=opts.max_batches,
+        )
+    return metrics
 
 
 def eval_autoregressive(pre: Pretrained, opts: EvalOptions) -> dict:

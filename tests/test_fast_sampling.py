@@ -156,6 +156,38 @@ def test_threshold_and_factor_counts_hand_values():
     # row 1 candidates 0.97, 0.5, 0.1: 0.06, 1.5 -> n = 1
     assert factor_count(conf, cand, 1.0).tolist() == [3, 1]
     assert factor_count(conf, cand, 0.01).tolist() == [0, 0]
+    # left to right: the leading run of sure candidates only (non-candidates skipped)
+    assert threshold_count(conf, cand, 0.9, prefix=True).tolist() == [1, 0]
+    gap = torch.tensor([[0.95, 0.3, 0.92, 0.1]])
+    assert threshold_count(gap, torch.tensor([[True, False, True, True]]), 0.9, prefix=True).tolist() == [2]
+
+
+class SurePositions(torch.nn.Module):
+    """Every masked position predicts token 0; sure (probability ~1) at `sure` positions, unsure
+    (uniform) elsewhere: which positions a threshold step reveals is set by hand."""
+
+    supports_kv_cache, supports_logits_at, logits_shift = False, False, 0
+    mask_token_id, max_length = 7, 64
+
+    def __init__(self, sure: set[int]) -> None:
+        super().__init__()
+        self.sure = sure
+
+    def forward(self, input_ids: torch.Tensor, **_) -> torch.Tensor:
+        logits = torch.zeros(*input_ids.shape, 8)
+        logits[:, sorted(self.sure), 0] = 50.0
+        return logits
+
+
+@pytest.mark.parametrize(("sure", "passes"), [({5, 7}, 4), ({4, 5, 7}, 3), ({4, 5, 6, 7}, 1)])
+def test_left_to_right_threshold_reveals_only_a_sure_leading_run(sure, passes):
+    """Prompt of 4, one block of 4 (positions 4..7), Fast-dLLM's steps=0: a step reveals the leftmost
+    mask, then the masks after it only while each is sure, never an unsure one after a sure one."""
+    config = SampleConfig(gen_length=4, steps=0, threshold=0.9, remasking="left_to_right", block_length=4)
+    result = generate(SurePositions(sure), torch.tensor([[1, 2, 3, 4]]), config)
+    assert result.forward_passes == passes and torch.equal(
+        result.tokens[0, 4:], torch.zeros(4, dtype=torch.long)
+    )
 
 
 def test_cache_errors(mock_denoiser):

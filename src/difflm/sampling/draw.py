@@ -161,9 +161,17 @@ def reveal_counts(n_masked: int, steps: int, schedule: str = "even") -> list[int
     return counts
 
 
-def threshold_count(conf: Tensor, cand: Tensor, threshold: float) -> Tensor:
-    """Per row [B], how many candidates (cand [B, S]) have confidence conf [B, S] >= threshold."""
-    return (cand & (conf >= threshold)).sum(1)
+def threshold_count(conf: Tensor, cand: Tensor, threshold: float, *, prefix: bool = False) -> Tensor:
+    """Per row [B], how many candidates (cand [B, S]) have confidence conf [B, S] >= threshold;
+    with `prefix`, only the leading run of such candidates in position order counts (left-to-right
+    decoding reveals its leftmost masks, so each one revealed must itself be confident)."""
+    sure = cand & (conf >= threshold)
+    if not prefix:
+        return sure.sum(1)
+    unsure = cand & ~sure
+    first = torch.where(unsure.any(1), unsure.long().argmax(1), cand.shape[1])  # [B]
+    cols = torch.arange(cand.shape[1], device=cand.device)
+    return (sure & (cols[None, :] < first[:, None])).sum(1)
 
 
 def factor_count(conf: Tensor, cand: Tensor, factor: float) -> Tensor:

@@ -43,8 +43,9 @@ class SampleConfig:
     topk_pool: int = opt(4, "random_topk: reveal at random among this many most confident positions.")
     threshold: float | None = opt(
         None,
-        "Also reveal every position whose confidence is >= this (at least one per step); the "
-        "reveal schedule stays a floor and steps a cap unless steps is 0.",
+        "Also reveal every position whose confidence is >= this (at least one per step; with "
+        "remasking left_to_right, the leftmost such run); the reveal schedule stays a floor and "
+        "steps a cap unless steps is 0.",
     )
     factor: float | None = opt(
         None, "Also reveal the n most confident positions, n the largest with (n+1)(1 - c_n) < factor."

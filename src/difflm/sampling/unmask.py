@@ -265,7 +265,8 @@ def _draw_packed(
 def _reveal_count(n: Tensor, conf: Tensor, cand: Tensor, cfg: SampleConfig) -> Tensor:
     """Positions to reveal per row [b]: the schedule's n, raised by threshold / factor, >= 1."""
     if cfg.threshold is not None:
-        n = torch.maximum(n, threshold_count(conf, cand, cfg.threshold))
+        prefix = cfg.remasking == "left_to_right"
+        n = torch.maximum(n, threshold_count(conf, cand, cfg.threshold, prefix=prefix))
     if cfg.factor is not None:
         n = torch.maximum(n, factor_count(conf, cand, cfg.factor))
     n = torch.maximum(n, (cand.sum(1) > 0).long())  # >= 1 per step, even after an EOS fill

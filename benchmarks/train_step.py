@@ -4,9 +4,11 @@
     python benchmarks/train_step.py --small         # 4x128, block 128, batch 32 (a minute on a laptop)
     python benchmarks/train_step.py --device cuda   # on a GPU: also the model FLOPs utilisation (MFU)
 
-One optimizer step = task.prepare (noise) + forward + backward + AdamW, timed after warmup, both
-tasks interleaved in the same run so machine noise hits both alike. Prints a table and the ratio
-diffusion / AR (target <= 1.05) and writes it to --out when given.
+One optimizer step = task.prepare (noise) + forward + backward + AdamW, timed after warmup, the
+tasks interleaved in the same run so machine noise hits them alike: masked diffusion, AR, and block
+diffusion (BD3, blocks of --block-length, its noisy and clean copies in one forward of 2L). Prints
+a table and the ratios diffusion / AR (target <= 1.05) and BD3 / AR (target ~2: twice the tokens
+per forward), and writes it to --out when given.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default by size)")
+    parser.add_argument("--block-length", type=int, default=4, help="BD3 block length K")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -57,7 +60,11 @@ def main() -> None:
     batch_size = args.batch_size or batch_size
     batch = {"input_ids": torch.randint(0, vocab - 3, (batch_size, block)).to(device)}
     setups = {}
-    for name, causal in (("diffusion", False), ("autoregressive", True)):
+    for name, causal in (
+        ("diffusion", False),
+        ("autoregressive", True),
+        (f"bd3 K={args.block_length}", False),
+    ):
         cfg = TransformerConfig(
             vocab_size=vocab,
             block_size=block,
@@ -68,11 +75,11 @@ def main() -> None:
             mask_token_id=vocab - 3,
         )
         model = Transformer(cfg).to(device)
-        task = (
-            MaskedDiffusionObjective(DiffusionConfig(), mask_token_id=vocab - 3, vocab_size=vocab)
-            if name == "diffusion"
-            else AutoregressiveObjective()
-        )
+        if causal:
+            task = AutoregressiveObjective()
+        else:
+            blocks = DiffusionConfig(block_length=None if name == "diffusion" else args.block_length)
+            task = MaskedDiffusionObjective(blocks, mask_token_id=vocab - 3, vocab_size=vocab)
         setups[name] = (model, task, build_optimizer(model, TrainConfig()))
     times = {name: [] for name in setups}
     for step in range(args.warmup + args.steps):
@@ -84,7 +91,9 @@ def main() -> None:
     model = setups["autoregressive"][0]
     flops = flops_per_token(attention_shape(model.config), model.num_parameters(), block) * tokens
     peak = peak_flops(device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
     lines = [
         f"model {layers}x{width} ({heads} heads), block {block}, batch {batch_size}, {args.precision}, "
         f"{where}, {args.steps} timed steps",
@@ -93,11 +102,15 @@ def main() -> None:
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name, median in medians.items():
         mfu = f"{flops / median / peak:.1%}" if peak else "-"
-        lines.append(f"{name:<16}{median:>14.4f}{tokens / median:>12.0f}{flops / median / 1e12:>10.3f}{mfu:>8}")
+        lines.append(
+            f"{name:<16}{median:>14.4f}{tokens / median:>12.0f}{flops / median / 1e12:>10.3f}{mfu:>8}"
+        )
+    ar = medians["autoregressive"]
     lines.append(
-        f"ratio diffusion / autoregressive step time: {medians['diffusion'] / medians['autoregressive']:.3f}"
-        " (target <= 1.05)"
+        f"ratio diffusion / autoregressive step time: {medians['diffusion'] / ar:.3f} (target <= 1.05)"
     )
+    bd3 = f"bd3 K={args.block_length}"
+    lines.append(f"ratio {bd3} / autoregressive step time: {medians[bd3] / ar:.3f} (target ~2)")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -348,3 +348,10 @@ def test_all_mask_input_needs_learned_positions_to_tell_positions_apart(learned)
         out = Transformer(cfg).eval()(torch.full((1, 8), 15))[0]  # [8, V]
     spread = float((out - out[0]).abs().max())
     assert (spread > 1e-4) if learned else (spread < 1e-5)
+
+
+@pytest.mark.parametrize(("start", "rows", "keys"), [(0, 5, 5), (3, 1, 4), (2, 3, 9), (7, 2, 9)])
+def test_causal_rows_are_the_rows_of_the_causal_bias(start, rows, keys):
+    from difflm.models.layers import causal_bias, causal_rows_bias
+
+    assert torch.equal(causal_rows_bias(start, rows, keys), causal_bias(keys)[:, :, start : start + rows])

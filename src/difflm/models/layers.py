@@ -35,9 +35,18 @@ def causal_bias(
     length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Additive bias [1, 1, L, L] letting query i see keys j <= i."""
-    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)  # [L, L]
-    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, float("-inf"))
-    return bias[None, None]  # [1, 1, L, L]
+    return causal_rows_bias(0, length, length, device, dtype)
+
+
+def causal_rows_bias(
+    start: int, rows: int, keys: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Rows start..start+rows of the causal bias over `keys` key slots [1, 1, rows, keys]: the query
+    at absolute position start + i sees keys j <= start + i. Decoding with a KV cache needs only
+    these rows; building the whole keys x keys matrix each step grows with the context squared."""
+    query = torch.arange(start, start + rows, device=device)[:, None]  # [rows, 1]
+    future = torch.arange(keys, device=device)[None, :] > query  # [rows, keys]
+    return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill(future, float("-inf"))[None, None]
 
 
 def combine_bias(*biases: Tensor | None) -> Tensor | None:

@@ -26,6 +26,7 @@ from difflm.models.layers import (
     KVCache,
     SelfAttention,
     causal_bias,
+    causal_rows_bias,
     combine_bias,
     gated,
     make_norm,
@@ -345,9 +346,7 @@ class Transformer(nn.Module):
         is_causal = cfg.causal and bias is None and cache is None  # SDPA's fused causal path
         if cfg.causal and not is_causal:
             # with a cache: rows = absolute query positions start..start+Q, columns = key slots 0..K
-            causal = (
-                causal_bias(Q, device) if cache is None else causal_bias(K, device)[:, :, start : start + Q]
-            )
+            causal = causal_bias(Q, device) if cache is None else causal_rows_bias(start, Q, K, device)
             bias = combine_bias(bias, causal)  # [., 1, Q, K]
         cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device) if cfg.rope else (None, None)
         return AttentionContext(cos, sin, bias, is_causal, cache, start, attend_len or 0)

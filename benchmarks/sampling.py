@@ -3,8 +3,9 @@
 One command: `python benchmarks/sampling.py [--quick] [--out FILE]`. Without --diffusion / --ar
 checkpoints it trains a small char-level masked-diffusion transformer and an autoregressive one
 of the same size on Tiny Shakespeare in-process (the one trainer), then samples the same prompts
-with each method. Columns: tokens/s, speedup over vanilla, forward passes, token agreement with
-the vanilla output, and generative perplexity judged by the AR model.
+with each method. Columns: tokens/s, speedup over vanilla, tokens/s as a multiple of the AR
+model's in the same setting, forward passes, tokens per forward, token agreement with the vanilla
+output (BD3 rows: with the first BD3 row), and generative perplexity judged by the AR model.
 
 Every vanilla step is the same full forward over the whole sequence, so when --vanilla-blocks
 limits vanilla to its first blocks (it is the slow baseline on CPU) its speed is measured on those

@@ -359,7 +359,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             train=SMOKE_TRAIN,
             evaluation=SHAKESPEARE_SMOKE_EVAL,
         ),
-        "cpu": Preset(  # docs/results/shakespeare_core/long: 7-55 min per run, one thread each
+        "cpu": Preset(  # docs/results/shakespeare_core/long: 7-58 min per run, one thread each
             runs=long_runs(4000, 4000, 4000, 4000, 2000, init="ar/best"),
             model=CPU_CHAR,
             batch_size=16,

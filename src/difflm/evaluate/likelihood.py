@@ -98,7 +98,6 @@ def elbo_nll(
     )
 
 
-@torch.no_grad()
 def left_to_right_nll(
     model,
     data,
@@ -112,44 +111,53 @@ def left_to_right_nll(
 ) -> float:
     """Exact NLL per token (nats) of decoding one token a step, left to right inside each block of
     `block_length` K (None: one block, the whole sequence), each block given the clean earlier ones.
-
-    Pass j (j = 0..K-1) masks every block from its offset j on and scores the tokens at offset j,
-    so the passes together score every token once, under the mask pattern the sampler sees when it
-    reveals that token: K forwards per batch, no Monte Carlo. SUBS log-probs, as `elbo_nll`.
-    """
-    device = next(model.parameters()).device
-    model.eval()
-    objective = MaskedDiffusionObjective(
+    No Monte Carlo: K forwards per batch (see `LeftToRightObjective`)."""
+    objective = LeftToRightObjective(
         DiffusionConfig(loss="mdlm", block_length=block_length),
         mask_token_id=mask_token_id,
         vocab_size=vocab_size,
     )
-    n_batches = math.ceil(len(data) / batch_size)
-    n_batches = min(n_batches, max_batches) if max_batches else n_batches
-    total, count = 0.0, 0
-    bar = tqdm(total=n_batches, desc="eval (left to right)", disable=not progress, dynamic_ncols=True)
-    for b in range(n_batches):
-        batch = to_device(
-            collate([data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]), device
-        )
+    return mean_objective_loss(
+        model,
+        objective,
+        data,
+        batch_size=batch_size,
+        samples=1,
+        seed=0,
+        max_batches=max_batches,
+        progress=progress,
+    )
+
+
+class LeftToRightObjective(MaskedDiffusionObjective):
+    """The masked-diffusion loss under the fixed left-to-right reveal order instead of drawn masks.
+
+    Pass j (j = 0..K-1) masks every block from its offset j on and scores the tokens at offset j
+    with weight 1, so the passes together score every token once, under the mask pattern the
+    sampler sees when it reveals that token. SUBS log-probs, as `elbo_nll`.
+    """
+
+    def prepare(self, batch, generator: torch.Generator):
+        return batch  # nothing is drawn
+
+    def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]:
         ids = batch["input_ids"]  # [B, L]
-        offset = torch.arange(ids.shape[1], device=device) % (block_length or ids.shape[1])  # [L]
+        offset = torch.arange(ids.shape[1], device=ids.device) % (
+            self.cfg.block_length or ids.shape[1]
+        )  # [L]
+        total = torch.zeros((), device=ids.device)
         for j in range(int(offset.max()) + 1):
-            prepared = {
-                "input_ids": ids,
-                "noisy": ids.masked_fill(offset >= j, mask_token_id),
-                "noised": (offset == j).expand_as(ids),
-                "inv_weight": torch.ones(ids.shape[0], device=device),
-            }
+            scored = (offset == j).expand_as(ids)
             if "attention_mask" in batch:
-                prepared["attention_mask"] = batch["attention_mask"]
-                prepared["noised"] = prepared["noised"] & batch["attention_mask"].bool()
-            loss, _ = objective.loss(model, prepared)  # sum of CE at offset j / (B * L)
-            total += loss.item() * ids.shape[0]
-        count += ids.shape[0]
-        bar.update(1)
-    bar.close()
-    return total / count
+                scored = scored & batch["attention_mask"].bool()
+            prepared = {
+                **batch,
+                "noisy": ids.masked_fill(offset >= j, self.mask_token_id),
+                "noised": scored,
+                "inv_weight": torch.ones(ids.shape[0], device=ids.device),
+            }
+            total = total + super().loss(model, prepared)[0]  # CE at offset j summed / (B * L)
+        return total, {}
 
 
 def ar_nll(

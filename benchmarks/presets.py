@@ -315,7 +315,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=4,
             precision="fp32",
             train=SMOKE_TRAIN,
-            evaluation=("--cfg 0,2 --grid 1:0,2:1 --examples 4 --batch-size 4 --latency-sentences 1",),
+            evaluation=("--cfg 0,2 --grid 1:0,2:1,2:0:1 --examples 4 --batch-size 4 --latency-sentences 1",),
         ),
         "cpu": Preset(  # docs/results/sgdd: ~70 min each, side by side
             runs=(

@@ -1,11 +1,12 @@
 """SGDD phase 1: reconstruction from the frozen encoder's vector, with and without verification.
 
     python benchmarks/sgdd.py --run scratch=runs/sgdd_scratch --run minilm=runs/sgdd_minilm \
-        --out docs/results/sgdd [--grid 1:0,4:0,8:0,1:2,8:2,8:4] [--examples 500]
+        --out docs/results/sgdd [--grid 1:0,4:0,8:0,1:2,8:2,4:0:8] [--examples 500]
     python benchmarks/sgdd.py --merge OUT_A --merge OUT_B --out docs/results/sgdd
 
-Each run folder is a finished `difflm train` SGDD run. For each run and each (N, R) of the grid
-(N candidates kept by the encoder's cosine, R correction rounds; 1:0 is plain decoding) and each
+Each run folder is a finished `difflm train` SGDD run. For each run and each N:R[:S] of the grid
+(N candidates kept by the encoder's cosine, R correction rounds, S edit-search rounds at most;
+1:0 is plain decoding) and each
 CFG scale of --cfg (default: the run's own), the held-out sentences are decoded in 16 steps and scored: exact match, token
 accuracy, BLEU, chrF, cosine(input, output), and the wall time per sentence at --batch-size. Plain
 decoding is also timed at batch 1 (the latency a user sees). Writes results.json, table.md,
@@ -29,7 +30,8 @@ import torch
 
 from difflm.config import system_config
 from difflm.evaluate.sgdd import score
-from difflm.evaluate.sgdd_decode import Verification, decode_vectors, verified_decode
+from difflm.evaluate.sgdd_decode import decode_vectors
+from difflm.evaluate.sgdd_verify import Verification, verified_decode
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.systems.sgdd import SGDDSystemConfig, build_examples, load_encoder, split_examples
 
@@ -45,7 +47,7 @@ def parse_args() -> argparse.Namespace:
         help="an earlier --out folder or partial_NAME.json (repeat)",
     )
     p.add_argument("--out", required=True, help="results folder (e.g. docs/results/sgdd)")
-    p.add_argument("--grid", default="1:0,4:0,8:0,1:2,8:2", help="N:R settings, comma-separated")
+    p.add_argument("--grid", default="1:0,4:0,8:0,1:2,8:2", help="N:R[:S] settings, comma-separated")
     p.add_argument(
         "--cfg", default=None, help="CFG scales to score each setting at, comma-separated (default: the run's)"
     )
@@ -73,23 +75,20 @@ def training_minutes(run: Path) -> float:
     return (log.stat().st_mtime - born) / 60
 
 
-def decode(pre: Pretrained, encoder, vectors: torch.Tensor, n: int, r: int, batch: int, seed: int, scale: float):
+def decode(pre: Pretrained, encoder, vectors: torch.Tensor, verify: Verification, batch: int, seed: int, scale: float):
     """Outputs for every vector at CFG `scale` and the seconds it took."""
     outputs, start = [], time.perf_counter()
     for i in range(0, len(vectors), batch):
         gen = torch.Generator().manual_seed(seed)
         chunk = vectors[i : i + batch]
-        if n == 1 and r == 0:
+        if verify == Verification():
             outputs += decode_vectors(pre, chunk, cfg_scale=scale, generator=gen)
         else:
-            found = verified_decode(
-                pre, encoder, chunk, Verification(candidates=n, rounds=r), cfg_scale=scale, generator=gen
-            )
-            outputs += found.as_lists()
+            outputs += verified_decode(pre, encoder, chunk, verify, cfg_scale=scale, generator=gen).as_lists()
     return outputs, time.perf_counter() - start
 
 
-def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argparse.Namespace) -> dict:
+def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.Namespace) -> dict:
     pre = load_pretrained(run)
     cfg = pre.config
     encoder = load_encoder(cfg.model.encoder)
@@ -113,22 +112,22 @@ def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argpar
     result["latency_ms_batch1"] = {}
     with torch.no_grad():
         for scale in scales if args.latency_sentences else ():
-            _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], 1, 0, 1, args.seed, scale)
+            _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], Verification(), 1, args.seed, scale)
             result["latency_ms_batch1"][str(scale)] = 1000 * latency / min(args.latency_sentences, len(pairs))
-        for scale, (n, r) in ((s, g) for s in scales for g in grid):
-            outputs, seconds = decode(pre, encoder, data.vectors, n, r, args.batch_size, args.seed, scale)
+        for scale, verify in ((s, g) for s in scales for g in grid):
+            outputs, seconds = decode(pre, encoder, data.vectors, verify, args.batch_size, args.seed, scale)
             metrics = score(pre, encoder, data.vectors, data, outputs)
-            row = {"cfg": scale, "N": n, "R": r, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
+            plan = {"N": verify.candidates, "R": verify.rounds, "S": verify.search}
+            row = {"cfg": scale, **plan, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
             result["settings"].append(row)
-            print(f"{name} cfg={scale} N={n} R={r}: {json.dumps(row)}", flush=True)
+            print(f"{name} cfg={scale} {plan}: {json.dumps(row)}", flush=True)
             (Path(args.out) / f"partial_{name}.json").write_text(
                 json.dumps(result, indent=1)
             )  # survives a kill
             result["samples"].append(
                 {
                     "cfg": scale,
-                    "N": n,
-                    "R": r,
+                    **plan,
                     "pairs": [
                         (s, pre.tokenizer.decode(o)) for (s, _), o in zip(pairs[:8], outputs[:8], strict=True)
                     ],
@@ -137,16 +136,24 @@ def evaluate_run(name: str, run: Path, grid: list[tuple[int, int]], args: argpar
     return result
 
 
+def parse_setting(item: str) -> Verification:
+    """'N:R' or 'N:R:S' -> the verification it names."""
+    counts = [int(x) for x in item.split(":")]
+    if len(counts) not in (2, 3):
+        raise SystemExit(f"--grid item {item!r}: use N:R or N:R:S")
+    return Verification(candidates=counts[0], rounds=counts[1], search=counts[2] if len(counts) == 3 else 0)
+
+
 def table(results: list[dict]) -> str:
     lines = [
-        "| decoder | params | train | CFG | N | R | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| decoder | params | train | CFG | N | R | S | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in results:
         for row in res["settings"]:
             lines.append(
                 f"| {res['name']} | {res['params'] / 1e6:.1f} M | {res['train_minutes']:.0f} min, {res['steps']} steps "
-                f"| {row.get('cfg', 2.0):g} | {row['N']} | {row['R']} | {100 * row['exact_match']:.1f} "
+                f"| {row.get('cfg', 2.0):g} | {row['N']} | {row['R']} | {row.get('S', 0)} | {100 * row['exact_match']:.1f} "
                 f"| {100 * row['token_acc']:.1f} | {row['bleu']:.1f} | {row['chrf']:.1f} | {row['cosine']:.3f} "
                 f"| {row['ms_per_sentence']:.0f} |"
             )
@@ -164,7 +171,7 @@ def samples(results: list[dict]) -> str:
     out = []
     for res in results:
         for block in res["samples"]:
-            out.append(f"## {res['name']}, CFG {block.get('cfg', 2.0):g}, N={block['N']}, R={block['R']}\n")
+            out.append(f"## {res['name']}, CFG {block.get('cfg', 2.0):g}, N={block['N']}, R={block['R']}, S={block.get('S', 0)}\n")
             out += [f"- `{src}`\n  -> `{hyp}`" for src, hyp in block["pairs"]]
             out.append("")
     return "\n".join(out) + "\n"
@@ -194,7 +201,7 @@ def main() -> None:
     args = parse_args()
     if not args.run and not args.merge:
         raise SystemExit("give --run NAME=PATH (repeat) or --merge DIR (repeat)")
-    grid = [tuple(int(x) for x in item.split(":")) for item in args.grid.split(",")]
+    grid = [parse_setting(item) for item in args.grid.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""SGDD decoding: the pretrained-initialised decoder, best-of-N, correction rounds, `--data`.
+"""SGDD decoding: the pretrained-initialised decoder, best-of-N, correction rounds, edit search, `--data`.
 
 The decoder started from the encoder's weights must *be* the pretrained BERT at step 0 (every
 conditioning path zero-initialised); verification may only ever move toward the target vector.
@@ -17,14 +17,19 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from difflm.errors import DifflmError
+from difflm.evaluate import sgdd_verify as verify
 from difflm.evaluate.sgdd import eval_sgdd
-from difflm.evaluate.sgdd_decode import (
+from difflm.evaluate.sgdd_decode import cosine_to, decode_vectors, token_logprobs
+from difflm.evaluate.sgdd_verify import (
+    Hypotheses,
     Verification,
     best_of_n,
     correction_round,
-    cosine_to,
-    decode_vectors,
-    token_logprobs,
+    edit_round,
+    insertion_proposals,
+    merge_substitutions,
+    single_edits,
+    verified_decode,
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
 from difflm.pretrained import load_pretrained
@@ -139,6 +144,105 @@ def test_correction_never_lowers_similarity(trained):
         current = after
 
 
+def test_edit_search_only_moves_closer_and_stops_when_stuck(trained):
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vectors = encoder.encode(SENTENCES[:6])
+    current = best_of_n(pre, encoder, vectors, Verification(), 0.0, torch.Generator().manual_seed(0))
+    active = torch.ones(6, dtype=torch.bool)
+    for _ in range(4):
+        after, still = edit_round(pre, encoder, vectors, current, active, k=3)
+        assert (after.cosine >= current.cosine).all()
+        assert torch.equal(still, active & (after.cosine > current.cosine))  # stuck rows stop
+        done = (~active).nonzero()[:, 0].tolist()
+        assert [after.as_lists()[i] for i in done] == [current.as_lists()[i] for i in done]  # left alone
+        torch.testing.assert_close(after.cosine, cosine_to(encoder, pre, after.ids, after.lengths, vectors))
+        current, active = after, still
+    searched = verified_decode(pre, encoder, vectors, Verification(search=4, search_k=3), cfg_scale=0.0)
+    torch.testing.assert_close(searched.cosine, current.cosine)  # the same rounds through the entry point
+
+
+def test_edit_search_reaches_the_sentence_one_edit_away(trained, monkeypatch):
+    """From the target with one word missing, changed or added, one round finds the target when the
+    decoder proposes the word (its proposals here: the word among others), and the target then wins
+    (cosine 1); without the word among the proposals the round can still only move closer."""
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    target = pre.tokenizer.tok("a dog ran home.", add_special_tokens=False)["input_ids"]
+    dog, noise = target[1], [2000, 2003, 2009]  # "to", "is", "it"
+    vector = encoder.encode(["a dog ran home."])
+
+    def propose(word, sure=False):
+        def substitutions(pre, vectors, ids, real, k):
+            subs = torch.tensor(noise + [word])[None, None, :].expand(*ids.shape, 4).clone()
+            return torch.full(ids.shape, 0.0 if sure else -3.0), subs  # log p of the current tokens
+
+        def insertions(pre, vectors, seqs, k):
+            return [[noise[:2] + [word]] * (len(seq) + 1) for seq in seqs]
+
+        monkeypatch.setattr(verify, "masked_predictions", substitutions)
+        monkeypatch.setattr(verify, "insertion_proposals", insertions)
+
+    wrong = [  # (hypothesis, whether reaching the target needs "dog" proposed)
+        (target[:1] + target[2:], True),  # dog missing
+        (target[:1] + [2003] + target[2:], True),  # dog -> is
+        (target[:2] + [2009] + target[2:], False),  # an "it" added: a deletion
+        (target[:1] + [target[2], dog] + target[3:], False),  # "a ran dog home.": a swap
+    ]
+    one = torch.ones(1, dtype=torch.bool)
+    for seq, needs_word in wrong:
+        hyp = Hypotheses(torch.tensor([seq]), torch.tensor([len(seq)]), cosine_to_list(encoder, pre, seq, vector))
+        propose(dog)
+        after, improved = edit_round(pre, encoder, vector, hyp, one, k=4)
+        assert after.as_lists() == [target] and improved.item()
+        assert after.cosine.item() == pytest.approx(1.0, abs=1e-5)
+        propose(2001)  # "of": the decoder does not propose "dog"
+        after, _ = edit_round(pre, encoder, vector, hyp, one, k=4)
+        assert (after.as_lists() == [target]) != needs_word
+        assert after.cosine.item() >= hyp.cosine.item()
+    propose(dog, sure=True)  # sure of every current token: "is" is not replaced by "dog"
+    seq = wrong[1][0]
+    hyp = Hypotheses(torch.tensor([seq]), torch.tensor([len(seq)]), cosine_to_list(encoder, pre, seq, vector))
+    assert edit_round(pre, encoder, vector, hyp, one, k=4)[0].as_lists() != [target]
+
+
+def test_single_edits_lists_every_edit_one_step_away():
+    edits = single_edits([1, 2, 2], [[9], [8], [7]], [[5]] * 4)
+    assert edits == [
+        ([9, 2, 2], (0, 9)), ([1, 8, 2], (1, 8)), ([1, 2, 7], (2, 7)),  # substitutions
+        ([2, 2], None), ([1, 2], None), ([1, 2], None),  # deletions
+        ([2, 1, 2], None),  # swaps of unequal neighbours only
+        ([5, 1, 2, 2], None), ([1, 5, 2, 2], None), ([1, 2, 5, 2], None), ([1, 2, 2, 5], None),  # insertions
+    ]
+    assert single_edits([4], [[]], []) == []  # one token, no proposals: nothing to try
+
+
+def cosine_to_list(encoder, pre, seq: list[int], vector: torch.Tensor) -> torch.Tensor:
+    return cosine_to(encoder, pre, torch.tensor([seq]), torch.tensor([len(seq)]), vector)
+
+
+def test_merge_applies_each_improving_position_once():
+    seqs = [[1, 2, 3], [4, 5], [6, 7]]
+    owner = [0, 0, 0, 0, 1, 1, 2]
+    swaps = [(0, 9), (0, 8), (2, 7), None, (0, 3), (1, 3), (1, 1)]
+    cos = torch.tensor([0.6, 0.7, 0.55, 0.9, 0.8, 0.2, 0.9])
+    baseline = torch.tensor([0.5, 0.5, 0.5])
+    merged = merge_substitutions(seqs, owner, swaps, cos, baseline)
+    # row 0: position 0 best 8 (0.7 > 0.6), position 2 -> 7; the deletion is not a substitution.
+    # row 1: only one improving position; row 2: one position: nothing to merge.
+    assert merged == {0: [8, 2, 7]}
+
+
+def test_insertion_proposals_cover_every_gap_without_specials(trained):
+    pre = load_pretrained(trained / "run")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
+    full = [1037] * pre.model.max_length  # already max_length long: nothing can be inserted
+    proposals = insertion_proposals(pre, vectors, [[2023, 4937, 1012], full], 5)
+    assert len(proposals[0]) == 4 and all(len(top) == 5 for top in proposals[0]) and proposals[1] == []
+    specials = set(pre.tokenizer.special_ids)
+    assert not specials & {token for top in proposals[0] for token in top}
+
+
 def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
     pre = load_pretrained(trained / "run")
     vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
@@ -183,9 +287,9 @@ def test_eval_scores_a_file_with_verification(trained):
     pre = load_pretrained(trained / "run")
     lines = trained / "mine.txt"
     lines.write_text("the cat sat on the mat.\n\nan owl flew over the barn.\n", encoding="utf-8")
-    metrics = eval_sgdd(pre, eval_args(data=str(lines), best_of=2, rounds=1))
+    metrics = eval_sgdd(pre, eval_args(data=str(lines), best_of=2, rounds=1, search=1))
     assert metrics["examples"] == 2 and metrics["split"] == "file"
-    for name in ("cfg0", "cfg2", "cfg2_n2_r1"):
+    for name in ("cfg0", "cfg2", "cfg2_n2_r1_s1"):
         assert 0 <= metrics[f"{name}_exact_match"] <= 1 and metrics[f"{name}_ms_per_sentence"] > 0
     assert metrics["cfg2_examples"][1]["source"] == "an owl flew over the barn."
     pairs = trained / "pairs.jsonl"
@@ -200,6 +304,7 @@ def test_cli_rejects_bad_verification_flags(trained):
     for flags, message in (
         (["--best-of", "0"], "--best-of must be >= 1"),
         (["--rounds", "-1"], "--rounds must be >= 0"),
+        (["--search", "-2"], "--search must be >= 0"),
         (["--data", str(trained / "missing.txt")], "no such file"),
     ):
         proc = subprocess.run(base + flags, capture_output=True, text=True)

@@ -32,8 +32,9 @@ def check_args(opts: EvalOptions) -> None:
         value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if opts.rounds < 0:
-        raise DifflmError(f"--rounds must be >= 0, got {opts.rounds}")
+    for flag in ("rounds", "search"):
+        if getattr(opts, flag) < 0:
+            raise DifflmError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
 
 
 def run_tasks(opts: EvalOptions, harness: HarnessOptions, checkpoint: str) -> int:
@@ -94,8 +95,8 @@ def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
     check_args(opts)
     resolve_device(opts.device, "--device")
     pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
-    if (opts.data or opts.best_of > 1 or opts.rounds) and pre.config.task != "sgdd":
-        raise DifflmError("--data, --best-of and --rounds are for SGDD checkpoints")
+    if (opts.data or opts.best_of > 1 or opts.rounds or opts.search) and pre.config.task != "sgdd":
+        raise DifflmError("--data, --best-of, --rounds and --search are for SGDD checkpoints")
     if opts.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
             f"--split {opts.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"

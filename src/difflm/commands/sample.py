@@ -98,8 +98,9 @@ def check_args(opts: SampleOptions) -> None:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if opts.steps is not None and opts.steps < 0:
         raise DifflmError(f"--steps must be >= 0 (0 needs --threshold or --factor), got {opts.steps}")
-    if opts.rounds < 0:
-        raise DifflmError(f"--rounds must be >= 0, got {opts.rounds}")
+    for flag in ("rounds", "search"):
+        if getattr(opts, flag) < 0:
+            raise DifflmError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
     if opts.batch_size < 1:
         raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {opts.batch_size}")
     for flag in ("temperature", "top_p", "threshold", "factor", "cfg_scale", "alpha"):
@@ -121,6 +122,7 @@ TASK_FLAGS: dict[str, tuple[str, ...]] = {
     "interpolate": ("sgdd",),
     "best_of": ("sgdd",),
     "rounds": ("sgdd",),
+    "search": ("sgdd",),
 }
 
 

@@ -1,6 +1,7 @@
 """Score SGDD reconstructions / paraphrases (`difflm eval`) and the `difflm sample` entry.
 
-Decoding (plain, best-of-N, correction rounds) lives in `difflm.evaluate.sgdd_decode`. Metrics compare token ids with the reference's own WordPiece ids (the best the decoder can write:
+Plain decoding lives in `difflm.evaluate.sgdd_decode`, verification (best-of-N, correction rounds,
+edit search) in `difflm.evaluate.sgdd_verify`. Metrics compare token ids with the reference's own WordPiece ids (the best the decoder can write:
 MiniLM's vocabulary is lower-cased), and BLEU / chrF on the decoded strings of both.
 """
 
@@ -17,7 +18,8 @@ from difflm.config import system_config
 from difflm.errors import DifflmError
 from difflm.evaluate.metrics import bleu, chrf, exact_match, token_accuracy
 from difflm.evaluate.options import EvalOptions
-from difflm.evaluate.sgdd_decode import Verification, decode_vectors, verified_decode
+from difflm.evaluate.sgdd_decode import decode_vectors
+from difflm.evaluate.sgdd_verify import Verification, verified_decode
 from difflm.models.encoder import check_texts, warn_truncated
 from difflm.pretrained import Pretrained
 from difflm.sampling.settings import SampleOptions
@@ -63,7 +65,7 @@ def score(pre: Pretrained, encoder, source_vectors: Tensor, data, outputs: list[
 
 def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
     """Reconstruction / paraphrase metrics with and without guidance (and with verification when
-    `opts.best_of` > 1 or `opts.rounds` > 0), the val loss, and the decoding time per sentence.
+    `opts.best_of` > 1, `opts.rounds` or `opts.search` > 0), the val loss, and the decoding time per sentence.
 
     The examples are the held-out split, or with `opts.split == "train"` as many training ones (a
     memorisation check), or with `opts.data` every example of that file (see `read_file_examples`)."""
@@ -92,9 +94,10 @@ def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
         (f"cfg{w:g}", w, False, None),
         (f"cfg{w:g}_oracle_len", w, True, None),
     ]
-    verify = Verification(candidates=opts.best_of, rounds=opts.rounds)
-    if verify.candidates > 1 or verify.rounds > 0:
-        settings.append((f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}", w, False, verify))
+    verify = Verification(candidates=opts.best_of, rounds=opts.rounds, search=opts.search)
+    if verify.candidates > 1 or verify.rounds > 0 or verify.search > 0:
+        name = f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}" + (f"_s{verify.search}" if verify.search else "")
+        settings.append((name, w, False, verify))
     for name, scale, oracle, verification in settings:
         start = time.perf_counter()
         outputs = decode_all(pre, encoder, data, scale, oracle, verification, opts)
@@ -158,8 +161,8 @@ def sample_sgdd(pre: Pretrained, opts: SampleOptions) -> int:
     w = scfg.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
     lengths = None if opts.length is None else torch.full((len(vectors),), opts.length)
     gen = torch.Generator().manual_seed(opts.seed)
-    verify = Verification(candidates=opts.best_of or 1, rounds=opts.rounds)
-    if verify.candidates > 1 or verify.rounds:
+    verify = Verification(candidates=opts.best_of or 1, rounds=opts.rounds, search=opts.search)
+    if verify.candidates > 1 or verify.rounds or verify.search:
         outputs = verified_decode(
             pre, encoder, vectors, verify, cfg_scale=w, generator=gen, lengths=lengths
         ).as_lists()

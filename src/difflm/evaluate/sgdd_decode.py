@@ -1,4 +1,4 @@
-"""Decoding SGDD vectors into text, plainly or with semantic verification by the frozen encoder.
+"""Decoding SGDD vectors into text, and the scoring that semantic verification builds on.
 
 Decoding goes through the one engine (`difflm.sampling.unmask.infill`): each row's length is
 chosen first (the model's length head, or given), positions past it stay [PAD] and are attended
@@ -6,22 +6,14 @@ out, and the rest is revealed MaskGIT-style (confidence, cosine reveal schedule,
 guidance the conditional and unconditional rows differ only in `cond_drop`, so the engine stacks
 them into one forward and combines the logits as cond + w * (cond - uncond).
 
-One forward pass from one vector is a weak inverter; SGDD has what correction needs: an encoder that
-can score any candidate text against the target vector, and a decoder that can re-mask and re-write.
-
-- Best-of-N: decode N candidates per vector in one batch (the greedy decode at each of the length
-  head's top-k lengths, then temperature samples at the most likely length), re-encode all of them
-  and keep the one whose vector is closest (cosine) to the target.
-- Correction rounds: score every token of the current hypothesis by re-masking it (the tokens are
-  split into a few interleaved groups, one forward per group), re-mask the least likely share of
-  them and decode those positions again, conditioned on the target vector, N times; a variant
-  replaces the hypothesis only if its vector is closer, so a round never lowers the similarity.
+Verification (`difflm.evaluate.sgdd_verify`) needs two more things from here: what the decoder
+thinks of each token of a hypothesis (`masked_predictions`) and how close a text's vector is to
+the target (`cosine_of`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,100 +70,6 @@ def decode_vectors(
     )
     ids = decode_rows(pre, vectors, lengths.cpu(), temperature, cfg_scale, generator)
     return [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)]
-
-
-@dataclass
-class Verification:
-    """How hard decoding works for the target vector (1 candidate, 0 rounds = plain decoding)."""
-
-    candidates: int = 1  # N: decoded per vector, and variants per correction round
-    rounds: int = 0  # R: correction rounds after best-of-N
-    remask: float = 0.25  # share of the hypothesis re-masked per round (at least one token)
-    length_topk: int = 3  # greedy candidates at the length head's top-k lengths (at most N)
-    temperature: float = 0.7  # of the candidates beyond the greedy ones
-
-    def __post_init__(self) -> None:
-        if self.candidates < 1 or self.rounds < 0 or self.length_topk < 1:
-            raise DifflmError(
-                f"verification needs candidates >= 1, rounds >= 0, length_topk >= 1; got "
-                f"{self.candidates}, {self.rounds}, {self.length_topk}"
-            )
-        if not 0.0 < self.remask <= 1.0:
-            raise DifflmError(f"remask share must be in (0, 1], got {self.remask}")
-
-
-@dataclass
-class Hypotheses:
-    """The chosen text per vector: token ids [B, W] (pad past `lengths` [B]) and cosine [B]."""
-
-    ids: Tensor
-    lengths: Tensor
-    cosine: Tensor
-
-    def as_lists(self) -> list[list[int]]:
-        return [row[:n].tolist() for row, n in zip(self.ids, self.lengths.tolist(), strict=True)]
-
-
-@torch.no_grad()
-def verified_decode(
-    pre: Pretrained,
-    encoder,
-    vectors: Tensor,
-    settings: Verification,
-    *,
-    cfg_scale: float,
-    generator: torch.Generator | None = None,
-    lengths: Tensor | None = None,
-) -> Hypotheses:
-    """Decode vectors [B, D] with best-of-N, then `settings.rounds` correction rounds.
-
-    The target of every comparison is the vector itself (the encoder's vector of the source)."""
-    if cfg_scale < 0:
-        raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
-    best = best_of_n(pre, encoder, vectors, settings, cfg_scale, generator, lengths)
-    for _ in range(settings.rounds):
-        best = correction_round(pre, encoder, vectors, best, settings, cfg_scale, generator)
-    return best
-
-
-def best_of_n(
-    pre: Pretrained,
-    encoder,
-    vectors: Tensor,
-    settings: Verification,
-    cfg_scale: float,
-    generator: torch.Generator | None,
-    lengths: Tensor | None = None,
-) -> Hypotheses:
-    """N candidates per vector, decoded in one batch per temperature; the closest is kept."""
-    B, N = len(vectors), settings.candidates
-    row_lengths, temps = candidate_plan(pre, vectors, settings, lengths)  # [B, N] each
-    ids = torch.full((B, N, int(row_lengths.max())), pre.tokenizer.pad_token_id, dtype=torch.long)
-    for temperature in sorted(set(temps.flatten().tolist())):
-        rows, cols = (temps == temperature).nonzero(as_tuple=True)
-        out = decode_rows(pre, vectors[rows], row_lengths[rows, cols], temperature, cfg_scale, generator)
-        ids[rows, cols, : out.shape[1]] = out
-    flat_len = row_lengths.flatten()
-    cos = cosine_to(encoder, pre, ids.flatten(0, 1), flat_len, vectors.repeat_interleave(N, 0)).view(B, N)
-    pick = cos.argmax(1)  # [B]
-    arange = torch.arange(B)
-    return Hypotheses(ids[arange, pick], row_lengths[arange, pick], cos[arange, pick])
-
-
-def candidate_plan(
-    pre: Pretrained, vectors: Tensor, settings: Verification, lengths: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Length and temperature of each candidate [B, N]: greedy at the top-k lengths first."""
-    B, N = len(vectors), settings.candidates
-    if lengths is not None:
-        top = lengths.clamp(1, pre.model.max_length).view(B, 1)  # [B, 1]
-    else:
-        k = min(settings.length_topk, N)
-        top = pre.model.length_logits(vectors.to(device_of(pre))).topk(k, dim=-1).indices.cpu() + 1  # [B, k]
-    k = top.shape[1]
-    row_lengths = torch.cat([top, top[:, :1].expand(B, N - k)], 1) if N > k else top[:, :N]
-    temps = torch.tensor([0.0] * min(k, N) + [settings.temperature] * max(N - k, 0))
-    return row_lengths, temps.expand(B, N).clone()
 
 
 def decode_rows(
@@ -236,58 +134,59 @@ def shortlist(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, fill:
     return logits.topk(min(k, logits.shape[-1]), dim=-1).indices.unique()
 
 
-def correction_round(
-    pre: Pretrained,
-    encoder,
-    vectors: Tensor,
-    current: Hypotheses,
-    settings: Verification,
-    cfg_scale: float,
-    generator: torch.Generator | None,
-) -> Hypotheses:
-    """Re-mask the least likely tokens, rewrite them N times, keep any variant that is closer."""
-    B, N = len(vectors), settings.candidates
-    real = torch.arange(current.ids.shape[1])[None, :] < current.lengths[:, None]  # [B, W]
-    logp = token_logprobs(pre, vectors, current.ids, real)  # [B, W], +inf at pads
-    count = (current.lengths.float() * settings.remask).ceil().long().clamp(min=1)  # [B]
-    ranks = logp.argsort(1).argsort(1)  # rank of each position, least likely first
-    fill = (ranks < count[:, None]) & real  # [B, W]
-    rep = lambda x: x.repeat_interleave(N, 0)  # noqa: E731  (rows of variants, grouped per vector)
-    temps = [0.0] + [settings.temperature] * (N - 1)
-    variants = torch.cat(
-        [refill(pre, vectors, current.ids, real, fill, t, cfg_scale, generator)[:, None] for t in temps], 1
-    )  # [B, N, W]
-    cos = cosine_to(encoder, pre, variants.flatten(0, 1), rep(current.lengths), rep(vectors)).view(B, N)
-    best_cos, pick = cos.max(1)
-    better = best_cos > current.cosine  # [B]
-    ids = torch.where(better[:, None], variants[torch.arange(B), pick], current.ids)
-    return Hypotheses(ids, current.lengths, torch.where(better, best_cos, current.cosine))
+@torch.no_grad()
+def token_logprobs(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor) -> Tensor:
+    """log p(token_i | the rest, vector) per position [B, W]; +inf where not `real`."""
+    return masked_predictions(pre, vectors, ids, real)[0]
 
 
 @torch.no_grad()
-def token_logprobs(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor) -> Tensor:
-    """log p(token_i | the rest, vector) per position [B, W], each token masked in one of
-    SCORE_GROUPS forwards (with its interleaved group); +inf where not `real`."""
+def masked_predictions(
+    pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, k: int = 0
+) -> tuple[Tensor, Tensor]:
+    """What the decoder thinks of each real token of ids [B, W] with that token masked.
+
+    Each token is masked in one of SCORE_GROUPS forwards (with its interleaved group). Returns
+    log p(token_i | the rest, vector) [B, W] (+inf where not `real`) and the k most likely other
+    tokens at each position [B, W, k] (specials excluded; 0 where not `real`)."""
     device = device_of(pre)
-    out = torch.full(ids.shape, math.inf)
+    logp = torch.full(ids.shape, math.inf)
+    proposals = torch.zeros(*ids.shape, k, dtype=torch.long)
     bias = torch.zeros(real.shape, device=device).masked_fill(~real.to(device), -math.inf)[:, None, None, :]
     positions = torch.arange(ids.shape[1])[None, :]
+    banned = torch.tensor(suppressed_ids(pre.tokenizer) + [pre.tokenizer.mask_token_id])
     for group in range(min(SCORE_GROUPS, ids.shape[1])):
         masked = real & (positions % SCORE_GROUPS == group)  # [B, W]
         if not masked.any():
             continue
         inputs = ids.masked_fill(masked, pre.tokenizer.mask_token_id).to(device)
         at = masked.to(device)  # only the scored positions go through the vocabulary projection
-        logits = pre.model(inputs, attention_bias=bias, cond=vectors.to(device), logits_at=at)  # [N, V]
-        out[masked] = logits.float().cpu().log_softmax(-1).gather(-1, ids[masked][:, None])[:, 0]
-    return out
+        scores = pre.model(inputs, attention_bias=bias, cond=vectors.to(device), logits_at=at)  # [N, V]
+        scores = scores.float().cpu().log_softmax(-1)
+        current = ids[masked][:, None]  # [N, 1]
+        logp[masked] = scores.gather(-1, current)[:, 0]
+        if k:
+            scores[:, banned] = -math.inf
+            scores.scatter_(-1, current, -math.inf)
+            proposals[masked] = scores.topk(k, dim=-1).indices  # [N, k]
+    return logp, proposals
 
 
 def cosine_to(encoder, pre: Pretrained, ids: Tensor, lengths: Tensor, targets: Tensor) -> Tensor:
     """Cosine [M] between the encoder's vectors of the decoded rows and the target vectors [M, D]."""
-    texts = [pre.tokenizer.decode(row[:n].tolist()) for row, n in zip(ids, lengths.tolist(), strict=True)]
-    batch, _ = encoder.tokenize(texts)
-    return F.cosine_similarity(encoder.embed(batch).cpu().float(), targets.cpu().float(), dim=-1)
+    return cosine_of(encoder, pre, [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)], targets)
+
+
+def cosine_of(encoder, pre: Pretrained, seqs: list[list[int]], targets: Tensor, chunk: int = 256) -> Tensor:
+    """Cosine [M] between the encoder's vectors of the texts of token lists and targets [M, D],
+    `chunk` texts per encoder batch."""
+    texts = [pre.tokenizer.decode(seq) for seq in seqs]
+    out = []
+    for start in range(0, len(texts), chunk):
+        batch, _ = encoder.tokenize(texts[start : start + chunk])
+        target = targets[start : start + chunk].cpu().float()
+        out.append(F.cosine_similarity(encoder.embed(batch).cpu().float(), target, dim=-1))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def device_of(pre: Pretrained) -> torch.device:

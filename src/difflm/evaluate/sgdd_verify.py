@@ -1,0 +1,301 @@
+"""Semantic verification at decode time: the frozen encoder scores candidates against the target.
+
+One forward pass from one vector is a weak inverter; SGDD has what correction needs: an encoder that
+can score any candidate text against the target vector, and a decoder that can re-mask and re-write.
+Three stages, each optional, each keeping a row's hypothesis unless the encoder finds the new one
+closer (cosine), so none ever lowers the similarity:
+
+- Best-of-N: decode N candidates per vector in one batch (the greedy decode at each of the length
+  head's top-k lengths, then temperature samples at the most likely length), re-encode all of them
+  and keep the one whose vector is closest to the target.
+- Correction rounds (R): score every token of the hypothesis by re-masking it, re-mask the least
+  likely share of them and decode those positions again, conditioned on the target vector, N times.
+- Edit search (S rounds): local search over single-token edits. The decoder proposes, for every
+  position where it is not sure of the current token, its k most likely other tokens given the rest
+  (substitutions) and, for every gap, its k / 2 best guesses for a new token there (insertions); deletions and swaps of neighbouring tokens
+  need no proposal. Every edited text is re-encoded; a row takes its closest edit, or all its
+  improving substitutions at different positions at once when that is closer still. Rows that
+  found nothing closer are done. Unlike re-masking, edits can change the length, which the length
+  head gets wrong for most sentences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difflm.errors import DifflmError
+from difflm.evaluate.sgdd_decode import (
+    cosine_of,
+    cosine_to,
+    decode_rows,
+    device_of,
+    masked_predictions,
+    refill,
+    suppressed_ids,
+    token_logprobs,
+)
+from difflm.models.layers import padding_bias
+from difflm.pretrained import Pretrained
+
+GAIN = 1e-6  # an edit must raise the cosine by more than this (the encoder's batch-to-batch noise)
+SURE = 0.9  # edit search tries no substitutions where the decoder gives the current token this much
+
+
+@dataclass
+class Verification:
+    """How hard decoding works for the target vector (1 candidate, 0 rounds = plain decoding)."""
+
+    candidates: int = 1  # N: decoded per vector, and variants per correction round
+    rounds: int = 0  # R: correction rounds after best-of-N
+    remask: float = 0.25  # share of the hypothesis re-masked per round (at least one token)
+    length_topk: int = 3  # greedy candidates at the length head's top-k lengths (at most N)
+    temperature: float = 0.7  # of the candidates beyond the greedy ones
+    search: int = 0  # S: edit-search rounds at most, after the correction rounds
+    search_k: int = 4  # tokens the decoder proposes per position (substitutions; per gap, insertions: k / 2)
+
+    def __post_init__(self) -> None:
+        if min(self.candidates, self.length_topk, self.search_k) < 1 or min(self.rounds, self.search) < 0:
+            raise DifflmError(
+                f"verification needs candidates, length_topk, search_k >= 1 and rounds, search >= 0; got "
+                f"{self.candidates}, {self.length_topk}, {self.search_k}, {self.rounds}, {self.search}"
+            )
+        if not 0.0 < self.remask <= 1.0:
+            raise DifflmError(f"remask share must be in (0, 1], got {self.remask}")
+
+
+@dataclass
+class Hypotheses:
+    """The chosen text per vector: token ids [B, W] (pad past `lengths` [B]) and cosine [B]."""
+
+    ids: Tensor
+    lengths: Tensor
+    cosine: Tensor
+
+    def as_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.ids, self.lengths.tolist(), strict=True)]
+
+
+@torch.no_grad()
+def verified_decode(
+    pre: Pretrained,
+    encoder,
+    vectors: Tensor,
+    settings: Verification,
+    *,
+    cfg_scale: float,
+    generator: torch.Generator | None = None,
+    lengths: Tensor | None = None,
+) -> Hypotheses:
+    """Decode vectors [B, D] with best-of-N, `settings.rounds` correction rounds, then up to
+    `settings.search` edit-search rounds.
+
+    The target of every comparison is the vector itself (the encoder's vector of the source)."""
+    if cfg_scale < 0:
+        raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
+    best = best_of_n(pre, encoder, vectors, settings, cfg_scale, generator, lengths)
+    for _ in range(settings.rounds):
+        best = correction_round(pre, encoder, vectors, best, settings, cfg_scale, generator)
+    active = torch.ones(len(vectors), dtype=torch.bool)
+    for _ in range(settings.search):
+        if not active.any():
+            break
+        best, active = edit_round(pre, encoder, vectors, best, active, settings.search_k)
+    return best
+
+
+def best_of_n(
+    pre: Pretrained,
+    encoder,
+    vectors: Tensor,
+    settings: Verification,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+    lengths: Tensor | None = None,
+) -> Hypotheses:
+    """N candidates per vector, decoded in one batch per temperature; the closest is kept."""
+    B, N = len(vectors), settings.candidates
+    row_lengths, temps = candidate_plan(pre, vectors, settings, lengths)  # [B, N] each
+    ids = torch.full((B, N, int(row_lengths.max())), pre.tokenizer.pad_token_id, dtype=torch.long)
+    for temperature in sorted(set(temps.flatten().tolist())):
+        rows, cols = (temps == temperature).nonzero(as_tuple=True)
+        out = decode_rows(pre, vectors[rows], row_lengths[rows, cols], temperature, cfg_scale, generator)
+        ids[rows, cols, : out.shape[1]] = out
+    flat_len = row_lengths.flatten()
+    cos = cosine_to(encoder, pre, ids.flatten(0, 1), flat_len, vectors.repeat_interleave(N, 0)).view(B, N)
+    pick = cos.argmax(1)  # [B]
+    arange = torch.arange(B)
+    return Hypotheses(ids[arange, pick], row_lengths[arange, pick], cos[arange, pick])
+
+
+def candidate_plan(
+    pre: Pretrained, vectors: Tensor, settings: Verification, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Length and temperature of each candidate [B, N]: greedy at the top-k lengths first."""
+    B, N = len(vectors), settings.candidates
+    if lengths is not None:
+        top = lengths.clamp(1, pre.model.max_length).view(B, 1)  # [B, 1]
+    else:
+        k = min(settings.length_topk, N)
+        top = pre.model.length_logits(vectors.to(device_of(pre))).topk(k, dim=-1).indices.cpu() + 1  # [B, k]
+    k = top.shape[1]
+    row_lengths = torch.cat([top, top[:, :1].expand(B, N - k)], 1) if N > k else top[:, :N]
+    temps = torch.tensor([0.0] * min(k, N) + [settings.temperature] * max(N - k, 0))
+    return row_lengths, temps.expand(B, N).clone()
+
+
+def correction_round(
+    pre: Pretrained,
+    encoder,
+    vectors: Tensor,
+    current: Hypotheses,
+    settings: Verification,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+) -> Hypotheses:
+    """Re-mask the least likely tokens, rewrite them N times, keep any variant that is closer."""
+    B, N = len(vectors), settings.candidates
+    real = torch.arange(current.ids.shape[1])[None, :] < current.lengths[:, None]  # [B, W]
+    logp = token_logprobs(pre, vectors, current.ids, real)  # [B, W], +inf at pads
+    count = (current.lengths.float() * settings.remask).ceil().long().clamp(min=1)  # [B]
+    ranks = logp.argsort(1).argsort(1)  # rank of each position, least likely first
+    fill = (ranks < count[:, None]) & real  # [B, W]
+    rep = lambda x: x.repeat_interleave(N, 0)  # noqa: E731  (rows of variants, grouped per vector)
+    temps = [0.0] + [settings.temperature] * (N - 1)
+    variants = torch.cat(
+        [refill(pre, vectors, current.ids, real, fill, t, cfg_scale, generator)[:, None] for t in temps], 1
+    )  # [B, N, W]
+    cos = cosine_to(encoder, pre, variants.flatten(0, 1), rep(current.lengths), rep(vectors)).view(B, N)
+    best_cos, pick = cos.max(1)
+    better = best_cos > current.cosine  # [B]
+    ids = torch.where(better[:, None], variants[torch.arange(B), pick], current.ids)
+    return Hypotheses(ids, current.lengths, torch.where(better, best_cos, current.cosine))
+
+
+def edit_round(
+    pre: Pretrained, encoder, vectors: Tensor, current: Hypotheses, active: Tensor, k: int
+) -> tuple[Hypotheses, Tensor]:
+    """One round of edit search on the `active` [B] rows; returns the hypotheses and which rows
+    improved (the rows still worth searching)."""
+    rows = active.nonzero()[:, 0]
+    if not len(rows):
+        return current, active
+    seqs = [current.as_lists()[i] for i in rows.tolist()]
+    mine = Hypotheses(current.ids[rows], current.lengths[rows], current.cosine[rows])
+    real = torch.arange(mine.ids.shape[1])[None, :] < mine.lengths[:, None]  # [A, W]
+    logp, subs = masked_predictions(pre, vectors[rows], mine.ids, real, k)  # [A, W], [A, W, k]
+    sure = logp > math.log(SURE)  # [A, W]: positions not worth a substitution
+    inserts = insertion_proposals(pre, vectors[rows], seqs, max(1, k // 2))
+    edits, owner, swaps = [], [], []  # edited texts, their row, (position, token) for substitutions
+    for a, seq in enumerate(seqs):
+        options = [[] if sure[a, i] else subs[a, i].tolist() for i in range(len(seq))]
+        for edit, swap in single_edits(seq, options, inserts[a]):
+            edits.append(edit)
+            owner.append(a)
+            swaps.append(swap)
+    owners = torch.tensor(owner)
+    cos = cosine_of(encoder, pre, edits, vectors[rows][owners])  # [E]
+    best = [(mine.cosine[a].item(), seq) for a, seq in enumerate(seqs)]
+    for e in range(len(edits)):  # the closest edit per row
+        if cos[e] > best[owner[e]][0] + GAIN:
+            best[owner[e]] = (cos[e].item(), edits[e])
+    merged = merge_substitutions(seqs, owner, swaps, cos, mine.cosine)
+    if merged:
+        idx = list(merged)
+        merged_cos = cosine_of(encoder, pre, [merged[a] for a in idx], vectors[rows][torch.tensor(idx)])
+        for a, c in zip(idx, merged_cos.tolist(), strict=True):
+            if c > best[a][0] + GAIN:
+                best[a] = (c, merged[a])
+    improved = torch.tensor([c > mine.cosine[a].item() + GAIN for a, (c, _) in enumerate(best)])
+    return replace_rows(current, rows, best, pre.tokenizer.pad_token_id), active.index_put((rows,), improved)
+
+
+def single_edits(
+    seq: list[int], substitutes: list[list[int]], inserts: list[list[int]]
+) -> list[tuple[list[int], tuple[int, int] | None]]:
+    """Every edit of `seq` one step away, with (position, token) for substitutions, else None:
+    substitutions by `substitutes` [n][k], deletions (if n > 1), swaps of unequal neighbours and
+    insertions of `inserts` [gap][k] (no gaps: nothing inserted)."""
+    n = len(seq)
+    out: list[tuple[list[int], tuple[int, int] | None]] = [
+        (seq[:i] + [token] + seq[i + 1 :], (i, token)) for i in range(n) for token in substitutes[i]
+    ]
+    out += [(seq[:i] + seq[i + 1 :], None) for i in range(n if n > 1 else 0)]
+    out += [(seq[:i] + [seq[i + 1], seq[i]] + seq[i + 2 :], None) for i in range(n - 1) if seq[i] != seq[i + 1]]
+    out += [(seq[:gap] + [token] + seq[gap:], None) for gap, options in enumerate(inserts) for token in options]
+    return out
+
+
+def merge_substitutions(
+    seqs: list[list[int]], owner: list[int], swaps: list, cos: Tensor, baseline: Tensor
+) -> dict[int, list[int]]:
+    """Per row with improving substitutions at two or more positions: the text with the best one
+    at each of those positions applied together."""
+    gains: dict[int, dict[int, tuple[float, int]]] = {}
+    for e, swap in enumerate(swaps):
+        a = owner[e]
+        if swap is None or cos[e] <= baseline[a] + GAIN:
+            continue
+        i, token = swap
+        if cos[e].item() > gains.setdefault(a, {}).get(i, (-2.0, 0))[0]:
+            gains[a][i] = (cos[e].item(), token)
+    merged = {}
+    for a, by_position in gains.items():
+        if len(by_position) > 1:
+            seq = list(seqs[a])
+            for i, (_, token) in by_position.items():
+                seq[i] = token
+            merged[a] = seq
+    return merged
+
+
+@torch.no_grad()
+def insertion_proposals(pre: Pretrained, vectors: Tensor, seqs: list[list[int]], k: int) -> list[list[list[int]]]:
+    """Per row, per gap 0..n (none when the row is already max_length long): the decoder's k most
+    likely tokens for a [MASK] inserted there, given the rest and the vector."""
+    mask, pad = pre.tokenizer.mask_token_id, pre.tokenizer.pad_token_id
+    longest = pre.model.max_length
+    probes = [(a, gap) for a, seq in enumerate(seqs) if len(seq) < longest for gap in range(len(seq) + 1)]
+    out: list[list[list[int]]] = [[] for _ in seqs]
+    if not probes:
+        return out
+    width = max(len(seqs[a]) for a, _ in probes) + 1
+    ids = torch.full((len(probes), width), pad, dtype=torch.long)
+    for p, (a, gap) in enumerate(probes):
+        seq = seqs[a]
+        ids[p, : len(seq) + 1] = torch.tensor(seq[:gap] + [mask] + seq[gap:])
+    real = torch.arange(width)[None, :] <= torch.tensor([len(seqs[a]) for a, _ in probes])[:, None]
+    at = ids == mask  # [P, W], one true per row
+    owners = torch.tensor([a for a, _ in probes])
+    device = device_of(pre)
+    banned = torch.tensor(suppressed_ids(pre.tokenizer) + [mask])
+    tops = []
+    for start in range(0, len(probes), 256):
+        part = slice(start, start + 256)
+        scores = pre.model(
+            ids[part].to(device),
+            attention_bias=padding_bias(real[part].to(device)),
+            cond=vectors[owners[part]].to(device),
+            logits_at=at[part].to(device),
+        ).float().cpu()  # [P', V]
+        scores[:, banned] = -float("inf")
+        tops.append(scores.topk(k, dim=-1).indices)
+    for (a, _), top in zip(probes, torch.cat(tops).tolist(), strict=True):
+        out[a].append(top)
+    return out
+
+
+def replace_rows(current: Hypotheses, rows: Tensor, found: list[tuple[float, list[int]]], pad: int) -> Hypotheses:
+    """`current` with the given rows set to the found (cosine, token list) pairs; width as needed."""
+    seqs = current.as_lists()
+    cosine = current.cosine.clone()
+    for a, (c, seq) in zip(rows.tolist(), found, strict=True):
+        seqs[a], cosine[a] = seq, c
+    lengths = torch.tensor([len(seq) for seq in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), pad, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq)
+    return Hypotheses(ids, lengths, cosine)

@@ -105,6 +105,10 @@ def test_eval_and_sample_after_training(trained, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["input"] == "the cat sat." and len(pre.tokenizer.encode(out["output"])) >= 1
     assert sample_sgdd(pre, sample_args(interpolate=("the cat sat.", "a dog ran."), alpha=0.25)) == 0
+    capsys.readouterr()
+    assert sample_sgdd(pre, sample_args(text=["the cat sat."], length=3, search=2)) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(pre.tokenizer.tok(out["output"], add_special_tokens=False)["input_ids"]) <= 3  # length kept
 
 
 def test_uncond_prob_one_hides_the_vector(tmp_path):

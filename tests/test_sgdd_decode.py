@@ -160,6 +160,9 @@ def test_edit_search_only_moves_closer_and_stops_when_stuck(trained):
         current, active = after, still
     searched = verified_decode(pre, encoder, vectors, Verification(search=4, search_k=3), cfg_scale=0.0)
     torch.testing.assert_close(searched.cosine, current.cosine)  # the same rounds through the entry point
+    given = torch.tensor([3, 4, 5, 3, 4, 5])
+    fixed = verified_decode(pre, encoder, vectors, Verification(search=3), cfg_scale=0.0, lengths=given)
+    assert torch.equal(fixed.lengths, given)  # a length the caller gave is kept
 
 
 def test_edit_search_reaches_the_sentence_one_edit_away(trained, monkeypatch):
@@ -208,12 +211,15 @@ def test_edit_search_reaches_the_sentence_one_edit_away(trained, monkeypatch):
 
 def test_single_edits_lists_every_edit_one_step_away():
     edits = single_edits([1, 2, 2], [[9], [8], [7]], [[5]] * 4)
-    assert edits == [
+    same_length = [
         ([9, 2, 2], (0, 9)), ([1, 8, 2], (1, 8)), ([1, 2, 7], (2, 7)),  # substitutions
-        ([2, 2], None), ([1, 2], None), ([1, 2], None),  # deletions
         ([2, 1, 2], None),  # swaps of unequal neighbours only
+    ]
+    assert edits == same_length + [
+        ([2, 2], None), ([1, 2], None), ([1, 2], None),  # deletions
         ([5, 1, 2, 2], None), ([1, 5, 2, 2], None), ([1, 2, 5, 2], None), ([1, 2, 2, 5], None),  # insertions
     ]
+    assert single_edits([1, 2, 2], [[9], [8], [7]], None) == same_length  # a fixed length
     assert single_edits([4], [[]], []) == []  # one token, no proposals: nothing to try
 
 

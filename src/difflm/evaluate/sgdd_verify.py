@@ -91,7 +91,7 @@ def verified_decode(
     lengths: Tensor | None = None,
 ) -> Hypotheses:
     """Decode vectors [B, D] with best-of-N, `settings.rounds` correction rounds, then up to
-    `settings.search` edit-search rounds.
+    `settings.search` edit-search rounds (which keep the `lengths` when given).
 
     The target of every comparison is the vector itself (the encoder's vector of the source)."""
     if cfg_scale < 0:
@@ -103,7 +103,7 @@ def verified_decode(
     for _ in range(settings.search):
         if not active.any():
             break
-        best, active = edit_round(pre, encoder, vectors, best, active, settings.search_k)
+        best, active = edit_round(pre, encoder, vectors, best, active, settings.search_k, lengths is None)
     return best
 
 
@@ -176,10 +176,10 @@ def correction_round(
 
 
 def edit_round(
-    pre: Pretrained, encoder, vectors: Tensor, current: Hypotheses, active: Tensor, k: int
+    pre: Pretrained, encoder, vectors: Tensor, current: Hypotheses, active: Tensor, k: int, resize: bool = True
 ) -> tuple[Hypotheses, Tensor]:
-    """One round of edit search on the `active` [B] rows; returns the hypotheses and which rows
-    improved (the rows still worth searching)."""
+    """One round of edit search on the `active` [B] rows (no insertions or deletions unless
+    `resize`); returns the hypotheses and which rows improved (the rows still worth searching)."""
     rows = active.nonzero()[:, 0]
     if not len(rows):
         return current, active
@@ -188,11 +188,11 @@ def edit_round(
     real = torch.arange(mine.ids.shape[1])[None, :] < mine.lengths[:, None]  # [A, W]
     logp, subs = masked_predictions(pre, vectors[rows], mine.ids, real, k)  # [A, W], [A, W, k]
     sure = logp > math.log(SURE)  # [A, W]: positions not worth a substitution
-    inserts = insertion_proposals(pre, vectors[rows], seqs, max(1, k // 2))
+    inserts = insertion_proposals(pre, vectors[rows], seqs, max(1, k // 2)) if resize else None
     edits, owner, swaps = [], [], []  # edited texts, their row, (position, token) for substitutions
     for a, seq in enumerate(seqs):
         options = [[] if sure[a, i] else subs[a, i].tolist() for i in range(len(seq))]
-        for edit, swap in single_edits(seq, options, inserts[a]):
+        for edit, swap in single_edits(seq, options, inserts[a] if resize else None):
             edits.append(edit)
             owner.append(a)
             swaps.append(swap)
@@ -214,18 +214,19 @@ def edit_round(
 
 
 def single_edits(
-    seq: list[int], substitutes: list[list[int]], inserts: list[list[int]]
+    seq: list[int], substitutes: list[list[int]], inserts: list[list[int]] | None
 ) -> list[tuple[list[int], tuple[int, int] | None]]:
     """Every edit of `seq` one step away, with (position, token) for substitutions, else None:
-    substitutions by `substitutes` [n][k], deletions (if n > 1), swaps of unequal neighbours and
-    insertions of `inserts` [gap][k] (no gaps: nothing inserted)."""
+    substitutions by `substitutes` [n][k], swaps of unequal neighbours, and unless `inserts` is
+    None (the length is fixed) deletions (if n > 1) and insertions of `inserts` [gap][k]."""
     n = len(seq)
     out: list[tuple[list[int], tuple[int, int] | None]] = [
         (seq[:i] + [token] + seq[i + 1 :], (i, token)) for i in range(n) for token in substitutes[i]
     ]
-    out += [(seq[:i] + seq[i + 1 :], None) for i in range(n if n > 1 else 0)]
     out += [(seq[:i] + [seq[i + 1], seq[i]] + seq[i + 2 :], None) for i in range(n - 1) if seq[i] != seq[i + 1]]
-    out += [(seq[:gap] + [token] + seq[gap:], None) for gap, options in enumerate(inserts) for token in options]
+    if inserts is not None:
+        out += [(seq[:i] + seq[i + 1 :], None) for i in range(n if n > 1 else 0)]
+        out += [(seq[:gap] + [token] + seq[gap:], None) for gap, options in enumerate(inserts) for token in options]
     return out
 
 

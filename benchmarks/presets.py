@@ -317,9 +317,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             train=SMOKE_TRAIN,
             evaluation=("--cfg 0,2 --grid 1:0,2:1,2:0:1 --examples 4 --batch-size 4 --latency-sentences 1",),
         ),
-        "cpu": Preset(  # docs/results/sgdd: ~70 min each, side by side
+        "cpu": Preset(  # docs/results/sgdd: ~70 min each side by side (minilm 2500 steps: 100 min alone)
             runs=(
-                Run("sgdd_minilm", "sgdd_phase1_minilm", 1400),
+                Run("sgdd_minilm", "sgdd_phase1_minilm", 2500),
                 Run(
                     "sgdd_scratch",
                     "sgdd_phase1",
@@ -331,7 +331,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=64,
             precision="fp32",
             train="",
-            evaluation=("--cfg 0,2 --grid 1:0,4:0,4:2 --examples 500 --batch-size 50 --latency-sentences 30",),
+            evaluation=(
+                "--cfg 0,2 --grid 1:0,4:0,4:2,4:0:8 --examples 500 --batch-size 50 --latency-sentences 30",
+            ),
         ),
         "gpu": Preset(
             runs=(
@@ -347,7 +349,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=128,
             **GPU,
             train="train.keep_last=1",
-            evaluation=("--cfg 0,2 --grid 1:0,4:0 --examples 200 --batch-size 100 --latency-sentences 10",),
+            evaluation=("--cfg 0,2 --grid 1:0,4:0,4:0:8 --examples 200 --batch-size 100 --latency-sentences 10",),
         ),
     },
     "shakespeare_long": {

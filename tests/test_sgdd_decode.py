@@ -298,6 +298,9 @@ def test_eval_scores_a_file_with_verification(trained):
     for name in ("cfg0", "cfg2", "cfg2_n2_r1_s1"):
         assert 0 <= metrics[f"{name}_exact_match"] <= 1 and metrics[f"{name}_ms_per_sentence"] > 0
     assert metrics["cfg2_examples"][1]["source"] == "an owl flew over the barn."
+    unguided = eval_sgdd(pre, eval_args(data=str(lines), cfg_scale=0.0, search=1))
+    assert {k.split("_")[0] for k in unguided if k.startswith("cfg")} == {"cfg0"}  # no guided rows
+    assert "cfg0_oracle_len_bleu" in unguided and "cfg0_n1_r0_s1_bleu" in unguided
     pairs = trained / "pairs.jsonl"
     pairs.write_text(json.dumps({"source": "a dog ran.", "target": "the dog was running."}) + "\n")
     paraphrase = eval_sgdd(pre, eval_args(data=str(pairs)))
@@ -311,6 +314,7 @@ def test_cli_rejects_bad_verification_flags(trained):
         (["--best-of", "0"], "--best-of must be >= 1"),
         (["--rounds", "-1"], "--rounds must be >= 0"),
         (["--search", "-2"], "--search must be >= 0"),
+        (["--cfg-scale", "-1"], "--cfg-scale must be a finite number >= 0"),
         (["--data", str(trained / "missing.txt")], "no such file"),
     ):
         proc = subprocess.run(base + flags, capture_output=True, text=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from difflm.commands.flags import add_flags, options_from
@@ -32,6 +33,8 @@ def check_args(opts: EvalOptions) -> None:
         value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if opts.cfg_scale is not None and not (math.isfinite(opts.cfg_scale) and opts.cfg_scale >= 0):
+        raise DifflmError(f"--cfg-scale must be a finite number >= 0 (0 = no guidance), got {opts.cfg_scale}")
     for flag in ("rounds", "search"):
         if getattr(opts, flag) < 0:
             raise DifflmError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
@@ -95,8 +98,9 @@ def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
     check_args(opts)
     resolve_device(opts.device, "--device")
     pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
-    if (opts.data or opts.best_of > 1 or opts.rounds or opts.search) and pre.config.task != "sgdd":
-        raise DifflmError("--data, --best-of, --rounds and --search are for SGDD checkpoints")
+    sgdd_only = opts.data or opts.best_of > 1 or opts.rounds or opts.search or opts.cfg_scale is not None
+    if sgdd_only and pre.config.task != "sgdd":
+        raise DifflmError("--data, --cfg-scale, --best-of, --rounds and --search are for SGDD checkpoints")
     if opts.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
             f"--split {opts.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"

@@ -35,6 +35,9 @@ class EvalOptions:
         ("val", "train"),
     )
     data: str | None = opt(None, "sgdd: score this file instead (one sentence a line, or JSONL / TSV pairs)")
+    cfg_scale: float | None = opt(
+        None, "sgdd: guidance weight of the guided rows (default: the run's system.cfg_scale; CFG 0 is always scored)"
+    )
     best_of: int = opt(1, "sgdd: decode N candidates, keep the one the encoder finds closest")
     rounds: int = opt(0, "sgdd: correction rounds (re-mask the least likely tokens, keep if closer)")
     search: int = opt(0, "sgdd: edit-search rounds at most (single-token edits the decoder proposes, kept if closer)")

@@ -88,12 +88,9 @@ def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
         ids, lengths = tokenize_targets(pre.tokenizer, [s for s, _ in pairs], cfg.model.block_size)
         copies = [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)]
         out.update({f"copy_{k}": v for k, v in score(pre, encoder, data.vectors, data, copies).items()})
-    w = scfg.cfg_scale
-    settings = [
-        ("cfg0", 0.0, False, None),
-        (f"cfg{w:g}", w, False, None),
-        (f"cfg{w:g}_oracle_len", w, True, None),
-    ]
+    w = scfg.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
+    settings = [("cfg0", 0.0, False, None)] + ([(f"cfg{w:g}", w, False, None)] if w else [])
+    settings.append((f"cfg{w:g}_oracle_len", w, True, None))
     verify = Verification(candidates=opts.best_of, rounds=opts.rounds, search=opts.search)
     if verify.candidates > 1 or verify.rounds > 0 or verify.search > 0:
         name = f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}" + (f"_s{verify.search}" if verify.search else "")

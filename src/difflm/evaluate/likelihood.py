@@ -98,6 +98,13 @@ def elbo_nll(
     )
 
 
+def exact_loss(model, objective, data, batch_size: int, max_batches: int | None, progress: bool) -> float:
+    """`mean_objective_loss` of an objective that draws nothing (one pass, no seed to vary)."""
+    return mean_objective_loss(
+        model, objective, data, batch_size=batch_size, samples=1, seed=0, max_batches=max_batches, progress=progress
+    )
+
+
 def left_to_right_nll(
     model,
     data,
@@ -117,16 +124,7 @@ def left_to_right_nll(
         mask_token_id=mask_token_id,
         vocab_size=vocab_size,
     )
-    return mean_objective_loss(
-        model,
-        objective,
-        data,
-        batch_size=batch_size,
-        samples=1,
-        seed=0,
-        max_batches=max_batches,
-        progress=progress,
-    )
+    return exact_loss(model, objective, data, batch_size, max_batches, progress)
 
 
 class LeftToRightObjective(MaskedDiffusionObjective):
@@ -164,16 +162,7 @@ def ar_nll(
     model, data, *, batch_size: int = 32, max_batches: int | None = None, progress: bool = True
 ) -> float:
     """Next-token CE per predicted token (nats)."""
-    return mean_objective_loss(
-        model,
-        AutoregressiveObjective(),
-        data,
-        batch_size=batch_size,
-        samples=1,
-        seed=0,
-        max_batches=max_batches,
-        progress=progress,
-    )
+    return exact_loss(model, AutoregressiveObjective(), data, batch_size, max_batches, progress)
 
 
 @torch.no_grad()

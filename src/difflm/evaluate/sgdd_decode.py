@@ -154,7 +154,6 @@ def masked_predictions(
     proposals = torch.zeros(*ids.shape, k, dtype=torch.long)
     bias = torch.zeros(real.shape, device=device).masked_fill(~real.to(device), -math.inf)[:, None, None, :]
     positions = torch.arange(ids.shape[1])[None, :]
-    banned = torch.tensor(suppressed_ids(pre.tokenizer) + [pre.tokenizer.mask_token_id])
     for group in range(min(SCORE_GROUPS, ids.shape[1])):
         masked = real & (positions % SCORE_GROUPS == group)  # [B, W]
         if not masked.any():
@@ -166,10 +165,15 @@ def masked_predictions(
         current = ids[masked][:, None]  # [N, 1]
         logp[masked] = scores.gather(-1, current)[:, 0]
         if k:
-            scores[:, banned] = -math.inf
-            scores.scatter_(-1, current, -math.inf)
-            proposals[masked] = scores.topk(k, dim=-1).indices  # [N, k]
+            proposals[masked] = writable_topk(pre, scores.scatter(-1, current, -math.inf), k)  # [N, k]
     return logp, proposals
+
+
+def writable_topk(pre: Pretrained, scores: Tensor, k: int) -> Tensor:
+    """The k best token ids [N, k] of scores [N, V] among those the decoder may write (no specials,
+    no [MASK])."""
+    banned = torch.tensor(suppressed_ids(pre.tokenizer) + [pre.tokenizer.mask_token_id])
+    return scores.index_fill(-1, banned.to(scores.device), -math.inf).topk(k, dim=-1).indices
 
 
 def cosine_to(encoder, pre: Pretrained, ids: Tensor, lengths: Tensor, targets: Tensor) -> Tensor:

@@ -35,8 +35,8 @@ from difflm.evaluate.sgdd_decode import (
     device_of,
     masked_predictions,
     refill,
-    suppressed_ids,
     token_logprobs,
+    writable_topk,
 )
 from difflm.models.layers import padding_bias
 from difflm.pretrained import Pretrained
@@ -183,16 +183,17 @@ def edit_round(
     rows = active.nonzero()[:, 0]
     if not len(rows):
         return current, active
-    seqs = [current.as_lists()[i] for i in rows.tolist()]
+    every = current.as_lists()
+    seqs = [every[i] for i in rows.tolist()]
     mine = Hypotheses(current.ids[rows], current.lengths[rows], current.cosine[rows])
     real = torch.arange(mine.ids.shape[1])[None, :] < mine.lengths[:, None]  # [A, W]
     logp, subs = masked_predictions(pre, vectors[rows], mine.ids, real, k)  # [A, W], [A, W, k]
     sure = logp > math.log(SURE)  # [A, W]: positions not worth a substitution
-    inserts = insertion_proposals(pre, vectors[rows], seqs, max(1, k // 2)) if resize else None
+    inserts = insertion_proposals(pre, vectors[rows], seqs, max(1, k // 2)) if resize else [None] * len(seqs)
     edits, owner, swaps = [], [], []  # edited texts, their row, (position, token) for substitutions
     for a, seq in enumerate(seqs):
         options = [[] if sure[a, i] else subs[a, i].tolist() for i in range(len(seq))]
-        for edit, swap in single_edits(seq, options, inserts[a] if resize else None):
+        for edit, swap in single_edits(seq, options, inserts[a]):
             edits.append(edit)
             owner.append(a)
             swaps.append(swap)
@@ -272,7 +273,6 @@ def insertion_proposals(pre: Pretrained, vectors: Tensor, seqs: list[list[int]],
     at = ids == mask  # [P, W], one true per row
     owners = torch.tensor([a for a, _ in probes])
     device = device_of(pre)
-    banned = torch.tensor(suppressed_ids(pre.tokenizer) + [mask])
     tops = []
     for start in range(0, len(probes), 256):
         part = slice(start, start + 256)
@@ -282,8 +282,7 @@ def insertion_proposals(pre: Pretrained, vectors: Tensor, seqs: list[list[int]],
             cond=vectors[owners[part]].to(device),
             logits_at=at[part].to(device),
         ).float().cpu()  # [P', V]
-        scores[:, banned] = -float("inf")
-        tops.append(scores.topk(k, dim=-1).indices)
+        tops.append(writable_topk(pre, scores, k))
     for (a, _), top in zip(probes, torch.cat(tops).tolist(), strict=True):
         out[a].append(top)
     return out

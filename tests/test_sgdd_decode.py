@@ -21,19 +21,21 @@ from difflm.evaluate import sgdd_verify as verify
 from difflm.evaluate.sgdd import eval_sgdd
 from difflm.evaluate.sgdd_decode import cosine_to, decode_vectors, token_logprobs
 from difflm.evaluate.sgdd_verify import (
+    GAIN,
     Hypotheses,
+    SearchState,
     Verification,
     best_of_n,
     correction_round,
-    edit_round,
     insertion_proposals,
     merge_substitutions,
+    search_round,
     single_edits,
     verified_decode,
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
+from difflm.models.sgdd import Shortlisted
 from difflm.pretrained import load_pretrained
-from difflm.sampling.unmask import cfg_combine
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder
 from difflm.train.trainer import train
@@ -84,6 +86,9 @@ def test_conditioned_decoder_is_the_pretrained_mlm_at_step_zero():
     torch.testing.assert_close(
         decoder(ids, attention_bias=bias, logits_at=where), expected[where], atol=1e-5, rtol=1e-5
     )
+    keep = torch.tensor([7, 3, 59])  # the tied head's rows and bias of a shortlist, in its order
+    got = decoder(ids, attention_bias=bias, head=decoder.output_rows(keep))
+    torch.testing.assert_close(got, expected[..., keep], atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_initialised_sgdd_starts_as_minilm(tmp_path):
@@ -144,25 +149,52 @@ def test_correction_never_lowers_similarity(trained):
         current = after
 
 
-def test_edit_search_only_moves_closer_and_stops_when_stuck(trained):
+def test_greedy_edit_search_only_moves_closer_and_stops_when_stuck(trained):
     pre = load_pretrained(trained / "run")
     encoder = load_encoder(pre.config.model.encoder)
     vectors = encoder.encode(SENTENCES[:6])
-    current = best_of_n(pre, encoder, vectors, Verification(), 0.0, torch.Generator().manual_seed(0))
-    active = torch.ones(6, dtype=torch.bool)
+    start = best_of_n(pre, encoder, vectors, Verification(), 0.0, torch.Generator().manual_seed(0))
+    greedy = Verification(search=4, search_k=3, patience=1)
+    state, active = SearchState.start(start), torch.ones(6, dtype=torch.bool)
     for _ in range(4):
-        after, still = edit_round(pre, encoder, vectors, current, active, k=3)
-        assert (after.cosine >= current.cosine).all()
-        assert torch.equal(still, active & (after.cosine > current.cosine))  # stuck rows stop
+        before = [state.best(row) for row in range(6)]
+        sizes = [len(scored) for scored in state.scored]
+        still = search_round(pre, encoder, vectors, state, active, greedy)
+        after = [state.best(row) for row in range(6)]
+        assert all(a[0] >= b[0] for a, b in zip(after, before, strict=True))
+        closer = torch.tensor([a[0] > b[0] + GAIN for a, b in zip(after, before, strict=True)])
+        assert torch.equal(still, active & closer)  # patience 1: rows that found nothing closer stop
         done = (~active).nonzero()[:, 0].tolist()
-        assert [after.as_lists()[i] for i in done] == [current.as_lists()[i] for i in done]  # left alone
-        torch.testing.assert_close(after.cosine, cosine_to(encoder, pre, after.ids, after.lengths, vectors))
-        current, active = after, still
-    searched = verified_decode(pre, encoder, vectors, Verification(search=4, search_k=3), cfg_scale=0.0)
-    torch.testing.assert_close(searched.cosine, current.cosine)  # the same rounds through the entry point
+        assert [len(state.scored[row]) for row in done] == [sizes[row] for row in done]  # left alone
+        for row, (cos, seq) in enumerate(after):  # the remembered cosine is the re-encoded one
+            assert cos == pytest.approx(cosine_to_list(encoder, pre, seq, vectors[row : row + 1]).item(), abs=1e-5)
+        active = still
+    searched = verified_decode(pre, encoder, vectors, greedy, cfg_scale=0.0)
+    assert searched.as_lists() == [seq for _, seq in after]  # the same rounds through the entry point
     given = torch.tensor([3, 4, 5, 3, 4, 5])
     fixed = verified_decode(pre, encoder, vectors, Verification(search=3), cfg_scale=0.0, lengths=given)
     assert torch.equal(fixed.lengths, given)  # a length the caller gave is kept
+
+
+def test_patient_search_goes_on_from_the_next_closest_text(trained):
+    """A sentence no single edit brings closer is not dropped: the next round expands the closest
+    text not expanded yet, and the search stops after `patience` such rounds."""
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vector = encoder.encode(["a dog ran home."])
+    seq = pre.tokenizer.tok("a dog ran home.", add_special_tokens=False)["input_ids"]
+    start = Hypotheses(torch.tensor([seq]), torch.tensor([len(seq)]), cosine_to_list(encoder, pre, seq, vector))
+    state, active = SearchState.start(start), torch.ones(1, dtype=torch.bool)  # the target: nothing is closer
+    patient = Verification(search=3, search_k=4, patience=2)
+    expanded = []
+    for stall in (1, 2):
+        active = search_round(pre, encoder, vector, state, active, patient)
+        new = state.expanded[0] - set(expanded)
+        assert len(new) == 1 and state.stall[0] == stall and active.item() == (stall < 2)
+        expanded += new
+    assert expanded[0] == tuple(seq) and state.best(0) == (start.cosine.item(), seq)
+    second = max((c, s) for s, c in state.scored[0].items() if s != tuple(seq))
+    assert expanded[1] == second[1]  # after the start, its closest edit
 
 
 def test_edit_search_reaches_the_sentence_one_edit_away(trained, monkeypatch):
@@ -192,21 +224,25 @@ def test_edit_search_reaches_the_sentence_one_edit_away(trained, monkeypatch):
         (target[:2] + [2009] + target[2:], False),  # an "it" added: a deletion
         (target[:1] + [target[2], dog] + target[3:], False),  # "a ran dog home.": a swap
     ]
-    one = torch.ones(1, dtype=torch.bool)
-    for seq, needs_word in wrong:
+
+    def one_round(seq):
+        """(closest text, its cosine, still searching) after one greedy round from seq."""
         hyp = Hypotheses(torch.tensor([seq]), torch.tensor([len(seq)]), cosine_to_list(encoder, pre, seq, vector))
+        state = SearchState.start(hyp)
+        still = search_round(pre, encoder, vector, state, torch.ones(1, dtype=torch.bool), greedy)
+        cos, found = state.best(0)
+        assert cos >= hyp.cosine.item()
+        return found, cos, still.item()
+
+    greedy = Verification(search=1, search_k=4, patience=1)
+    for seq, needs_word in wrong:
         propose(dog)
-        after, improved = edit_round(pre, encoder, vector, hyp, one, k=4)
-        assert after.as_lists() == [target] and improved.item()
-        assert after.cosine.item() == pytest.approx(1.0, abs=1e-5)
+        found, cos, still = one_round(seq)
+        assert found == target and still and cos == pytest.approx(1.0, abs=1e-5)
         propose(2001)  # "of": the decoder does not propose "dog"
-        after, _ = edit_round(pre, encoder, vector, hyp, one, k=4)
-        assert (after.as_lists() == [target]) != needs_word
-        assert after.cosine.item() >= hyp.cosine.item()
+        assert (one_round(seq)[0] == target) != needs_word
     propose(dog, sure=True)  # sure of every current token: "is" is not replaced by "dog"
-    seq = wrong[1][0]
-    hyp = Hypotheses(torch.tensor([seq]), torch.tensor([len(seq)]), cosine_to_list(encoder, pre, seq, vector))
-    assert edit_round(pre, encoder, vector, hyp, one, k=4)[0].as_lists() != [target]
+    assert one_round(wrong[1][0])[0] != target
 
 
 def test_single_edits_lists_every_edit_one_step_away():
@@ -256,17 +292,16 @@ def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
     bias = torch.zeros(2, 1, 1, 4).masked_fill((ids == 0)[:, None, None, :], float("-inf"))
     full = pre.model(ids, attention_bias=bias, cond=vectors)  # [2, 4, V]
     keep = torch.tensor([5, 1996, 2023, 1012])
-    with pre.model.restricted_vocabulary(keep):
-        short = pre.model(ids, attention_bias=bias, cond=vectors)
-    torch.testing.assert_close(short[..., keep], full[..., keep])
-    off = torch.ones(full.shape[-1], dtype=torch.bool)
-    off[keep] = False
-    assert (short[..., off] == torch.finfo(short.dtype).min).all() and pre.model.vocab is None
-    # guidance combines two restricted logits: finite everywhere, and only shortlisted tokens win
-    with pre.model.restricted_vocabulary(keep):
-        uncond = pre.model(ids, attention_bias=bias, cond=None)
-    guided = cfg_combine(short, uncond, 2.0)
-    assert torch.isfinite(guided).all() and torch.isin(guided.argmax(-1), keep).all()
+    short = pre.model(ids, attention_bias=bias, cond=vectors, head=pre.model.output_rows(keep))
+    torch.testing.assert_close(short, full[..., keep])
+    # the shortlist as the whole vocabulary: inputs and logits are indices into it
+    compact = Shortlisted(pre.model, torch.tensor([2023, 103, 0, 1012, 5, 1996]))
+    assert compact.vocab.tolist() == [0, 5, 103, 1012, 1996, 2023] and compact.mask_token_id == 2
+    at = compact.index(ids)
+    assert at.tolist() == [[2, 2, 2, 3], [2, 2, 0, 0]]
+    torch.testing.assert_close(compact(at, attention_bias=bias, cond=vectors), full[..., compact.vocab])
+    with pytest.raises(DifflmError, match="shortlist lacks"):
+        compact.index(torch.tensor([[103, 7]]))
     # the decoder reads system.shortlist: a shortlist of the whole vocabulary decodes as no shortlist
     pre.config.system["shortlist"] = 0
     whole = decode_vectors(pre, vectors, cfg_scale=2.0)

@@ -22,6 +22,7 @@ from torch import Tensor
 from difflm.config import system_config
 from difflm.errors import DifflmError
 from difflm.models.layers import padding_bias
+from difflm.models.sgdd import Shortlisted
 from difflm.pretrained import Pretrained
 from difflm.sampling.settings import SampleConfig
 from difflm.sampling.unmask import infill
@@ -100,12 +101,17 @@ def refill(
     """Rewrite the `fill` [B, W] positions of ids [B, W] (real tokens: `real`) with the engine."""
     device = device_of(pre)
     scfg = system_config(pre.config, SGDDSystemConfig)
-    count = int(fill.sum(1).max())
-    cfg = sample_config(scfg, count, cfg_scale, suppressed_ids(pre.tokenizer), temperature=temperature)
-    drop = torch.zeros(len(ids), dtype=torch.bool, device=device)
     ids = ids.masked_fill(fill, pre.tokenizer.mask_token_id)
-    run = lambda: infill(  # noqa: E731
-        pre.model,
+    model, suppress = pre.model, suppressed_ids(pre.tokenizer)
+    if scfg.shortlist:  # decode over the shortlist's indices, then map back to token ids
+        model = Shortlisted(pre.model, shortlist(pre, vectors, ids, real, fill, scfg.shortlist))
+        ids = model.index(ids.to(device))
+        suppress = [i for i, token in enumerate(model.vocab.tolist()) if token in suppress]
+    count = int(fill.sum(1).max())
+    cfg = sample_config(scfg, count, cfg_scale, suppress, temperature=temperature)
+    drop = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    out = infill(
+        model,
         ids.to(device),
         fill.to(device),
         cfg,
@@ -113,17 +119,15 @@ def refill(
         generator=generator,
         model_kwargs={"cond": vectors.to(device), "cond_drop": drop},
         uncond_kwargs={"cond_drop": ~drop},
-    )
-    if not scfg.shortlist:
-        return run().tokens.cpu()
-    with pre.model.restricted_vocabulary(shortlist(pre, vectors, ids, real, fill, scfg.shortlist)):
-        return run().tokens.cpu()
+    ).tokens
+    return (model.vocab[out] if scfg.shortlist else out).cpu()
 
 
 @torch.no_grad()
 def shortlist(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, fill: Tensor, k: int) -> Tensor:
     """Token ids [K]: the union over the `fill` positions of ids [B, W] of their k most likely
-    tokens given the vector, from one forward before decoding starts (no guidance)."""
+    tokens given the vector, from one forward before decoding starts (no guidance), and every id
+    already in ids ([MASK], [PAD], the context)."""
     device = device_of(pre)
     logits = pre.model(
         ids.to(device),
@@ -131,7 +135,8 @@ def shortlist(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, fill:
         cond=vectors.to(device),
         logits_at=fill.to(device),
     )  # [N, V]
-    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices.unique()
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
+    return torch.cat([top.flatten(), ids.to(device).flatten()]).unique()
 
 
 @torch.no_grad()

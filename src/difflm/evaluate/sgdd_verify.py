@@ -10,13 +10,15 @@ closer (cosine), so none ever lowers the similarity:
   and keep the one whose vector is closest to the target.
 - Correction rounds (R): score every token of the hypothesis by re-masking it, re-mask the least
   likely share of them and decode those positions again, conditioned on the target vector, N times.
-- Edit search (S rounds): local search over single-token edits. The decoder proposes, for every
-  position where it is not sure of the current token, its k most likely other tokens given the rest
-  (substitutions) and, for every gap, its k / 2 best guesses for a new token there (insertions); deletions and swaps of neighbouring tokens
-  need no proposal. Every edited text is re-encoded; a row takes its closest edit, or all its
-  improving substitutions at different positions at once when that is closer still. Rows that
-  found nothing closer are done. Unlike re-masking, edits can change the length, which the length
-  head gets wrong for most sentences.
+- Edit search (S rounds): best-first search over single-token edits. The decoder proposes, for
+  every position where it is not sure of the current token, its k most likely other tokens given
+  the rest (substitutions) and, for every gap, its k / 2 best guesses for a new token there
+  (insertions); deletions and swaps of neighbouring tokens need no proposal. Each round expands the
+  closest text not expanded yet (its edits, and all its improving substitutions applied together,
+  are re-encoded and remembered), so a sentence stuck at a text no single edit improves goes on from
+  the next closest ones instead of stopping; it stops after `patience` rounds without a closer
+  text. Unlike re-masking, edits can change the length, which the length head gets wrong for most
+  sentences.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ class Verification:
     temperature: float = 0.7  # of the candidates beyond the greedy ones
     search: int = 0  # S: edit-search rounds at most, after the correction rounds
     search_k: int = 4  # tokens the decoder proposes per position (substitutions; per gap, insertions: k / 2)
+    width: int = 1  # texts expanded per sentence per search round
+    patience: int = 3  # search rounds without a closer text before a sentence stops (1: greedy)
 
     def __post_init__(self) -> None:
-        if min(self.candidates, self.length_topk, self.search_k) < 1 or min(self.rounds, self.search) < 0:
+        counts = (self.candidates, self.length_topk, self.search_k, self.width, self.patience)
+        if min(counts) < 1 or min(self.rounds, self.search) < 0:
             raise DifflmError(
-                f"verification needs candidates, length_topk, search_k >= 1 and rounds, search >= 0; got "
-                f"{self.candidates}, {self.length_topk}, {self.search_k}, {self.rounds}, {self.search}"
+                "verification needs candidates, length_topk, search_k, width, patience >= 1 and rounds, "
+                f"search >= 0; got {counts[:3]}, {self.width}, {self.patience}, {self.rounds}, {self.search}"
             )
         if not 0.0 < self.remask <= 1.0:
             raise DifflmError(f"remask share must be in (0, 1], got {self.remask}")
@@ -99,12 +104,7 @@ def verified_decode(
     best = best_of_n(pre, encoder, vectors, settings, cfg_scale, generator, lengths)
     for _ in range(settings.rounds):
         best = correction_round(pre, encoder, vectors, best, settings, cfg_scale, generator)
-    active = torch.ones(len(vectors), dtype=torch.bool)
-    for _ in range(settings.search):
-        if not active.any():
-            break
-        best, active = edit_round(pre, encoder, vectors, best, active, settings.search_k, lengths is None)
-    return best
+    return edit_search(pre, encoder, vectors, best, settings, lengths is None) if settings.search else best
 
 
 def best_of_n(
@@ -175,43 +175,107 @@ def correction_round(
     return Hypotheses(ids, current.lengths, torch.where(better, best_cos, current.cosine))
 
 
-def edit_round(
-    pre: Pretrained, encoder, vectors: Tensor, current: Hypotheses, active: Tensor, k: int, resize: bool = True
-) -> tuple[Hypotheses, Tensor]:
-    """One round of edit search on the `active` [B] rows (no insertions or deletions unless
-    `resize`); returns the hypotheses and which rows improved (the rows still worth searching)."""
-    rows = active.nonzero()[:, 0]
-    if not len(rows):
-        return current, active
-    every = current.as_lists()
-    seqs = [every[i] for i in rows.tolist()]
-    mine = Hypotheses(current.ids[rows], current.lengths[rows], current.cosine[rows])
-    real = torch.arange(mine.ids.shape[1])[None, :] < mine.lengths[:, None]  # [A, W]
-    logp, subs = masked_predictions(pre, vectors[rows], mine.ids, real, k)  # [A, W], [A, W, k]
-    sure = logp > math.log(SURE)  # [A, W]: positions not worth a substitution
-    inserts = insertion_proposals(pre, vectors[rows], seqs, max(1, k // 2)) if resize else [None] * len(seqs)
-    edits, owner, swaps = [], [], []  # edited texts, their row, (position, token) for substitutions
-    for a, seq in enumerate(seqs):
-        options = [[] if sure[a, i] else subs[a, i].tolist() for i in range(len(seq))]
-        for edit, swap in single_edits(seq, options, inserts[a]):
+@dataclass
+class SearchState:
+    """Edit search per sentence: every text scored so far (token tuple -> cosine), the texts already
+    expanded, and the rounds since the closest one last moved closer."""
+
+    scored: list[dict[tuple[int, ...], float]]
+    expanded: list[set[tuple[int, ...]]]
+    stall: list[int]
+
+    @classmethod
+    def start(cls, hypotheses: Hypotheses) -> SearchState:
+        seqs, cosine = hypotheses.as_lists(), hypotheses.cosine.tolist()
+        return cls([{tuple(s): c} for s, c in zip(seqs, cosine, strict=True)], [set() for _ in seqs], [0] * len(seqs))
+
+    def best(self, row: int) -> tuple[float, list[int]]:
+        seq, cos = max(self.scored[row].items(), key=lambda item: item[1])
+        return cos, list(seq)
+
+    def frontier(self, row: int, width: int) -> list[tuple[int, ...]]:
+        """The `width` closest texts of the row not expanded yet."""
+        fresh = [(c, s) for s, c in self.scored[row].items() if s not in self.expanded[row]]
+        return [s for _, s in sorted(fresh, reverse=True)[:width]]
+
+
+def edit_search(
+    pre: Pretrained, encoder, vectors: Tensor, start: Hypotheses, settings: Verification, resize: bool = True
+) -> Hypotheses:
+    """Best-first edit search from `start`, `settings.search` rounds at most; a sentence stops after
+    `settings.patience` rounds without a closer text (or when nothing is left to expand)."""
+    state = SearchState.start(start)
+    active = torch.ones(len(vectors), dtype=torch.bool)
+    for _ in range(settings.search):
+        if not active.any():
+            break
+        active = search_round(pre, encoder, vectors, state, active, settings, resize)
+    return from_texts([state.best(row) for row in range(len(vectors))], pre.tokenizer.pad_token_id)
+
+
+def search_round(
+    pre: Pretrained,
+    encoder,
+    vectors: Tensor,
+    state: SearchState,
+    active: Tensor,
+    settings: Verification,
+    resize: bool = True,
+) -> Tensor:
+    """Expand the `settings.width` closest unexpanded texts of every active row [B] (all their single
+    edits scored, see `neighbours`); returns the rows still searching."""
+    members, owners = [], []
+    for row in active.nonzero()[:, 0].tolist():
+        for seq in state.frontier(row, settings.width):
+            state.expanded[row].add(seq)
+            members.append(list(seq))
+            owners.append(row)
+    still = torch.zeros_like(active)
+    if not members:
+        return still
+    rows = sorted(set(owners))
+    before = {row: state.best(row)[0] for row in rows}
+    baseline = torch.tensor([state.scored[row][tuple(seq)] for row, seq in zip(owners, members, strict=True)])
+    for m, seq, cos in neighbours(pre, encoder, vectors[torch.tensor(owners)], members, baseline, settings.search_k, resize):
+        state.scored[owners[m]].setdefault(tuple(seq), cos)
+    for row in rows:
+        closer = state.best(row)[0] > before[row] + GAIN
+        state.stall[row] = 0 if closer else state.stall[row] + 1
+        still[row] = state.stall[row] < settings.patience and bool(state.frontier(row, 1))
+    return still
+
+
+def neighbours(
+    pre: Pretrained, encoder, vectors: Tensor, seqs: list[list[int]], cosine: Tensor, k: int, resize: bool
+) -> list[tuple[int, list[int], float]]:
+    """Every single edit of each text (vector [M, D], its cosine [M]) scored by the encoder, as
+    (text index, edited text, cosine); plus, per text with improving substitutions at several
+    positions, all of them applied together. No insertions or deletions unless `resize`."""
+    lengths = torch.tensor([len(seq) for seq in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), pre.tokenizer.pad_token_id, dtype=torch.long)
+    for m, seq in enumerate(seqs):
+        ids[m, : len(seq)] = torch.tensor(seq)
+    real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # [M, W]
+    logp, subs = masked_predictions(pre, vectors, ids, real, k)  # [M, W], [M, W, k]
+    sure = logp > math.log(SURE)  # [M, W]: positions not worth a substitution
+    inserts = insertion_proposals(pre, vectors, seqs, max(1, k // 2)) if resize else [None] * len(seqs)
+    edits, owner, swaps = [], [], []  # edited texts, their text, (position, token) for substitutions
+    for m, seq in enumerate(seqs):
+        options = [[] if sure[m, i] else subs[m, i].tolist() for i in range(len(seq))]
+        for edit, swap in single_edits(seq, options, inserts[m]):
             edits.append(edit)
-            owner.append(a)
+            owner.append(m)
             swaps.append(swap)
-    owners = torch.tensor(owner)
-    cos = cosine_of(encoder, pre, edits, vectors[rows][owners])  # [E]
-    best = [(mine.cosine[a].item(), seq) for a, seq in enumerate(seqs)]
-    for e in range(len(edits)):  # the closest edit per row
-        if cos[e] > best[owner[e]][0] + GAIN:
-            best[owner[e]] = (cos[e].item(), edits[e])
-    merged = merge_substitutions(seqs, owner, swaps, cos, mine.cosine)
+    if not edits:
+        return []
+    cos = cosine_of(encoder, pre, edits, vectors[torch.tensor(owner)])  # [E]
+    out = list(zip(owner, edits, cos.tolist(), strict=True))
+    merged = merge_substitutions(seqs, owner, swaps, cos, cosine)
     if merged:
         idx = list(merged)
-        merged_cos = cosine_of(encoder, pre, [merged[a] for a in idx], vectors[rows][torch.tensor(idx)])
-        for a, c in zip(idx, merged_cos.tolist(), strict=True):
-            if c > best[a][0] + GAIN:
-                best[a] = (c, merged[a])
-    improved = torch.tensor([c > mine.cosine[a].item() + GAIN for a, (c, _) in enumerate(best)])
-    return replace_rows(current, rows, best, pre.tokenizer.pad_token_id), active.index_put((rows,), improved)
+        merged_cos = cosine_of(encoder, pre, [merged[m] for m in idx], vectors[torch.tensor(idx)])
+        out += [(m, merged[m], c) for m, c in zip(idx, merged_cos.tolist(), strict=True)]
+    return out
 
 
 def single_edits(
@@ -288,14 +352,10 @@ def insertion_proposals(pre: Pretrained, vectors: Tensor, seqs: list[list[int]],
     return out
 
 
-def replace_rows(current: Hypotheses, rows: Tensor, found: list[tuple[float, list[int]]], pad: int) -> Hypotheses:
-    """`current` with the given rows set to the found (cosine, token list) pairs; width as needed."""
-    seqs = current.as_lists()
-    cosine = current.cosine.clone()
-    for a, (c, seq) in zip(rows.tolist(), found, strict=True):
-        seqs[a], cosine[a] = seq, c
-    lengths = torch.tensor([len(seq) for seq in seqs])
-    ids = torch.full((len(seqs), int(lengths.max())), pad, dtype=torch.long)
-    for i, seq in enumerate(seqs):
+def from_texts(found: list[tuple[float, list[int]]], pad: int) -> Hypotheses:
+    """Hypotheses of (cosine, token list) pairs, padded to the longest."""
+    lengths = torch.tensor([len(seq) for _, seq in found])
+    ids = torch.full((len(found), int(lengths.max())), pad, dtype=torch.long)
+    for i, (_, seq) in enumerate(found):
         ids[i, : len(seq)] = torch.tensor(seq)
-    return Hypotheses(ids, lengths, cosine)
+    return Hypotheses(ids, lengths, torch.tensor([c for c, _ in found]))

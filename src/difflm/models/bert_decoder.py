@@ -186,13 +186,14 @@ class BertDecoder(nn.Module):
         t: Tensor | None = None,
         cond: Tensor | None = None,
         logits_at: Tensor | None = None,
-        vocab: Tensor | None = None,
+        head: tuple[Tensor, Tensor | None] | None = None,
     ) -> Tensor:
         """Logits [B, L, V], or packed [N, V] at the true positions of `logits_at` [B, L].
 
         attention_bias: additive, broadcastable to [B, 1, L, L] (the pad mask); cond: [B, K]
         semantic vectors or None (the learned null vector); t: [B] or scalar mask fraction;
-        vocab: [K] token ids to score instead of the whole vocabulary (logits [..., K]).
+        head: (weight [K, C], bias [K]) of K vocabulary rows to score instead of all V (logits
+        [..., K]; see `output_rows`).
         """
         B, L = input_ids.shape
         if L > self.block_size:
@@ -212,9 +213,11 @@ class BertDecoder(nn.Module):
             x = modulate(x, *self.modulations[i](c))
         h = x if logits_at is None else x[logits_at.bool()]
         h = self.head_norm(F.gelu(self.head_dense(h)))
-        if vocab is None:
-            return h @ self.tok_emb.weight.T + self.head_bias  # [B, L, V] or [N, V]
-        return h @ self.tok_emb.weight[vocab].T + self.head_bias[vocab]  # [..., K]
+        return F.linear(h, *(head or (self.tok_emb.weight, self.head_bias)))  # [.., V] or [.., K]
+
+    def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The tied output projection's rows of token ids vocab [K]: the `head` that scores only them."""
+        return self.tok_emb.weight[vocab].contiguous(), self.head_bias[vocab].contiguous()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -22,8 +22,6 @@ What is here, and what is not:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +127,6 @@ class SGDD(nn.Module):
             )
         self.config = config
         self.mask_token_id = config.mask_token_id
-        self.vocab: Tensor | None = None  # a shortlist of token ids while `restricted_vocabulary` runs
         self.head = SemanticHead(config.encoder, config.encoder_dim)
         self.decoder = build_decoder(config)
         width = config.n_embd
@@ -180,8 +177,10 @@ class SGDD(nn.Module):
         cond_drop: Tensor | None = None,
         cond_noise: Tensor | None = None,
         logits_at: Tensor | None = None,
+        head: tuple[Tensor, Tensor | None] | None = None,
     ) -> Tensor:
-        """Logits [B, L, V], or packed [N, V] at the N true positions of `logits_at` [B, L].
+        """Logits [B, L, V], or packed [N, V] at the N true positions of `logits_at` [B, L]; with
+        `head` (from `output_rows`) only its K tokens are scored (logits [..., K]).
 
         cond: encoder vectors [B, encoder_dim]; None = unconditional (the learned null vector).
         cond_drop: bool [B], rows that get the null vector instead (classifier-free guidance).
@@ -196,24 +195,11 @@ class SGDD(nn.Module):
         if t is None and self.config.time_conditioning:
             t = self.mask_fraction(input_ids)  # [B]
         kw = {"attention_bias": attention_bias, "t": t, "cond": c, "logits_at": logits_at}
-        if self.vocab is None:
-            return self.decoder(input_ids, **kw)
-        short = self.decoder(input_ids, **kw, vocab=self.vocab)  # [..., K]
-        # the dtype's lowest finite value, not -inf: guidance subtracts two such logits
-        full = short.new_full((*short.shape[:-1], self.config.vocab_size), torch.finfo(short.dtype).min)
-        return full.index_copy_(-1, self.vocab, short)  # [..., V]
+        return self.decoder(input_ids, **kw, head=head)
 
-    @contextmanager
-    def restricted_vocabulary(self, ids: Tensor) -> Iterator[None]:
-        """Score only the token ids [K] inside the block (every other logit is the dtype's lowest).
-
-        Decoding reads the whole [V, C] output matrix at every step, and at batch 1 that read is
-        most of a step's time; a shortlist (`evaluate/sgdd_decode.shortlist`) makes it K rows."""
-        self.vocab = ids.to(self.decoder.tok_emb.weight.device)
-        try:
-            yield
-        finally:
-            self.vocab = None
+    def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The `head` that scores only the token ids vocab [K], in that order."""
+        return self.decoder.output_rows(vocab)
 
     def length_logits(self, z: Tensor) -> Tensor:
         """[B, block_size] scores of lengths 1..block_size, from the mean conditioning vector."""
@@ -247,6 +233,42 @@ class SGDD(nn.Module):
                 "the decoder must use the encoder's tokenizer"
             )
         emb.copy_(project_table(table, emb.shape[1], method, generator))
+
+
+class Shortlisted(nn.Module):
+    """An SGDD decoder whose whole vocabulary is a shortlist of K token ids: its inputs and logits
+    are indices into `vocab` [K] (sorted), so the sampling engine decodes over K tokens.
+
+    At batch 1 the decoder is cheap and the vocabulary is most of a step: the [V, C] output matrix
+    read every step, and then guidance, softmax and the argmax over V logits. A shortlist
+    (`evaluate/sgdd_decode.shortlist`) of the tokens the decoder could write makes all of it K wide.
+    The shortlist must hold every id the inputs use ([MASK], [PAD], fixed context tokens)."""
+
+    supports_kv_cache = False
+    supports_logits_at = True
+    logits_shift = 0
+
+    def __init__(self, model: SGDD, vocab: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab = vocab.unique()  # sorted
+        self.mask_token_id = int(self.index(torch.tensor([model.mask_token_id], device=vocab.device)))
+        self.head = model.output_rows(self.vocab)  # gathered once, not at every step
+
+    @property
+    def max_length(self) -> int:
+        return self.model.max_length
+
+    def index(self, ids: Tensor) -> Tensor:
+        """Token ids -> their indices in the shortlist (a DifflmError for an id not in it)."""
+        at = torch.searchsorted(self.vocab, ids).clamp(max=len(self.vocab) - 1)
+        if not torch.equal(self.vocab[at], ids):
+            raise DifflmError("the shortlist lacks token ids its inputs use: put them in the shortlist")
+        return at
+
+    def forward(self, input_ids: Tensor, **kw) -> Tensor:
+        """Logits [..., K] for shortlist indices input_ids; keyword arguments as `SGDD.forward`."""
+        return self.model(self.vocab[input_ids], head=self.head, **kw)
 
 
 def build_decoder(config: SGDDConfig) -> Transformer | BertDecoder:

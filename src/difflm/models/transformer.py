@@ -239,7 +239,7 @@ class Transformer(nn.Module):
         attend_len: int | None = None,
         logits_at: Tensor | None = None,
         position_ids: Tensor | None = None,
-        vocab: Tensor | None = None,
+        head: tuple[Tensor, Tensor | None] | None = None,
     ) -> Tensor:
         """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q, or
         packed [N, V] at the N true positions of `logits_at` [B, Q] (the vocabulary projection is
@@ -255,7 +255,8 @@ class Transformer(nn.Module):
         slots [0, attend_len) (default position_offset + Q).
         position_ids: [Q] explicit positions instead of position_offset..+Q (no cache): block
         diffusion feeds the noisy and the clean copy of a sequence, both at positions 0..L-1.
-        vocab: [K] token ids: score only these (logits [..., K], in this order).
+        head: (weight [K, C], bias [K] or None) of K vocabulary rows to score instead of all V
+        (logits [..., K]; see `output_rows`).
         """
         if input_ids.dim() != 2:
             raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -272,7 +273,11 @@ class Transformer(nn.Module):
         if self.logits_shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
         h = h if logits_at is None else h[logits_at.bool()]
-        return self.lm_head(h) if vocab is None else h @ self.lm_head.weight[vocab].T  # [.., V] or [.., K]
+        return self.lm_head(h) if head is None else nn.functional.linear(h, *head)  # [.., V] or [.., K]
+
+    def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The output projection's rows of token ids vocab [K]: the `head` that scores only them."""
+        return self.lm_head.weight[vocab].contiguous(), None
 
     def hidden(
         self,

@@ -251,10 +251,7 @@ def neighbours(
     """Every single edit of each text (vector [M, D], its cosine [M]) scored by the encoder, as
     (text index, edited text, cosine); plus, per text with improving substitutions at several
     positions, all of them applied together. No insertions or deletions unless `resize`."""
-    lengths = torch.tensor([len(seq) for seq in seqs])
-    ids = torch.full((len(seqs), int(lengths.max())), pre.tokenizer.pad_token_id, dtype=torch.long)
-    for m, seq in enumerate(seqs):
-        ids[m, : len(seq)] = torch.tensor(seq)
+    ids, lengths = pad_texts(seqs, pre.tokenizer.pad_token_id)
     real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # [M, W]
     logp, subs = masked_predictions(pre, vectors, ids, real, k)  # [M, W], [M, W, k]
     sure = logp > math.log(SURE)  # [M, W]: positions not worth a substitution
@@ -328,12 +325,8 @@ def insertion_proposals(pre: Pretrained, vectors: Tensor, seqs: list[list[int]],
     out: list[list[list[int]]] = [[] for _ in seqs]
     if not probes:
         return out
-    width = max(len(seqs[a]) for a, _ in probes) + 1
-    ids = torch.full((len(probes), width), pad, dtype=torch.long)
-    for p, (a, gap) in enumerate(probes):
-        seq = seqs[a]
-        ids[p, : len(seq) + 1] = torch.tensor(seq[:gap] + [mask] + seq[gap:])
-    real = torch.arange(width)[None, :] <= torch.tensor([len(seqs[a]) for a, _ in probes])[:, None]
+    ids, lengths = pad_texts([seqs[a][:gap] + [mask] + seqs[a][gap:] for a, gap in probes], pad)
+    real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # [P, W]
     at = ids == mask  # [P, W], one true per row
     owners = torch.tensor([a for a, _ in probes])
     device = device_of(pre)
@@ -353,9 +346,14 @@ def insertion_proposals(pre: Pretrained, vectors: Tensor, seqs: list[list[int]],
 
 
 def from_texts(found: list[tuple[float, list[int]]], pad: int) -> Hypotheses:
-    """Hypotheses of (cosine, token list) pairs, padded to the longest."""
-    lengths = torch.tensor([len(seq) for _, seq in found])
-    ids = torch.full((len(found), int(lengths.max())), pad, dtype=torch.long)
-    for i, (_, seq) in enumerate(found):
+    """Hypotheses of (cosine, token list) pairs."""
+    return Hypotheses(*pad_texts([seq for _, seq in found], pad), torch.tensor([c for c, _ in found]))
+
+
+def pad_texts(seqs: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Token lists as ids [M, longest] padded with `pad`, and their lengths [M]."""
+    lengths = torch.tensor([len(seq) for seq in seqs])
+    ids = torch.full((len(seqs), int(lengths.max())), pad, dtype=torch.long)
+    for i, seq in enumerate(seqs):
         ids[i, : len(seq)] = torch.tensor(seq)
-    return Hypotheses(ids, lengths, torch.tensor([c for c, _ in found]))
+    return ids, lengths

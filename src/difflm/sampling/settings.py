@@ -186,7 +186,7 @@ class SampleOptions:
         None, "SGDD: decode N candidates, keep the one the encoder finds closest (default 1)"
     )
     rounds: int = opt(0, "SGDD: correction rounds (re-mask the least likely tokens, keep if closer)")
-    search: int = opt(0, "SGDD: edit-search rounds at most (single-token edits the decoder proposes, kept if closer)")
+    search: int = opt(0, "SGDD: edit-search rounds at most (best-first over single-token edits the decoder proposes)")
     seed: int = opt(0, "seed of the sampler's generator")
     batch_size: int = opt(1, "samples per prompt")
     device: str = opt("cpu", "the device to sample on (e.g. cpu, cuda)")

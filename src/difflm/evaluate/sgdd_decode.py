@@ -188,14 +188,15 @@ def cosine_to(encoder, pre: Pretrained, ids: Tensor, lengths: Tensor, targets: T
 
 def cosine_of(encoder, pre: Pretrained, seqs: list[list[int]], targets: Tensor, chunk: int = 256) -> Tensor:
     """Cosine [M] between the encoder's vectors of the texts of token lists and targets [M, D],
-    `chunk` texts per encoder batch."""
-    texts = [pre.tokenizer.decode(seq) for seq in seqs]
-    out = []
-    for start in range(0, len(texts), chunk):
-        batch, _ = encoder.tokenize(texts[start : start + chunk])
-        target = targets[start : start + chunk].cpu().float()
-        out.append(F.cosine_similarity(encoder.embed(batch).cpu().float(), target, dim=-1))
-    return torch.cat(out) if out else torch.zeros(0)
+    `chunk` texts per encoder batch, shortest first (a batch is padded to its longest text)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    cosine = torch.zeros(len(seqs))
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        batch, _ = encoder.tokenize([pre.tokenizer.decode(seqs[i]) for i in part])
+        target = targets[part].cpu().float()
+        cosine[part] = F.cosine_similarity(encoder.embed(batch).cpu().float(), target, dim=-1)
+    return cosine
 
 
 def device_of(pre: Pretrained) -> torch.device:

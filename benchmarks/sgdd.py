@@ -55,7 +55,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--latency-sentences", type=int, default=50, help="sentences timed at batch 1 (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-minutes",
+        action="append",
+        default=[],
+        metavar="NAME@STEPS=MIN",
+        help="training wall time of that result when its log cannot tell it (a resumed run rewrites its log)",
+    )
     return p.parse_args()
+
+
+def given_minutes(results: list[dict], items: list[str]) -> None:
+    """Apply --train-minutes NAME@STEPS=MIN to the matching results (`train_minutes_given` marks them)."""
+    for item in items:
+        key, _, minutes = item.partition("=")
+        name, _, steps = key.partition("@")
+        hits = [r for r in results if r["name"] == name and str(r["steps"]) == steps]
+        if not hits or not minutes:
+            raise SystemExit(f"--train-minutes {item!r}: no result {name} at step {steps} (use NAME@STEPS=MIN)")
+        for r in hits:
+            r["train_minutes"], r["train_minutes_given"] = float(minutes), True
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
@@ -232,6 +251,7 @@ def main() -> None:
         results += earlier["runs"]
         commands.insert(0, earlier["command"])
         meta.setdefault("merged", []).append({k: v for k, v in earlier.items() if k != "runs"})
+    given_minutes(results, args.train_minutes)
     (out / "results.json").write_text(json.dumps({**meta, "runs": results}, indent=1))
     (out / "table.md").write_text(table(results))
     (out / "samples.md").write_text(samples(results))

@@ -317,13 +317,13 @@ PRESETS: dict[str, dict[str, Preset]] = {
             train=SMOKE_TRAIN,
             evaluation=("--cfg 0,2 --grid 1:0,2:1,2:0:1 --examples 4 --batch-size 4 --latency-sentences 1",),
         ),
-        "cpu": Preset(  # docs/results/sgdd: ~70 min each side by side (minilm 2500 steps: 100 min alone)
+        "cpu": Preset(  # docs/results/sgdd: ~90 min each, one thread each side by side
             runs=(
                 Run("sgdd_minilm", "sgdd_phase1_minilm", 2500),
                 Run(
                     "sgdd_scratch",
                     "sgdd_phase1",
-                    4000,
+                    5000,
                     "model.block_size=32 train.eval_every=250 train.save_every=250",
                 ),
             ),
@@ -332,7 +332,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             precision="fp32",
             train="",
             evaluation=(
-                "--cfg 0,2 --grid 1:0,4:0,4:2,4:0:8 --examples 500 --batch-size 50 --latency-sentences 30",
+                "--cfg 0 --grid 1:0,4:0,4:0:12 --examples 500 --batch-size 50 --latency-sentences 30",
             ),
         ),
         "gpu": Preset(
@@ -349,7 +349,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=128,
             **GPU,
             train="train.keep_last=1",
-            evaluation=("--cfg 0,2 --grid 1:0,4:0,4:0:8 --examples 200 --batch-size 100 --latency-sentences 10",),
+            evaluation=("--cfg 0,2 --grid 1:0,4:0,4:0:12 --examples 200 --batch-size 100 --latency-sentences 10",),
         ),
     },
     "shakespeare_long": {

@@ -130,7 +130,7 @@ def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.
     scales = [float(x) for x in args.cfg.split(",")] if args.cfg else [own]
     result["latency_ms_batch1"] = {}
     with torch.no_grad():
-        for scale in scales if args.latency_sentences else ():
+        for scale in sorted({*scales, own}) if args.latency_sentences else ():  # also with the run's own CFG
             _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], Verification(), 1, args.seed, scale)
             result["latency_ms_batch1"][str(scale)] = 1000 * latency / min(args.latency_sentences, len(pairs))
         for scale, verify in ((s, g) for s in scales for g in grid):

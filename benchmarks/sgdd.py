@@ -85,9 +85,13 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
 
 
 def training_minutes(run: Path) -> float:
-    """From the log's creation to its last write (the run's wall time, evaluation included);
-    the creation time comes from GNU `stat`, since Python's os.stat has no birth time on Linux."""
+    """The run's training wall time: its log's last `wall_s` (kept over resumes), or for runs
+    logged before that field, from the log's creation to its last write (GNU `stat`, since
+    Python's os.stat has no birth time on Linux; a resume rewrites the log, so this undercounts)."""
     log = run / "log.jsonl"
+    walls = [json.loads(line)["wall_s"] for line in log.read_text().splitlines() if '"wall_s"' in line]
+    if walls:
+        return walls[-1] / 60
     born = float(
         subprocess.run(["stat", "-c", "%W", str(log)], capture_output=True, text=True, check=True).stdout
     )

@@ -93,6 +93,8 @@ def test_resume_logs_each_step_once_and_matches(tmp_path):
     assert [json.loads(x)["loss"] for x in after if '"loss"' in x] == [
         json.loads(x)["loss"] for x in before if '"loss"' in x
     ]  # the replayed steps are bit-identical, and logged once
+    wall = [json.loads(x)["wall_s"] for x in after if '"loss"' in x]
+    assert wall == sorted(wall) and wall[3] > wall[2] > 0  # the wall time goes on from the checkpoint's
 
 
 class SignalAtStep:

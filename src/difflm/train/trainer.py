@@ -25,7 +25,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +74,7 @@ class TrainState:
     best_val_loss: float | None = None  # the lowest periodic val loss so far (train.keep_best, patience)
     evals_since_best: int = 0  # periodic evaluations since it
     grad_scaler: dict | None = None  # fp16's GradScaler state (scale, growth tracker), else None
+    wall_seconds: float = 0.0  # training wall time so far (steps, evaluations, saves), over every resume
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -209,6 +210,7 @@ class Loop:
     shape: tuple[int, int, int] | None = None  # (layers, heads, head width) for the FLOPs estimate
     n_params: int = 0
     peak_flops: float | None = None  # one device's FLOP/s, when known
+    clock: float = field(default_factory=time.perf_counter)  # when the last step ended (or the loop began)
 
 
 def train(cfg: RunConfig, run: Run) -> TrainState:
@@ -356,8 +358,11 @@ def _train_step(loop: Loop, state: TrainState) -> dict:
     tokens = prepared["input_ids"].numel()
     state.step += 1
     state.tokens_seen += tokens
-    tok_s = tokens / (time.perf_counter() - t0)
-    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tok_s, **metrics}
+    now = time.perf_counter()
+    tok_s = tokens / (now - t0)
+    state.wall_seconds += now - loop.clock  # this step and what ran since the last one (eval, save)
+    loop.clock = now
+    record = {"step": state.step, "loss": loss_value, "lr": lr, "tok_s": tok_s, "wall_s": state.wall_seconds, **metrics}
     record.update(_utilisation(loop, tok_s, prepared["input_ids"].shape[-1]))
     if grad_norm is not None:
         record["grad_norm"] = fsdp.full_value(grad_norm)

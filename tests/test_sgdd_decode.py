@@ -18,7 +18,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from difflm.errors import DifflmError
 from difflm.evaluate import sgdd_verify as verify
-from difflm.evaluate.sgdd import eval_sgdd
+from difflm.evaluate.sgdd import eval_sgdd, verification_of
 from difflm.evaluate.sgdd_decode import cosine_to, decode_vectors, token_logprobs
 from difflm.evaluate.sgdd_verify import (
     GAIN,
@@ -343,12 +343,18 @@ def test_eval_scores_a_file_with_verification(trained):
     assert paraphrase["copy_exact_match"] == 0 and "copy_bleu" not in metrics  # only for real pairs
 
 
+def test_search_flags_name_the_verification():
+    assert verification_of(eval_args(best_of=4, search=12)) == Verification(candidates=4, search=12, patience=3)
+    assert verification_of(eval_args(search=2, search_patience=1)).patience == 1  # greedy
+
+
 def test_cli_rejects_bad_verification_flags(trained):
     base = [sys.executable, "-m", "difflm.cli", "eval", str(trained / "run")]
     for flags, message in (
         (["--best-of", "0"], "--best-of must be >= 1"),
         (["--rounds", "-1"], "--rounds must be >= 0"),
         (["--search", "-2"], "--search must be >= 0"),
+        (["--search-patience", "0"], "--search-patience must be >= 1"),
         (["--cfg-scale", "-1"], "--cfg-scale must be a finite number >= 0"),
         (["--data", str(trained / "missing.txt")], "no such file"),
     ):

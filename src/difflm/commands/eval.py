@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(opts: EvalOptions) -> None:
     """Counts checked before anything is loaded (`--max-batches 0` would otherwise mean 'all')."""
-    for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length", "best_of"):
+    for flag in ("samples", "batch_size", "max_batches", "continuations", "gen_length", "best_of", "search_patience"):
         value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")

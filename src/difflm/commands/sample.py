@@ -92,7 +92,7 @@ def show_trace(trace: Trace, tokenizer, opts: SampleOptions) -> None:
 
 def check_args(opts: SampleOptions) -> None:
     """Flags checked before any model is loaded: counts, finite numbers, a writable --animate path."""
-    for flag in ("block_length", "gen_length", "length", "best_of"):
+    for flag in ("block_length", "gen_length", "length", "best_of", "search_patience"):
         value = getattr(opts, flag)
         if value is not None and value < 1:
             raise DifflmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -123,6 +123,7 @@ TASK_FLAGS: dict[str, tuple[str, ...]] = {
     "best_of": ("sgdd",),
     "rounds": ("sgdd",),
     "search": ("sgdd",),
+    "search_patience": ("sgdd",),
 }
 
 

@@ -41,6 +41,9 @@ class EvalOptions:
     best_of: int = opt(1, "sgdd: decode N candidates, keep the one the encoder finds closest")
     rounds: int = opt(0, "sgdd: correction rounds (re-mask the least likely tokens, keep if closer)")
     search: int = opt(0, "sgdd: edit-search rounds at most (best-first over single-token edits the decoder proposes)")
+    search_patience: int | None = opt(
+        None, "sgdd: search rounds without a closer text before a sentence stops (default 3; 1: greedy)"
+    )
     precision: str = opt(
         "fp32",
         "autocast for the model's forwards (bf16: ~2.5x faster on CPUs with AVX-512 BF16)",

@@ -91,7 +91,7 @@ def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
     w = scfg.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
     settings = [("cfg0", 0.0, False, None)] + ([(f"cfg{w:g}", w, False, None)] if w else [])
     settings.append((f"cfg{w:g}_oracle_len", w, True, None))
-    verify = Verification(candidates=opts.best_of, rounds=opts.rounds, search=opts.search)
+    verify = verification_of(opts)
     if verify.candidates > 1 or verify.rounds > 0 or verify.search > 0:
         name = f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}" + (f"_s{verify.search}" if verify.search else "")
         settings.append((name, w, False, verify))
@@ -107,6 +107,12 @@ def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
             for (s, _), ids in zip(pairs[:3], outputs[:3], strict=True)
         ]
     return out
+
+
+def verification_of(opts: EvalOptions | SampleOptions) -> Verification:
+    """The verification the --best-of, --rounds, --search and --search-patience flags ask for."""
+    patience = {} if opts.search_patience is None else {"patience": opts.search_patience}
+    return Verification(candidates=opts.best_of or 1, rounds=opts.rounds, search=opts.search, **patience)
 
 
 def decode_all(
@@ -158,7 +164,7 @@ def sample_sgdd(pre: Pretrained, opts: SampleOptions) -> int:
     w = scfg.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
     lengths = None if opts.length is None else torch.full((len(vectors),), opts.length)
     gen = torch.Generator().manual_seed(opts.seed)
-    verify = Verification(candidates=opts.best_of or 1, rounds=opts.rounds, search=opts.search)
+    verify = verification_of(opts)
     if verify.candidates > 1 or verify.rounds or verify.search:
         outputs = verified_decode(
             pre, encoder, vectors, verify, cfg_scale=w, generator=gen, lengths=lengths

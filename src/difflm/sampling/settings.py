@@ -187,6 +187,9 @@ class SampleOptions:
     )
     rounds: int = opt(0, "SGDD: correction rounds (re-mask the least likely tokens, keep if closer)")
     search: int = opt(0, "SGDD: edit-search rounds at most (best-first over single-token edits the decoder proposes)")
+    search_patience: int | None = opt(
+        None, "SGDD: search rounds without a closer text before a sentence stops (default 3; 1: greedy)"
+    )
     seed: int = opt(0, "seed of the sampler's generator")
     batch_size: int = opt(1, "samples per prompt")
     device: str = opt("cpu", "the device to sample on (e.g. cpu, cuda)")

@@ -94,7 +94,8 @@ def test_resume_logs_each_step_once_and_matches(tmp_path):
         json.loads(x)["loss"] for x in before if '"loss"' in x
     ]  # the replayed steps are bit-identical, and logged once
     wall = [json.loads(x)["wall_s"] for x in after if '"loss"' in x]
-    assert wall == sorted(wall) and wall[3] > wall[2] > 0  # the wall time goes on from the checkpoint's
+    saved = json.loads((tmp_path / "R/checkpoints/step-3/trainer_state.json").read_text())["wall_seconds"]
+    assert saved == wall[2] and wall == sorted(wall) and wall[3] > wall[2] > 0  # goes on from the checkpoint's
 
 
 class SignalAtStep:

@@ -239,10 +239,10 @@ class Shortlisted(nn.Module):
     """An SGDD decoder whose whole vocabulary is a shortlist of K token ids: its inputs and logits
     are indices into `vocab` [K] (sorted), so the sampling engine decodes over K tokens.
 
-    At batch 1 the decoder is cheap and the vocabulary is most of a step: the [V, C] output matrix
-    read every step, and then guidance, softmax and the argmax over V logits. A shortlist
-    (`evaluate/sgdd_decode.shortlist`) of the tokens the decoder could write makes all of it K wide.
-    The shortlist must hold every id the inputs use ([MASK], [PAD], fixed context tokens)."""
+    With the whole vocabulary every step reads the [V, C] output matrix and runs guidance, softmax
+    and the argmax over V logits; a shortlist (`evaluate/sgdd_decode.shortlist`) of the tokens the
+    decoder could write makes all of that K wide, and its head rows are gathered once here. The
+    shortlist must hold every id the inputs use ([MASK], [PAD], fixed context tokens)."""
 
     supports_kv_cache = False
     supports_logits_at = True

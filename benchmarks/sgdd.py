@@ -4,9 +4,10 @@
         --out docs/results/sgdd [--grid 1:0,4:0,8:0,1:2,8:2,4:0:8] [--examples 500]
     python benchmarks/sgdd.py --merge OUT_A --merge OUT_B --out docs/results/sgdd
 
-Each run folder is a finished `difflm train` SGDD run. For each run and each N:R[:S] of the grid
-(N candidates kept by the encoder's cosine, R correction rounds, S edit-search rounds at most, P
-the search's patience, default 3; 1:0 is plain decoding) and each
+Each run folder is a finished `difflm train` SGDD run. For each run and each N:R[:S[:P[:F]]] of the
+grid (N candidates kept by the encoder's cosine, R correction rounds, S edit-search rounds at most, P
+the search's patience, default 3, F the fluency weight of the search's answer, default 0; 1:0 is
+plain decoding) and each
 CFG scale of --cfg (default: the run's own), the held-out sentences are decoded in 16 steps and scored: exact match, token
 accuracy, BLEU, chrF, cosine(input, output), and the wall time per sentence at --batch-size. Plain
 decoding is also timed at batch 1 (the latency a user sees). Writes results.json, table.md,
@@ -140,7 +141,7 @@ def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.
         for scale, verify in ((s, g) for s in scales for g in grid):
             outputs, seconds = decode(pre, encoder, data.vectors, verify, args.batch_size, args.seed, scale)
             metrics = score(pre, encoder, data.vectors, data, outputs)
-            plan = {"N": verify.candidates, "R": verify.rounds, "S": verify.search, "P": verify.patience}
+            plan = {"N": verify.candidates, "R": verify.rounds, "S": verify.search, "P": verify.patience, "F": verify.fluency}
             row = {"cfg": scale, **plan, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
             result["settings"].append(row)
             print(f"{name} cfg={scale} {plan}: {json.dumps(row)}", flush=True)
@@ -160,26 +161,31 @@ def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.
 
 
 def parse_setting(item: str) -> Verification:
-    """'N:R', 'N:R:S' or 'N:R:S:P' -> the verification it names (P: the search's patience)."""
-    counts = [int(x) for x in item.split(":")]
-    if len(counts) not in (2, 3, 4):
-        raise SystemExit(f"--grid item {item!r}: use N:R, N:R:S or N:R:S:P")
-    search = {"search": counts[2]} if len(counts) > 2 else {}
-    patience = {"patience": counts[3]} if len(counts) > 3 else {}
-    return Verification(candidates=counts[0], rounds=counts[1], **search, **patience)
+    """'N:R', 'N:R:S', 'N:R:S:P' or 'N:R:S:P:F' -> the verification it names (P: the search's
+    patience, F: its fluency weight)."""
+    parts = item.split(":")
+    try:
+        counts, fluency = [int(x) for x in parts[:4]], [float(x) for x in parts[4:]]
+    except ValueError:
+        counts = []
+    if len(parts) not in (2, 3, 4, 5) or not counts:
+        raise SystemExit(f"--grid item {item!r}: use N:R, N:R:S, N:R:S:P or N:R:S:P:F (F a number)")
+    names = ("search", "patience", "fluency")
+    extra = dict(zip(names, counts[2:] + fluency, strict=False))
+    return Verification(candidates=counts[0], rounds=counts[1], **extra)
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| decoder | params | train | CFG | N | R | S | P | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| decoder | params | train | CFG | N | R | S | P | F | EM % | token acc % | BLEU | chrF | cosine | ms/sentence (batch) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in results:
         for row in res["settings"]:
             lines.append(
                 f"| {res['name']} | {res['params'] / 1e6:.1f} M | {res['train_minutes']:.0f} min, {res['steps']} steps "
                 f"| {row.get('cfg', 2.0):g} | {row['N']} | {row['R']} | {row.get('S', 0)} "
-                f"| {patience(row)} | {100 * row['exact_match']:.1f} "
+                f"| {patience(row)} | {fluency(row)} | {100 * row['exact_match']:.1f} "
                 f"| {100 * row['token_acc']:.1f} | {row['bleu']:.1f} | {row['chrf']:.1f} | {row['cosine']:.3f} "
                 f"| {row['ms_per_sentence']:.0f} |"
             )
@@ -198,11 +204,16 @@ def patience(row: dict) -> str:
     return str(row.get("P", 1)) if row.get("S", 0) else "-"
 
 
+def fluency(row: dict) -> str:
+    """The search's fluency weight ('-' without search; 0 for rows from before it existed)."""
+    return f"{row.get('F', 0):g}" if row.get("S", 0) else "-"
+
+
 def samples(results: list[dict]) -> str:
     out = []
     for res in results:
         for block in res["samples"]:
-            out.append(f"## {res['name']}, CFG {block.get('cfg', 2.0):g}, N={block['N']}, R={block['R']}, S={block.get('S', 0)}, P={patience(block)}\n")
+            out.append(f"## {res['name']}, CFG {block.get('cfg', 2.0):g}, N={block['N']}, R={block['R']}, S={block.get('S', 0)}, P={patience(block)}, F={fluency(block)}\n")
             out += [f"- `{src}`\n  -> `{hyp}`" for src, hyp in block["pairs"]]
             out.append("")
     return "\n".join(out) + "\n"

@@ -27,6 +27,7 @@ from difflm.evaluate.sgdd_verify import (
     Verification,
     best_of_n,
     correction_round,
+    fluent_choice,
     insertion_proposals,
     merge_substitutions,
     search_round,
@@ -309,6 +310,33 @@ def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
     assert decode_vectors(pre, vectors, cfg_scale=2.0) == whole
 
 
+def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):
+    """Weight 0 answers the closest text; a huge weight the one the decoder finds likeliest given the
+    vector (its summed pseudo-log-likelihood), but only among the `pool` closest."""
+    pre = load_pretrained(trained / "run")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:1])
+    tok = pre.tokenizer.tok
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a dog ran home.", "home ran a dog.", "dog a.")]
+    cosines = [0.90, 0.89, 0.50]
+    state = SearchState([{tuple(t): c for t, c in zip(texts, cosines, strict=True)}], [set()], [0])
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    for row, t in enumerate(texts):
+        ids[row, : len(t)] = torch.tensor(t)
+    logp = token_logprobs(pre, vectors.expand(3, -1), ids, ids != 0)
+    pll = logp.masked_fill(ids == 0, 0.0).sum(1)
+    assert fluent_choice(pre, vectors, state, 0.0) == [(0.90, texts[0])]
+    likeliest = int(pll.argmax())
+    assert fluent_choice(pre, vectors, state, 1e6) == [(cosines[likeliest], texts[likeliest])]
+    top_two = int(pll[:2].argmax())
+    assert fluent_choice(pre, vectors, state, 1e6, pool=2) == [(cosines[top_two], texts[top_two])]
+    assert fluent_choice(pre, vectors, state, 1e6, pool=1) == [(0.90, texts[0])]
+    w = 0.01  # a finite weight: the best cosine + w * pll, exactly
+    pick = int(torch.tensor(cosines, dtype=torch.float64).add(w * pll.double()).argmax())
+    assert fluent_choice(pre, vectors, state, w)[0][1] == texts[pick]
+    with pytest.raises(DifflmError, match="fluency weight"):
+        Verification(fluency=-1.0)
+
+
 def test_token_logprobs_mask_each_token_once(trained):
     pre = load_pretrained(trained / "run")
     vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
@@ -336,6 +364,8 @@ def test_eval_scores_a_file_with_verification(trained):
     unguided = eval_sgdd(pre, eval_args(data=str(lines), cfg_scale=0.0, search=1))
     assert {k.split("_")[0] for k in unguided if k.startswith("cfg")} == {"cfg0"}  # no guided rows
     assert "cfg0_oracle_len_bleu" in unguided and "cfg0_n1_r0_s1_bleu" in unguided
+    fluent = eval_sgdd(pre, eval_args(data=str(lines), cfg_scale=0.0, search=1, fluency=0.003))
+    assert "cfg0_n1_r0_s1_f0.003_bleu" in fluent  # the key names the fluency weight
     pairs = trained / "pairs.jsonl"
     pairs.write_text(json.dumps({"source": "a dog ran.", "target": "the dog was running."}) + "\n")
     paraphrase = eval_sgdd(pre, eval_args(data=str(pairs)))
@@ -346,6 +376,7 @@ def test_eval_scores_a_file_with_verification(trained):
 def test_search_flags_name_the_verification():
     assert verification_of(eval_args(best_of=4, search=12)) == Verification(candidates=4, search=12, patience=3)
     assert verification_of(eval_args(search=2, search_patience=1)).patience == 1  # greedy
+    assert verification_of(eval_args(search=2, fluency=0.003)).fluency == 0.003
 
 
 def test_cli_rejects_bad_verification_flags(trained):
@@ -356,6 +387,7 @@ def test_cli_rejects_bad_verification_flags(trained):
         (["--search", "-2"], "--search must be >= 0"),
         (["--search-patience", "0"], "--search-patience must be >= 1"),
         (["--cfg-scale", "-1"], "--cfg-scale must be a finite number >= 0"),
+        (["--fluency", "-0.1"], "--fluency must be a finite number >= 0"),
         (["--data", str(trained / "missing.txt")], "no such file"),
     ):
         proc = subprocess.run(base + flags, capture_output=True, text=True)

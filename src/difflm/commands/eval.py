@@ -38,6 +38,8 @@ def check_args(opts: EvalOptions) -> None:
     for flag in ("rounds", "search"):
         if getattr(opts, flag) < 0:
             raise DifflmError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
+    if not (math.isfinite(opts.fluency) and opts.fluency >= 0):
+        raise DifflmError(f"--fluency must be a finite number >= 0 (0 = cosine only), got {opts.fluency}")
 
 
 def run_tasks(opts: EvalOptions, harness: HarnessOptions, checkpoint: str) -> int:
@@ -98,7 +100,7 @@ def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
     check_args(opts)
     resolve_device(opts.device, "--device")
     pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
-    sgdd_only = opts.data or opts.best_of > 1 or opts.rounds or opts.search or opts.cfg_scale is not None
+    sgdd_only = opts.data or opts.best_of > 1 or opts.rounds or opts.search or opts.fluency or opts.cfg_scale is not None
     if sgdd_only and pre.config.task != "sgdd":
         raise DifflmError("--data, --cfg-scale, --best-of, --rounds and --search are for SGDD checkpoints")
     if opts.split != "val" and pre.config.task != "sgdd":

@@ -101,6 +101,8 @@ def check_args(opts: SampleOptions) -> None:
     for flag in ("rounds", "search"):
         if getattr(opts, flag) < 0:
             raise DifflmError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
+    if not (math.isfinite(opts.fluency) and opts.fluency >= 0):
+        raise DifflmError(f"--fluency must be a finite number >= 0 (0 = cosine only), got {opts.fluency}")
     if opts.batch_size < 1:
         raise DifflmError(f"--batch-size must be >= 1 (samples per prompt), got {opts.batch_size}")
     for flag in ("temperature", "top_p", "threshold", "factor", "cfg_scale", "alpha"):
@@ -124,6 +126,7 @@ TASK_FLAGS: dict[str, tuple[str, ...]] = {
     "rounds": ("sgdd",),
     "search": ("sgdd",),
     "search_patience": ("sgdd",),
+    "fluency": ("sgdd",),
 }
 
 

@@ -44,6 +44,11 @@ class EvalOptions:
     search_patience: int | None = opt(
         None, "sgdd: search rounds without a closer text before a sentence stops (default 3; 1: greedy)"
     )
+    fluency: float = opt(
+        0.0,
+        "sgdd: after --search, choose among the 16 closest texts by cosine + W * the decoder's "
+        "pseudo-log-likelihood (nats; 0.003 is tuned on training sentences; 0: cosine only)",
+    )
     precision: str = opt(
         "fp32",
         "autocast for the model's forwards (bf16: ~2.5x faster on CPUs with AVX-512 BF16)",

@@ -94,6 +94,7 @@ def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
     verify = verification_of(opts)
     if verify.candidates > 1 or verify.rounds > 0 or verify.search > 0:
         name = f"cfg{w:g}_n{verify.candidates}_r{verify.rounds}" + (f"_s{verify.search}" if verify.search else "")
+        name += f"_f{verify.fluency:g}" if verify.search and verify.fluency else ""
         settings.append((name, w, False, verify))
     for name, scale, oracle, verification in settings:
         start = time.perf_counter()
@@ -110,9 +111,11 @@ def eval_sgdd(pre: Pretrained, opts: EvalOptions) -> dict:
 
 
 def verification_of(opts: EvalOptions | SampleOptions) -> Verification:
-    """The verification the --best-of, --rounds, --search and --search-patience flags ask for."""
+    """The verification the --best-of, --rounds, --search, --search-patience and --fluency flags ask for."""
     patience = {} if opts.search_patience is None else {"patience": opts.search_patience}
-    return Verification(candidates=opts.best_of or 1, rounds=opts.rounds, search=opts.search, **patience)
+    return Verification(
+        candidates=opts.best_of or 1, rounds=opts.rounds, search=opts.search, fluency=opts.fluency, **patience
+    )
 
 
 def decode_all(

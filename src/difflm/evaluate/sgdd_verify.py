@@ -3,7 +3,8 @@
 One forward pass from one vector is a weak inverter; SGDD has what correction needs: an encoder that
 can score any candidate text against the target vector, and a decoder that can re-mask and re-write.
 Three stages, each optional, each keeping a row's hypothesis unless the encoder finds the new one
-closer (cosine), so none ever lowers the similarity:
+closer (cosine), so none ever lowers the similarity; a fourth, fluency, may trade a little of it
+for word order:
 
 - Best-of-N: decode N candidates per vector in one batch (the greedy decode at each of the length
   head's top-k lengths, then temperature samples at the most likely length), re-encode all of them
@@ -19,6 +20,10 @@ closer (cosine), so none ever lowers the similarity:
   the next closest ones instead of stopping; it stops after `patience` rounds without a closer
   text. Unlike re-masking, edits can change the length, which the length head gets wrong for most
   sentences.
+- Fluency (optional, after the search): the encoder hardly sees word order, so among the search's
+  closest texts the answer is the one with the best cosine + w * the decoder's pseudo-log-likelihood
+  of it given the vector (each token scored with it masked, summed, nats). This one stage may
+  return a text a little less close than the closest, when the decoder finds it far more likely.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from difflm.pretrained import Pretrained
 
 GAIN = 1e-6  # an edit must raise the cosine by more than this (the encoder's batch-to-batch noise)
 SURE = 0.9  # edit search tries no substitutions where the decoder gives the current token this much
+FLUENCY_POOL = 16  # the closest texts of a sentence's search that the fluency stage chooses among
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Verification:
     search_k: int = 4  # tokens the decoder proposes per position (substitutions; per gap, insertions: k / 2)
     width: int = 1  # texts expanded per sentence per search round
     patience: int = 3  # search rounds without a closer text before a sentence stops (1: greedy)
+    fluency: float = 0.0  # w: weight of the decoder's pseudo-log-likelihood in the search's answer (0: off)
 
     def __post_init__(self) -> None:
         counts = (self.candidates, self.length_topk, self.search_k, self.width, self.patience)
@@ -68,6 +75,8 @@ class Verification:
                 "verification needs candidates, length_topk, search_k, width, patience >= 1 and rounds, "
                 f"search >= 0; got {counts[:3]}, {self.width}, {self.patience}, {self.rounds}, {self.search}"
             )
+        if not (math.isfinite(self.fluency) and self.fluency >= 0):
+            raise DifflmError(f"fluency weight must be a finite number >= 0 (0 = off), got {self.fluency}")
         if not 0.0 < self.remask <= 1.0:
             raise DifflmError(f"remask share must be in (0, 1], got {self.remask}")
 
@@ -210,7 +219,35 @@ def edit_search(
         if not active.any():
             break
         active = search_round(pre, encoder, vectors, state, active, settings, resize)
-    return from_texts([state.best(row) for row in range(len(vectors))], pre.tokenizer.pad_token_id)
+    found = [state.best(row) for row in range(len(vectors))]
+    if settings.fluency:
+        found = fluent_choice(pre, vectors, state, settings.fluency)
+    return from_texts(found, pre.tokenizer.pad_token_id)
+
+
+def fluent_choice(
+    pre: Pretrained, vectors: Tensor, state: SearchState, weight: float, pool: int = FLUENCY_POOL, chunk: int = 128
+) -> list[tuple[float, list[int]]]:
+    """Per sentence, among the `pool` closest texts its search scored: (cosine, text) of the one
+    with the highest cosine + weight * log p(text | vector), the decoder's pseudo-log-likelihood
+    (`token_logprobs` summed), scored `chunk` texts at a time."""
+    owners, texts, cosines = [], [], []
+    for row, scored in enumerate(state.scored):
+        for seq, cos in sorted(scored.items(), key=lambda item: -item[1])[:pool]:
+            owners.append(row)
+            texts.append(list(seq))
+            cosines.append(cos)
+    plls = []
+    for start in range(0, len(texts), chunk):
+        ids, lengths = pad_texts(texts[start : start + chunk], pre.tokenizer.pad_token_id)
+        real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # [M, W]
+        logp = token_logprobs(pre, vectors[owners[start : start + chunk]], ids, real)  # [M, W], +inf at pads
+        plls += logp.masked_fill(~real, 0.0).sum(1).tolist()
+    best: dict[int, tuple[float, int]] = {}
+    for i, (row, cos, pll) in enumerate(zip(owners, cosines, plls, strict=True)):
+        if row not in best or cos + weight * pll > best[row][0]:
+            best[row] = (cos + weight * pll, i)
+    return [(cosines[best[row][1]], texts[best[row][1]]) for row in range(len(state.scored))]
 
 
 def search_round(

@@ -190,6 +190,11 @@ class SampleOptions:
     search_patience: int | None = opt(
         None, "SGDD: search rounds without a closer text before a sentence stops (default 3; 1: greedy)"
     )
+    fluency: float = opt(
+        0.0,
+        "SGDD: after --search, choose among the 16 closest texts by cosine + W * the decoder's "
+        "pseudo-log-likelihood (nats; 0.003 is tuned on training sentences; 0: cosine only)",
+    )
     seed: int = opt(0, "seed of the sampler's generator")
     batch_size: int = opt(1, "samples per prompt")
     device: str = opt("cpu", "the device to sample on (e.g. cpu, cuda)")

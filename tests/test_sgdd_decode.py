@@ -198,6 +198,24 @@ def test_patient_search_goes_on_from_the_next_closest_text(trained):
     assert expanded[1] == second[1]  # after the start, its closest edit
 
 
+def test_wide_search_expands_the_closest_unexpanded_texts(trained):
+    """width 2: every round expands the two closest texts of a sentence not expanded yet."""
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vector = encoder.encode(["a dog ran home."])
+    seq = pre.tokenizer.tok("a dog ran home.", add_special_tokens=False)["input_ids"]
+    start = Hypotheses(torch.tensor([seq]), torch.tensor([len(seq)]), cosine_to_list(encoder, pre, seq, vector))
+    state, active = SearchState.start(start), torch.ones(1, dtype=torch.bool)
+    wide = Verification(search=2, search_k=4, width=2, patience=3)
+    search_round(pre, encoder, vector, state, active, wide)
+    assert state.expanded[0] == {tuple(seq)}  # only one text to expand at first
+    closest = state.frontier(0, 2)
+    fresh = sorted(((c, s) for s, c in state.scored[0].items() if s != tuple(seq)), reverse=True)
+    assert closest == [s for _, s in fresh[:2]]
+    search_round(pre, encoder, vector, state, active, wide)
+    assert state.expanded[0] == {tuple(seq), *closest}
+
+
 def test_edit_search_reaches_the_sentence_one_edit_away(trained, monkeypatch):
     """From the target with one word missing, changed or added, one round finds the target when the
     decoder proposes the word (its proposals here: the word among others), and the target then wins

@@ -1,0 +1,39 @@
+"""benchmarks/sgdd.py: the --grid items it parses and the table columns they fill."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from difflm.evaluate.sgdd_verify import Verification
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sgdd.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_sgdd", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_script()
+
+
+def test_grid_items_name_their_verification():
+    assert bench.parse_setting("1:0") == Verification()
+    assert bench.parse_setting("4:2") == Verification(candidates=4, rounds=2)
+    assert bench.parse_setting("4:0:12") == Verification(candidates=4, search=12)
+    assert bench.parse_setting("4:0:12:1") == Verification(candidates=4, search=12, patience=1)
+    assert bench.parse_setting("4:0:12:3:0.003") == Verification(candidates=4, search=12, fluency=0.003)
+    for bad in ("4", "4:x", "4:0:12:3:w", "1:2:3:4:5:6"):
+        with pytest.raises(SystemExit, match="--grid item"):
+            bench.parse_setting(bad)
+
+
+def test_table_shows_patience_and_fluency_only_with_search():
+    row = {"N": 4, "R": 0, "exact_match": 0.25, "token_acc": 0.3, "bleu": 35.0, "chrf": 58.0, "cosine": 0.93, "ms_per_sentence": 9.0}
+    result = {"name": "m", "params": 1e6, "train_minutes": 1.0, "steps": 10, "latency_ms_batch1": {}}
+    lines = bench.table([{**result, "settings": [row, {**row, "S": 12, "P": 3, "F": 0.003}, {**row, "S": 8}]}])
+    plain, fluent, old = (line.split(" | ")[6:9] for line in lines.splitlines()[2:5])
+    assert plain == ["0", "-", "-"] and fluent == ["12", "3", "0.003"] and old == ["8", "1", "0"]

@@ -352,7 +352,9 @@ def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):
     pick = int(torch.tensor(cosines, dtype=torch.float64).add(w * pll.double()).argmax())
     assert fluent_choice(pre, vectors, state, w)[0][1] == texts[pick]
     with pytest.raises(DifflmError, match="fluency weight"):
-        Verification(fluency=-1.0)
+        Verification(search=1, fluency=-1.0)
+    with pytest.raises(DifflmError, match="--search S"):
+        Verification(fluency=0.003)  # nothing to choose among without the search
 
 
 def test_token_logprobs_mask_each_token_once(trained):

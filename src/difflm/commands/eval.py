@@ -102,7 +102,7 @@ def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
     pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
     sgdd_only = opts.data or opts.best_of > 1 or opts.rounds or opts.search or opts.fluency or opts.cfg_scale is not None
     if sgdd_only and pre.config.task != "sgdd":
-        raise DifflmError("--data, --cfg-scale, --best-of, --rounds and --search are for SGDD checkpoints")
+        raise DifflmError("--data, --cfg-scale, --best-of, --rounds, --search and --fluency are for SGDD checkpoints")
     if opts.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
             f"--split {opts.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"

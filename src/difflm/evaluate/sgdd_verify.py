@@ -77,6 +77,8 @@ class Verification:
             )
         if not (math.isfinite(self.fluency) and self.fluency >= 0):
             raise DifflmError(f"fluency weight must be a finite number >= 0 (0 = off), got {self.fluency}")
+        if self.fluency and not self.search:
+            raise DifflmError("the fluency weight chooses among the edit search's texts: add search rounds (--search S)")
         if not 0.0 < self.remask <= 1.0:
             raise DifflmError(f"remask share must be in (0, 1], got {self.remask}")
 

@@ -78,6 +78,13 @@ def given_minutes(results: list[dict], items: list[str]) -> None:
             r["train_minutes"], r["train_minutes_given"] = float(minutes), True
 
 
+def earlier_commands(where: Path, command: str) -> str:
+    """A merged folder's command.txt (every command behind it, notes added by hand included), else
+    the command its results.json names."""
+    history = where / "command.txt"
+    return history.read_text().rstrip("\n") if where.is_dir() and history.exists() else command
+
+
 def val_curve(run: Path) -> list[tuple[int, float]]:
     records = [
         json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"val_loss"' in line
@@ -256,7 +263,7 @@ def main() -> None:
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32",
     }
-    commands = [meta["command"]]
+    commands = []
     for where in args.merge:
         earlier = json.loads(
             (Path(where) / "results.json" if Path(where).is_dir() else Path(where)).read_text()
@@ -264,8 +271,9 @@ def main() -> None:
         if "runs" not in earlier:  # a partial_NAME.json: one run, stopped before its last setting
             earlier = {"command": f"(partial: {where})", "runs": [earlier]}
         results += earlier["runs"]
-        commands.insert(0, earlier["command"])
+        commands.append(earlier_commands(Path(where), earlier["command"]))
         meta.setdefault("merged", []).append({k: v for k, v in earlier.items() if k != "runs"})
+    commands.append(meta["command"])
     given_minutes(results, args.train_minutes)
     (out / "results.json").write_text(json.dumps({**meta, "runs": results}, indent=1))
     (out / "table.md").write_text(table(results))

@@ -1,6 +1,8 @@
 """benchmarks/sgdd.py: the --grid items it parses and the table columns they fill."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,21 @@ def test_table_shows_patience_and_fluency_only_with_search():
     lines = bench.table([{**result, "settings": [row, {**row, "S": 12, "P": 3, "F": 0.003}, {**row, "S": 8}]}])
     plain, fluent, old = (line.split(" | ")[6:9] for line in lines.splitlines()[2:5])
     assert plain == ["0", "-", "-"] and fluent == ["12", "3", "0.003"] and old == ["8", "1", "0"]
+
+
+def test_merge_keeps_every_earlier_command(tmp_path, monkeypatch):
+    """--merge carries each merged folder's command.txt (history and hand notes) in order, then its own command."""
+    run = {"name": "m", "params": 1e6, "train_minutes": 1.0, "steps": 10, "curve": [[5, 3.0], [10, 2.5]],
+           "settings": [], "samples": [], "latency_ms_batch1": {}}
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, command in ((old, "python a.py"), (new, "python b.py")):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"command": command, "runs": [run]}))
+    (old / "command.txt").write_text("# stop 1\npython a.py\n# stop 2: a note\n")
+    argv = ["sgdd.py", "--merge", str(old), "--merge", str(new), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    lines = (tmp_path / "out" / "command.txt").read_text().splitlines()
+    assert lines[:4] == ["# stop 1", "python a.py", "# stop 2: a note", "python b.py"]
+    assert len(lines) == 5 and "--merge" in lines[4]
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == 2

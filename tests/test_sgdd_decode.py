@@ -335,18 +335,19 @@ def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):
     vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:1])
     tok = pre.tokenizer.tok
     texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a dog ran home.", "home ran a dog.", "dog a.")]
-    cosines = [0.90, 0.89, 0.50]
-    state = SearchState([{tuple(t): c for t, c in zip(texts, cosines, strict=True)}], [set()], [0])
     ids = torch.zeros(3, 5, dtype=torch.long)
     for row, t in enumerate(texts):
         ids[row, : len(t)] = torch.tensor(t)
-    logp = token_logprobs(pre, vectors.expand(3, -1), ids, ids != 0)
-    pll = logp.masked_fill(ids == 0, 0.0).sum(1)
+    pll = token_logprobs(pre, vectors.expand(3, -1), ids, ids != 0).masked_fill(ids == 0, 0.0).sum(1)
+    order = pll.argsort().tolist()  # least likely first: it gets the best cosine, the likeliest the worst
+    texts = [texts[i] for i in order]
+    pll = pll[order]
+    assert pll[0] < pll[1] < pll[2]
+    cosines = [0.90, 0.89, 0.50]
+    state = SearchState([{tuple(t): c for t, c in zip(texts, cosines, strict=True)}], [set()], [0])
     assert fluent_choice(pre, vectors, state, 0.0) == [(0.90, texts[0])]
-    likeliest = int(pll.argmax())
-    assert fluent_choice(pre, vectors, state, 1e6) == [(cosines[likeliest], texts[likeliest])]
-    top_two = int(pll[:2].argmax())
-    assert fluent_choice(pre, vectors, state, 1e6, pool=2) == [(cosines[top_two], texts[top_two])]
+    assert fluent_choice(pre, vectors, state, 1e6) == [(0.50, texts[2])]
+    assert fluent_choice(pre, vectors, state, 1e6, pool=2) == [(0.89, texts[1])]
     assert fluent_choice(pre, vectors, state, 1e6, pool=1) == [(0.90, texts[0])]
     w = 0.01  # a finite weight: the best cosine + w * pll, exactly
     pick = int(torch.tensor(cosines, dtype=torch.float64).add(w * pll.double()).argmax())

@@ -14,6 +14,7 @@ from difflm.data.packing import (
     TokenBlocks,
     batch_order,
     iter_batches,
+    length_grouped_order,
     pack_to_file,
     packed_is_current,
     split_ranges,
@@ -348,6 +349,24 @@ def test_batch_order_is_a_deterministic_permutation_per_seed_and_epoch():
     assert sorted(a.tolist()) == list(range(50))
     assert not torch.equal(a, batch_order(50, epoch=1, seed=1))
     assert not torch.equal(a, batch_order(50, epoch=0, seed=2))
+
+
+def test_length_grouped_order_batches_similar_lengths_and_stays_deterministic():
+    lengths = torch.randint(1, 31, (103,), generator=torch.Generator().manual_seed(0))
+    order = length_grouped_order(lengths, batch_size=8, group=4, epoch=1, seed=5)
+    assert sorted(order.tolist()) == list(range(103))
+    assert torch.equal(order, length_grouped_order(lengths, batch_size=8, group=4, epoch=1, seed=5))
+    assert not torch.equal(order, length_grouped_order(lengths, batch_size=8, group=4, epoch=2, seed=5))
+    plain = batch_order(103, epoch=1, seed=5)
+    whole = 103 // 8 * 8
+    width = lambda o: sum(int(lengths[b].max()) for b in o[:whole].view(-1, 8))  # noqa: E731
+    assert width(order) < width(plain)  # less padding than the plain shuffle
+    chunks = [set(part.tolist()) for part in plain.split(32)]  # each batch comes from one run of 4 batches
+    assert all(any(set(b.tolist()) <= chunk for chunk in chunks) for b in order[:whole].view(-1, 8))
+    group_one = length_grouped_order(lengths, batch_size=8, group=1, epoch=1, seed=5)
+    assert {frozenset(b.tolist()) for b in group_one[:whole].view(-1, 8)} == {
+        frozenset(b.tolist()) for b in plain[:whole].view(-1, 8)
+    }  # a group of one batch only reorders within and among the plain batches
 
 
 def test_iter_batches_resume_yields_exactly_the_tail(tmp_path):

@@ -26,7 +26,7 @@ from difflm.sampling.unmask import SampleConfig, infill
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder, split_examples, tokenize_targets
 from difflm.train.optim import build_optimizer
-from difflm.train.trainer import collate, step_generator, train
+from difflm.train.trainer import TrainState, _next_indices, collate, step_generator, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SENTENCES = [
@@ -129,6 +129,22 @@ def test_extra_data_trains_on_more_texts_but_never_on_held_out_ones(tmp_path):
     run = build_run(tiny_config(tmp_path, f"system.extra_data={extra}"))
     assert len(run.train_data) == len(base.train_data) + 2  # the held-out text in the file is dropped
     assert torch.equal(run.val_data.ids, base.val_data.ids)  # the held-out split is unchanged
+
+
+def test_length_grouping_gives_narrower_batches_of_the_same_epoch(tmp_path):
+    """train.length_grouping: each epoch still visits every text once, in batches of similar length."""
+    run = build_run(tiny_config(tmp_path))
+    widths = {}
+    for group in (0, 2):
+        tc = tiny_config(tmp_path, "train.batch_size=4", f"train.length_grouping={group}").train
+        state, seen, width = TrainState(), [], 0
+        for _ in range(len(run.train_data) // 4):
+            batch = _next_indices(run, tc, state)
+            seen += batch
+            width += int(run.train_data.lengths[batch].max())
+        assert len(set(seen)) == len(seen) == len(run.train_data) // 4 * 4 and state.epoch == 0
+        widths[group] = width
+    assert widths[2] < widths[0]
 
 
 def test_packed_logits_and_dropped_rows(trained):

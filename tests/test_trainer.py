@@ -189,6 +189,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         (["data.path=/nonexistent/corpus.txt"], "not found"),
         (["data.block_size=100000"], "larger than the train split"),
         (["train.resume=latest"], "no checkpoint to resume"),
+        (["train.length_grouping=4"], "needs per-item lengths"),  # packed text windows have none
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(tmp_path, overrides, message):

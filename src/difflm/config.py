@@ -176,6 +176,12 @@ class TrainConfig:
         default_factory=LoraConfig, metadata={"help": "Low-rank adapters instead of full fine-tuning."}
     )
     seed: int = opt(1337, "Seed of data order, noise and init.")
+    length_grouping: int = opt(
+        0,
+        "Batch items of similar length together: sort each run of N batches of the shuffled order by "
+        "length, then shuffle the batches (less padding; needs a dataset with per-item lengths, "
+        "e.g. SGDD's; 0 = off).",
+    )
     eval_every: int = opt(250, "Evaluate the val loss every N steps (0 = only at the end).")
     eval_batches: int = opt(20, "Val batches per evaluation.")
     log_every: int = opt(10, "Log train metrics every N steps.")
@@ -231,6 +237,7 @@ class TrainConfig:
             "keep_last",
             "patience",
             "peak_tflops",
+            "length_grouping",
         ):
             check_range(f"train.{key}", getattr(self, key), 0)
         for key in ("beta1", "beta2"):

@@ -194,6 +194,23 @@ def batch_order(n_items: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_items, generator=g)
 
 
+def length_grouped_order(lengths: torch.Tensor, batch_size: int, group: int, epoch: int, seed: int) -> torch.Tensor:
+    """`batch_order` with similar lengths batched together, a permutation of range(len(lengths)).
+
+    Each run of `group` batches of the shuffled order is sorted by length and cut into batches, and
+    the whole batches are shuffled again: a batch's width (its longest item) falls towards the mean
+    length, so padded positions stop costing compute, while the order still depends only on
+    (seed, epoch). The items past the last whole batch stay at the end, as `batch_order` leaves them.
+    """
+    order = batch_order(len(lengths), epoch, seed)
+    chunk = batch_size * group
+    order = torch.cat([part[torch.argsort(lengths[part], stable=True)] for part in order.split(chunk)])
+    n_batches = len(order) // batch_size
+    whole = order[: n_batches * batch_size].view(n_batches, batch_size)
+    shuffled = whole[batch_order(n_batches, epoch, seed + 1)].reshape(-1)
+    return torch.cat([shuffled, order[n_batches * batch_size :]])
+
+
 def iter_batches(
     dataset: torch.utils.data.Dataset, batch_size: int, seed: int, epoch: int, start_batch: int = 0
 ) -> Iterator[torch.Tensor]:

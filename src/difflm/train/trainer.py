@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from difflm.config import DEVICE_NAMES, RunConfig, TrainConfig, model_family, to_dict
-from difflm.data.packing import batch_order
+from difflm.data.packing import batch_order, length_grouped_order
 from difflm.errors import DifflmError
 from difflm.models import build_model
 from difflm.train import checkpoint as ckpt
@@ -257,6 +257,11 @@ def _check_batch(tc: TrainConfig, run: Run, world_size: int) -> None:
             f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
             f"({world_size} x {tc.grad_accum})"
         )
+    if tc.length_grouping and not isinstance(getattr(run.train_data, "lengths", None), Tensor):
+        raise DifflmError(
+            f"train.length_grouping={tc.length_grouping} needs per-item lengths, which this task's "
+            "training data does not have: set train.length_grouping=0"
+        )
     if len(run.train_data) < tc.batch_size:
         raise DifflmError(
             f"the training split has {len(run.train_data)} sequences, fewer than train.batch_size={tc.batch_size}: "
@@ -388,7 +393,10 @@ def _next_indices(run: Run, tc: TrainConfig, state: TrainState) -> list[int]:
     if state.batch_in_epoch >= per_epoch:
         state.epoch += 1
         state.batch_in_epoch = 0
-    order = batch_order(len(run.train_data), state.epoch, tc.seed)
+    if tc.length_grouping:
+        order = length_grouped_order(run.train_data.lengths, tc.batch_size, tc.length_grouping, state.epoch, tc.seed)
+    else:
+        order = batch_order(len(run.train_data), state.epoch, tc.seed)
     start = state.batch_in_epoch * tc.batch_size
     state.batch_in_epoch += 1
     return order[start : start + tc.batch_size].tolist()

@@ -10,7 +10,8 @@ the search's patience, default 3, F the fluency weight of the search's answer, d
 plain decoding) and each
 CFG scale of --cfg (default: the run's own), the held-out sentences are decoded in 16 steps and scored: exact match, token
 accuracy, BLEU, chrF, cosine(input, output), and the wall time per sentence at --batch-size. Plain
-decoding is also timed at batch 1 (the latency a user sees). Writes results.json, table.md,
+decoding is also timed at batch 1 (the latency a user sees). Settings that differ only in F share one
+search (F only chooses among its texts): each row's time is the search's plus its own answer's. Writes results.json, table.md,
 samples.md, curves.png and command.txt into --out. `--merge` combines the results.json of
 earlier runs of this script (e.g. one process per decoder, run side by side) into one folder.
 """
@@ -18,6 +19,7 @@ earlier runs of this script (e.g. one process per decoder, run side by side) int
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -32,7 +34,7 @@ import torch
 from difflm.config import system_config
 from difflm.evaluate.sgdd import score
 from difflm.evaluate.sgdd_decode import decode_vectors
-from difflm.evaluate.sgdd_verify import Verification, verified_decode
+from difflm.evaluate.sgdd_verify import Verification, answer, verified_search
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.systems.sgdd import SGDDSystemConfig, build_examples, load_encoder, split_examples
 
@@ -106,17 +108,38 @@ def training_minutes(run: Path) -> float:
     return (log.stat().st_mtime - born) / 60
 
 
-def decode(pre: Pretrained, encoder, vectors: torch.Tensor, verify: Verification, batch: int, seed: int, scale: float):
-    """Outputs for every vector at CFG `scale` and the seconds it took."""
-    outputs, start = [], time.perf_counter()
+def decode(
+    pre: Pretrained, encoder, vectors: torch.Tensor, verify: Verification, weights: list[float], batch: int, seed: int, scale: float
+) -> list[tuple[list[list[int]], float]]:
+    """Outputs for every vector at CFG `scale`, one list per fluency weight of `weights` (`verify`'s
+    own fluency unused), each with the seconds it took: the search, shared, once, plus that weight's
+    own answer (plain decoding: `weights` is [0.0])."""
+    answers: list[list[list[int]]] = [[] for _ in weights]
+    seconds = [0.0] * len(weights)
     for i in range(0, len(vectors), batch):
         gen = torch.Generator().manual_seed(seed)
-        chunk = vectors[i : i + batch]
+        chunk, start = vectors[i : i + batch], time.perf_counter()
         if verify == Verification():
-            outputs += decode_vectors(pre, chunk, cfg_scale=scale, generator=gen)
-        else:
-            outputs += verified_decode(pre, encoder, chunk, verify, cfg_scale=scale, generator=gen).as_lists()
-    return outputs, time.perf_counter() - start
+            answers[0] += decode_vectors(pre, chunk, cfg_scale=scale, generator=gen)
+            seconds[0] += time.perf_counter() - start
+            continue
+        state = verified_search(pre, encoder, chunk, verify, cfg_scale=scale, generator=gen)
+        searched = time.perf_counter() - start
+        for k, weight in enumerate(weights):
+            start = time.perf_counter()
+            answers[k] += answer(pre, chunk, state, weight).as_lists()
+            seconds[k] += searched + time.perf_counter() - start
+    return list(zip(answers, seconds, strict=True))
+
+
+def same_search(grid: list[Verification]) -> list[tuple[Verification, list[float]]]:
+    """The grid's settings grouped by everything but the fluency weight (in order of first
+    appearance), each with its weights: one search answers them all."""
+    groups: dict[str, tuple[Verification, list[float]]] = {}
+    for verify in grid:
+        key = repr(dataclasses.replace(verify, fluency=0.0))
+        groups.setdefault(key, (verify, []))[1].append(verify.fluency)
+    return list(groups.values())
 
 
 def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.Namespace) -> dict:
@@ -143,27 +166,21 @@ def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.
     result["latency_ms_batch1"] = {}
     with torch.no_grad():
         for scale in sorted({*scales, own}) if args.latency_sentences else ():  # also with the run's own CFG
-            _, latency = decode(pre, encoder, data.vectors[: args.latency_sentences], Verification(), 1, args.seed, scale)
+            [(_, latency)] = decode(pre, encoder, data.vectors[: args.latency_sentences], Verification(), [0.0], 1, args.seed, scale)
             result["latency_ms_batch1"][str(scale)] = 1000 * latency / min(args.latency_sentences, len(pairs))
-        for scale, verify in ((s, g) for s in scales for g in grid):
-            outputs, seconds = decode(pre, encoder, data.vectors, verify, args.batch_size, args.seed, scale)
-            metrics = score(pre, encoder, data.vectors, data, outputs)
-            plan = {"N": verify.candidates, "R": verify.rounds, "S": verify.search, "P": verify.patience, "F": verify.fluency}
-            row = {"cfg": scale, **plan, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
-            result["settings"].append(row)
-            print(f"{name} cfg={scale} {plan}: {json.dumps(row)}", flush=True)
-            (Path(args.out) / f"partial_{name}.json").write_text(
-                json.dumps(result, indent=1)
-            )  # survives a kill
-            result["samples"].append(
-                {
-                    "cfg": scale,
-                    **plan,
-                    "pairs": [
-                        (s, pre.tokenizer.decode(o)) for (s, _), o in zip(pairs[:8], outputs[:8], strict=True)
-                    ],
-                }
-            )
+        for scale, (verify, weights) in ((s, g) for s in scales for g in same_search(grid)):
+            answers = decode(pre, encoder, data.vectors, verify, weights, args.batch_size, args.seed, scale)
+            for weight, (outputs, seconds) in zip(weights, answers, strict=True):
+                plan = {"N": verify.candidates, "R": verify.rounds, "S": verify.search, "P": verify.patience, "F": weight}
+                metrics = score(pre, encoder, data.vectors, data, outputs)
+                row = {"cfg": scale, **plan, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
+                result["settings"].append(row)
+                print(f"{name} cfg={scale} {plan}: {json.dumps(row)}", flush=True)
+                firsts = zip(pairs[:8], outputs[:8], strict=True)
+                result["samples"].append(
+                    {"cfg": scale, **plan, "pairs": [(s, pre.tokenizer.decode(o)) for (s, _), o in firsts]}
+                )
+                (Path(args.out) / f"partial_{name}.json").write_text(json.dumps(result, indent=1))  # survives a kill
     return result
 
 

@@ -33,6 +33,14 @@ def test_grid_items_name_their_verification():
             bench.parse_setting(bad)
 
 
+def test_settings_that_differ_only_in_fluency_share_one_search():
+    grid = [bench.parse_setting(item) for item in ("1:0", "4:0:12:3:0", "4:0:12:3:0.003", "4:0:8", "4:0:12:3:0.01")]
+    groups = bench.same_search(grid)
+    assert [(v.candidates, v.search, weights) for v, weights in groups] == [
+        (1, 0, [0.0]), (4, 12, [0.0, 0.003, 0.01]), (4, 8, [0.0])
+    ]
+
+
 def test_table_shows_patience_and_fluency_only_with_search():
     row = {"N": 4, "R": 0, "exact_match": 0.25, "token_acc": 0.3, "bleu": 35.0, "chrf": 58.0, "cosine": 0.93, "ms_per_sentence": 9.0}
     result = {"name": "m", "params": 1e6, "train_minutes": 1.0, "steps": 10, "latency_ms_batch1": {}}

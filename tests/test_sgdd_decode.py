@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from difflm.evaluate.sgdd_verify import (
     Hypotheses,
     SearchState,
     Verification,
+    answer,
     best_of_n,
     correction_round,
     fluent_choice,
@@ -33,6 +35,7 @@ from difflm.evaluate.sgdd_verify import (
     search_round,
     single_edits,
     verified_decode,
+    verified_search,
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
 from difflm.models.sgdd import Shortlisted
@@ -356,6 +359,20 @@ def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):
         Verification(search=1, fluency=-1.0)
     with pytest.raises(DifflmError, match="--search S"):
         Verification(fluency=0.003)  # nothing to choose among without the search
+
+
+def test_one_search_answers_every_fluency_weight(trained):
+    """verified_search + answer(w) is verified_decode with fluency w, for each w, from one search."""
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vectors = encoder.encode(SENTENCES[:4])
+    settings = Verification(candidates=2, search=2, search_k=3)
+    state = verified_search(pre, encoder, vectors, settings, cfg_scale=0.0)
+    assert all(len(scored) > 1 for scored in state.scored)  # the search scored more than its start
+    for weight in (0.0, 0.01, 1e6):
+        once = verified_decode(pre, encoder, vectors, replace(settings, fluency=weight), cfg_scale=0.0)
+        shared = answer(pre, vectors, state, weight)
+        assert shared.as_lists() == once.as_lists() and torch.equal(shared.cosine, once.cosine)
 
 
 def test_token_logprobs_mask_each_token_once(trained):

@@ -107,15 +107,43 @@ def verified_decode(
     lengths: Tensor | None = None,
 ) -> Hypotheses:
     """Decode vectors [B, D] with best-of-N, `settings.rounds` correction rounds, then up to
-    `settings.search` edit-search rounds (which keep the `lengths` when given).
+    `settings.search` edit-search rounds (which keep the `lengths` when given), and answer with
+    `settings.fluency`.
 
     The target of every comparison is the vector itself (the encoder's vector of the source)."""
+    state = verified_search(pre, encoder, vectors, settings, cfg_scale=cfg_scale, generator=generator, lengths=lengths)
+    return answer(pre, vectors, state, settings.fluency)
+
+
+@torch.no_grad()
+def verified_search(
+    pre: Pretrained,
+    encoder,
+    vectors: Tensor,
+    settings: Verification,
+    *,
+    cfg_scale: float,
+    generator: torch.Generator | None = None,
+    lengths: Tensor | None = None,
+) -> SearchState:
+    """Everything `verified_decode` does before its answer: every text scored per vector (without
+    search, the one hypothesis best-of-N and the rounds kept). `answer` then chooses; one search
+    serves several fluency weights, which only choose among its texts (settings.fluency is unused)."""
     if cfg_scale < 0:
         raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
     best = best_of_n(pre, encoder, vectors, settings, cfg_scale, generator, lengths)
     for _ in range(settings.rounds):
         best = correction_round(pre, encoder, vectors, best, settings, cfg_scale, generator)
-    return edit_search(pre, encoder, vectors, best, settings, lengths is None) if settings.search else best
+    state = SearchState.start(best)
+    edit_search(pre, encoder, vectors, state, settings, lengths is None)
+    return state
+
+
+@torch.no_grad()
+def answer(pre: Pretrained, vectors: Tensor, state: SearchState, fluency: float) -> Hypotheses:
+    """Per vector, the closest text the search scored, or with `fluency` > 0 `fluent_choice`'s."""
+    found = fluent_choice(pre, vectors, state, fluency) if fluency else [state.best(row) for row in range(len(vectors))]
+    return from_texts(found, pre.tokenizer.pad_token_id)
 
 
 def best_of_n(
@@ -211,20 +239,15 @@ class SearchState:
 
 
 def edit_search(
-    pre: Pretrained, encoder, vectors: Tensor, start: Hypotheses, settings: Verification, resize: bool = True
-) -> Hypotheses:
-    """Best-first edit search from `start`, `settings.search` rounds at most; a sentence stops after
+    pre: Pretrained, encoder, vectors: Tensor, state: SearchState, settings: Verification, resize: bool = True
+) -> None:
+    """Best-first edit search on `state`, `settings.search` rounds at most; a sentence stops after
     `settings.patience` rounds without a closer text (or when nothing is left to expand)."""
-    state = SearchState.start(start)
     active = torch.ones(len(vectors), dtype=torch.bool)
     for _ in range(settings.search):
         if not active.any():
             break
         active = search_round(pre, encoder, vectors, state, active, settings, resize)
-    found = [state.best(row) for row in range(len(vectors))]
-    if settings.fluency:
-        found = fluent_choice(pre, vectors, state, settings.fluency)
-    return from_texts(found, pre.tokenizer.pad_token_id)
 
 
 def fluent_choice(

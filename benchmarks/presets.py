@@ -332,7 +332,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             precision="fp32",
             train="",
             evaluation=(
-                "--cfg 0 --grid 1:0,4:0,4:0:12:3:0,4:0:12:3:0.003 --examples 500 --batch-size 50 --latency-sentences 30",
+                "--cfg 0 --grid 1:0,4:0,4:0:12:3:0,4:0:12:3:0.001 --examples 500 --batch-size 50 --latency-sentences 30",
             ),
         ),
         "gpu": Preset(

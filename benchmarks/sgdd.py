@@ -34,7 +34,7 @@ import torch
 from difflm.config import system_config
 from difflm.evaluate.sgdd import score
 from difflm.evaluate.sgdd_decode import decode_vectors
-from difflm.evaluate.sgdd_verify import Verification, answer, verified_search
+from difflm.evaluate.sgdd_verify import FLUENCY_POOL, Verification, answer, fluency_pool, verified_search
 from difflm.pretrained import Pretrained, load_pretrained
 from difflm.systems.sgdd import SGDDSystemConfig, build_examples, load_encoder, split_examples
 
@@ -113,7 +113,8 @@ def decode(
 ) -> list[tuple[list[list[int]], float]]:
     """Outputs for every vector at CFG `scale`, one list per fluency weight of `weights` (`verify`'s
     own fluency unused), each with the seconds it took: the search, shared, once, plus that weight's
-    own answer (plain decoding: `weights` is [0.0])."""
+    own answer, which for a weight > 0 includes scoring the fluency pool (plain decoding: `weights`
+    is [0.0])."""
     answers: list[list[list[int]]] = [[] for _ in weights]
     seconds = [0.0] * len(weights)
     for i in range(0, len(vectors), batch):
@@ -124,11 +125,13 @@ def decode(
             seconds[0] += time.perf_counter() - start
             continue
         state = verified_search(pre, encoder, chunk, verify, cfg_scale=scale, generator=gen)
-        searched = time.perf_counter() - start
+        searched, start = time.perf_counter() - start, time.perf_counter()
+        pool = fluency_pool(pre, chunk, state) if any(weights) else None  # scored once for every weight
+        pooled = time.perf_counter() - start
         for k, weight in enumerate(weights):
             start = time.perf_counter()
-            answers[k] += answer(pre, chunk, state, weight).as_lists()
-            seconds[k] += searched + time.perf_counter() - start
+            answers[k] += answer(pre, chunk, state, weight, pool).as_lists()
+            seconds[k] += searched + (pooled if weight else 0.0) + time.perf_counter() - start
     return list(zip(answers, seconds, strict=True))
 
 
@@ -172,6 +175,7 @@ def evaluate_run(name: str, run: Path, grid: list[Verification], args: argparse.
             answers = decode(pre, encoder, data.vectors, verify, weights, args.batch_size, args.seed, scale)
             for weight, (outputs, seconds) in zip(weights, answers, strict=True):
                 plan = {"N": verify.candidates, "R": verify.rounds, "S": verify.search, "P": verify.patience, "F": weight}
+                plan |= {"pool": FLUENCY_POOL} if weight else {}
                 metrics = score(pre, encoder, data.vectors, data, outputs)
                 row = {"cfg": scale, **plan, **metrics, "ms_per_sentence": 1000 * seconds / len(pairs)}
                 result["settings"].append(row)
@@ -229,8 +233,11 @@ def patience(row: dict) -> str:
 
 
 def fluency(row: dict) -> str:
-    """The search's fluency weight ('-' without search; 0 for rows from before it existed)."""
-    return f"{row.get('F', 0):g}" if row.get("S", 0) else "-"
+    """The search's fluency weight and, after a slash, the closest texts it chose among ('-' without
+    search; 0 for rows from before it existed; rows from before the pool was recorded chose among 16)."""
+    if not row.get("S", 0):
+        return "-"
+    return f"{row['F']:g}/{row.get('pool', 16)}" if row.get("F", 0) else "0"
 
 
 def samples(results: list[dict]) -> str:

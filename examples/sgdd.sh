@@ -28,7 +28,7 @@ difflm train sgdd_phase1 data.path=$DATA/sentences_en.txt model.block_size=32 tr
 # training sentences; any file of sentences of your own.
 difflm eval $OUT/sgdd_p1 --batch-size 50 --json
 difflm eval $OUT/sgdd_p1 --batch-size 50 --best-of 4 --rounds 2 --json
-difflm eval $OUT/sgdd_p1 --batch-size 50 --cfg-scale 0 --best-of 4 --search 12 --json   # best-first edit search over single-token edits (--search-patience 3)
+difflm eval $OUT/sgdd_p1 --batch-size 50 --cfg-scale 0 --best-of 4 --search 12 --fluency 0.001 --json   # best-first edit search over single-token edits (--search-patience 3), answered with the fluency stage
 difflm eval $OUT/sgdd_p1 --batch-size 50 --split train --json
 printf 'The old man walked slowly to the station.\nIt rained all day.\n' > $OUT/mine.txt
 difflm eval $OUT/sgdd_p1 --data $OUT/mine.txt --json

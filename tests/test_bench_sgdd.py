@@ -44,9 +44,12 @@ def test_settings_that_differ_only_in_fluency_share_one_search():
 def test_table_shows_patience_and_fluency_only_with_search():
     row = {"N": 4, "R": 0, "exact_match": 0.25, "token_acc": 0.3, "bleu": 35.0, "chrf": 58.0, "cosine": 0.93, "ms_per_sentence": 9.0}
     result = {"name": "m", "params": 1e6, "train_minutes": 1.0, "steps": 10, "latency_ms_batch1": {}}
-    lines = bench.table([{**result, "settings": [row, {**row, "S": 12, "P": 3, "F": 0.003}, {**row, "S": 8}]}])
-    plain, fluent, old = (line.split(" | ")[6:9] for line in lines.splitlines()[2:5])
-    assert plain == ["0", "-", "-"] and fluent == ["12", "3", "0.003"] and old == ["8", "1", "0"]
+    settings = [row, {**row, "S": 12, "P": 3, "F": 0.003}, {**row, "S": 8}, {**row, "S": 12, "P": 3, "F": 0.001, "pool": 32}]
+    lines = bench.table([{**result, "settings": settings}])
+    plain, fluent, old, pooled = (line.split(" | ")[6:9] for line in lines.splitlines()[2:6])
+    assert plain == ["0", "-", "-"] and old == ["8", "1", "0"]
+    assert fluent == ["12", "3", "0.003/16"]  # rows from before the pool was recorded chose among 16
+    assert pooled == ["12", "3", "0.001/32"]
 
 
 def test_merge_keeps_every_earlier_command(tmp_path, monkeypatch):

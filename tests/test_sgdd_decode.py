@@ -8,10 +8,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from difflm.evaluate import sgdd_verify as verify
 from difflm.evaluate.sgdd import eval_sgdd, verification_of
 from difflm.evaluate.sgdd_decode import cosine_to, decode_vectors, token_logprobs
 from difflm.evaluate.sgdd_verify import (
+    FLUENCY_POOL,
     GAIN,
     Hypotheses,
     SearchState,
@@ -29,6 +33,7 @@ from difflm.evaluate.sgdd_verify import (
     answer,
     best_of_n,
     correction_round,
+    fluency_pool,
     fluent_choice,
     insertion_proposals,
     merge_substitutions,
@@ -41,7 +46,7 @@ from difflm.models.bert_decoder import BertDecoder, rename_hf_key
 from difflm.models.sgdd import Shortlisted
 from difflm.pretrained import load_pretrained
 from difflm.systems.registry import build_run
-from difflm.systems.sgdd import load_encoder
+from difflm.systems.sgdd import load_encoder, split_examples
 from difflm.train.trainer import train
 from tests.test_sgdd import SENTENCES, eval_args, tiny_config
 
@@ -369,10 +374,38 @@ def test_one_search_answers_every_fluency_weight(trained):
     settings = Verification(candidates=2, search=2, search_k=3)
     state = verified_search(pre, encoder, vectors, settings, cfg_scale=0.0)
     assert all(len(scored) > 1 for scored in state.scored)  # the search scored more than its start
+    pool = fluency_pool(pre, vectors, state)  # the pseudo-log-likelihoods, scored once for every weight
     for weight in (0.0, 0.01, 1e6):
         once = verified_decode(pre, encoder, vectors, replace(settings, fluency=weight), cfg_scale=0.0)
-        shared = answer(pre, vectors, state, weight)
-        assert shared.as_lists() == once.as_lists() and torch.equal(shared.cosine, once.cosine)
+        for shared in (answer(pre, vectors, state, weight), answer(pre, vectors, state, weight, pool)):
+            assert shared.as_lists() == once.as_lists() and torch.equal(shared.cosine, once.cosine)
+    for size in (1, 2, FLUENCY_POOL):  # a smaller pool from the large one == that pool scored alone
+        assert pool.choose(1e6, size) == fluent_choice(pre, vectors, state, 1e6, pool=size)
+
+
+def test_fluency_sweep_samples_training_sentences_and_answers_every_setting(trained, tmp_path):
+    """benchmarks/sgdd_fluency.py: a seeded sample of the training split only (never a held-out
+    sentence, none over --max-tokens), one row per (pool, weight), weight 0 the same for any pool."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sgdd_fluency.py"
+    spec = importlib.util.spec_from_file_location("bench_sgdd_fluency", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    pre = load_pretrained(trained / "run")
+    args = argparse.Namespace(examples=10, sample_seed=1, max_tokens=8)
+    sample = sweep.training_sample(pre, args)
+    held = {source for source, _ in split_examples(pre.config, "val")}
+    assert len(sample) == 10 and sample == sweep.training_sample(pre, args)
+    assert not held & {source for source, _ in sample}
+    assert all(len(pre.tokenizer.tok(s, add_special_tokens=False)["input_ids"]) <= 8 for s, _ in sample)
+    out = tmp_path / "sweep.json"
+    subprocess.run(
+        [sys.executable, str(script), "--run", str(trained / "run"), "--examples", "6", "--best-of", "2",
+         "--search", "1", "--pools", "1,3", "--weights", "0,1e6", "--out", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pool"], r["F"]) for r in rows] == [(1, 0.0), (1, 1e6), (3, 0.0), (3, 1e6)]
+    assert rows[0] == {**rows[2], "pool": 1} and rows[0] == {**rows[1], "F": 0.0}  # pool 1: nothing to choose
 
 
 def test_token_logprobs_mask_each_token_once(trained):

@@ -46,8 +46,8 @@ class EvalOptions:
     )
     fluency: float = opt(
         0.0,
-        "sgdd: after --search, choose among the 16 closest texts by cosine + W * the decoder's "
-        "pseudo-log-likelihood (nats; 0.003 is tuned on training sentences; 0: cosine only)",
+        "sgdd: after --search, choose among the 32 closest texts by cosine + W * the decoder's "
+        "pseudo-log-likelihood (nats; 0.001 was chosen on training sentences; 0: cosine only)",
     )
     precision: str = opt(
         "fp32",

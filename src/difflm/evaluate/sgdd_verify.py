@@ -50,7 +50,7 @@ from difflm.pretrained import Pretrained
 
 GAIN = 1e-6  # an edit must raise the cosine by more than this (the encoder's batch-to-batch noise)
 SURE = 0.9  # edit search tries no substitutions where the decoder gives the current token this much
-FLUENCY_POOL = 16  # the closest texts of a sentence's search that the fluency stage chooses among
+FLUENCY_POOL = 32  # the closest texts of a sentence's search that the fluency stage chooses among
 
 
 @dataclass
@@ -140,9 +140,13 @@ def verified_search(
 
 
 @torch.no_grad()
-def answer(pre: Pretrained, vectors: Tensor, state: SearchState, fluency: float) -> Hypotheses:
-    """Per vector, the closest text the search scored, or with `fluency` > 0 `fluent_choice`'s."""
-    found = fluent_choice(pre, vectors, state, fluency) if fluency else [state.best(row) for row in range(len(vectors))]
+def answer(pre: Pretrained, vectors: Tensor, state: SearchState, fluency: float, pool: Pool | None = None) -> Hypotheses:
+    """Per vector, the closest text the search scored, or with `fluency` > 0 the fluency stage's
+    choice among the closest (`pool`, scored once by `fluency_pool` and shared between weights)."""
+    if not fluency:
+        found = [state.best(row) for row in range(len(vectors))]
+    else:
+        found = (pool or fluency_pool(pre, vectors, state)).choose(fluency)
     return from_texts(found, pre.tokenizer.pad_token_id)
 
 
@@ -250,29 +254,54 @@ def edit_search(
         active = search_round(pre, encoder, vectors, state, active, settings, resize)
 
 
-def fluent_choice(
-    pre: Pretrained, vectors: Tensor, state: SearchState, weight: float, pool: int = FLUENCY_POOL, chunk: int = 128
-) -> list[tuple[float, list[int]]]:
-    """Per sentence, among the `pool` closest texts its search scored: (cosine, text) of the one
-    with the highest cosine + weight * log p(text | vector), the decoder's pseudo-log-likelihood
-    (`token_logprobs` summed), scored `chunk` texts at a time."""
-    owners, texts, cosines = [], [], []
-    for row, scored in enumerate(state.scored):
-        for seq, cos in sorted(scored.items(), key=lambda item: -item[1])[:pool]:
-            owners.append(row)
-            texts.append(list(seq))
-            cosines.append(cos)
-    plls = []
+@dataclass
+class Pool:
+    """Per sentence, the closest texts its search scored (closest first), each with its cosine and
+    the decoder's pseudo-log-likelihood of it given the vector: all the fluency stage chooses among."""
+
+    texts: list[list[list[int]]]
+    cosines: list[list[float]]
+    plls: list[list[float]]
+
+    def choose(self, weight: float, size: int | None = None) -> list[tuple[float, list[int]]]:
+        """Per sentence, (cosine, text) of the one of its `size` closest (all when None) with the
+        highest cosine + weight * pseudo-log-likelihood (the first such on a tie)."""
+        found = []
+        for texts, cosines, plls in zip(self.texts, self.cosines, self.plls, strict=True):
+            n = len(texts) if size is None else min(size, len(texts))
+            best = max(range(n), key=lambda i: (cosines[i] + weight * plls[i], -i))
+            found.append((cosines[best], texts[best]))
+        return found
+
+
+def fluency_pool(pre: Pretrained, vectors: Tensor, state: SearchState, size: int = FLUENCY_POOL, chunk: int = 128) -> Pool:
+    """The `size` closest texts of every sentence's search, their pseudo-log-likelihoods given the
+    vector (`token_logprobs` summed, nats) scored `chunk` texts at a time."""
+    ranked = [sorted(scored.items(), key=lambda item: -item[1])[:size] for scored in state.scored]
+    owners = [row for row, found in enumerate(ranked) for _ in found]
+    texts = [list(seq) for found in ranked for seq, _ in found]
+    plls: list[float] = []
     for start in range(0, len(texts), chunk):
         ids, lengths = pad_texts(texts[start : start + chunk], pre.tokenizer.pad_token_id)
         real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # [M, W]
         logp = token_logprobs(pre, vectors[owners[start : start + chunk]], ids, real)  # [M, W], +inf at pads
         plls += logp.masked_fill(~real, 0.0).sum(1).tolist()
-    best: dict[int, tuple[float, int]] = {}
-    for i, (row, cos, pll) in enumerate(zip(owners, cosines, plls, strict=True)):
-        if row not in best or cos + weight * pll > best[row][0]:
-            best[row] = (cos + weight * pll, i)
-    return [(cosines[best[row][1]], texts[best[row][1]]) for row in range(len(state.scored))]
+    bounds = [0]
+    for found in ranked:
+        bounds.append(bounds[-1] + len(found))
+    return Pool(
+        [[list(seq) for seq, _ in found] for found in ranked],
+        [[cos for _, cos in found] for found in ranked],
+        [plls[a:b] for a, b in zip(bounds, bounds[1:], strict=False)],
+    )
+
+
+def fluent_choice(
+    pre: Pretrained, vectors: Tensor, state: SearchState, weight: float, pool: int = FLUENCY_POOL, chunk: int = 128
+) -> list[tuple[float, list[int]]]:
+    """Per sentence, among the `pool` closest texts its search scored: (cosine, text) of the one
+    with the highest cosine + weight * log p(text | vector), the decoder's pseudo-log-likelihood."""
+    return fluency_pool(pre, vectors, state, pool, chunk).choose(weight)
 
 
 def search_round(

@@ -192,8 +192,8 @@ class SampleOptions:
     )
     fluency: float = opt(
         0.0,
-        "SGDD: after --search, choose among the 16 closest texts by cosine + W * the decoder's "
-        "pseudo-log-likelihood (nats; 0.003 is tuned on training sentences; 0: cosine only)",
+        "SGDD: after --search, choose among the 32 closest texts by cosine + W * the decoder's "
+        "pseudo-log-likelihood (nats; 0.001 was chosen on training sentences; 0: cosine only)",
     )
     seed: int = opt(0, "seed of the sampler's generator")
     batch_size: int = opt(1, "samples per prompt")

@@ -34,7 +34,6 @@ from difflm.evaluate.sgdd_verify import (
     best_of_n,
     correction_round,
     fluency_pool,
-    fluent_choice,
     insertion_proposals,
     merge_substitutions,
     search_round,
@@ -353,13 +352,16 @@ def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):
     assert pll[0] < pll[1] < pll[2]
     cosines = [0.90, 0.89, 0.50]
     state = SearchState([{tuple(t): c for t, c in zip(texts, cosines, strict=True)}], [set()], [0])
-    assert fluent_choice(pre, vectors, state, 0.0) == [(0.90, texts[0])]
-    assert fluent_choice(pre, vectors, state, 1e6) == [(0.50, texts[2])]
-    assert fluent_choice(pre, vectors, state, 1e6, pool=2) == [(0.89, texts[1])]
-    assert fluent_choice(pre, vectors, state, 1e6, pool=1) == [(0.90, texts[0])]
+    pool = fluency_pool(pre, vectors, state)
+    assert pool.texts == [texts] and pool.cosines == [cosines]  # closest first
+    torch.testing.assert_close(torch.tensor(pool.plls[0]), pll)
+    assert pool.choose(0.0) == [(0.90, texts[0])]
+    assert pool.choose(1e6) == [(0.50, texts[2])]
+    assert fluency_pool(pre, vectors, state, 2).choose(1e6) == pool.choose(1e6, 2) == [(0.89, texts[1])]
+    assert fluency_pool(pre, vectors, state, 1).choose(1e6) == pool.choose(1e6, 1) == [(0.90, texts[0])]
     w = 0.01  # a finite weight: the best cosine + w * pll, exactly
     pick = int(torch.tensor(cosines, dtype=torch.float64).add(w * pll.double()).argmax())
-    assert fluent_choice(pre, vectors, state, w)[0][1] == texts[pick]
+    assert pool.choose(w)[0][1] == texts[pick]
     with pytest.raises(DifflmError, match="fluency weight"):
         Verification(search=1, fluency=-1.0)
     with pytest.raises(DifflmError, match="--search S"):
@@ -380,7 +382,7 @@ def test_one_search_answers_every_fluency_weight(trained):
         for shared in (answer(pre, vectors, state, weight), answer(pre, vectors, state, weight, pool)):
             assert shared.as_lists() == once.as_lists() and torch.equal(shared.cosine, once.cosine)
     for size in (1, 2, FLUENCY_POOL):  # a smaller pool from the large one == that pool scored alone
-        assert pool.choose(1e6, size) == fluent_choice(pre, vectors, state, 1e6, pool=size)
+        assert pool.choose(1e6, size) == fluency_pool(pre, vectors, state, size).choose(1e6)
 
 
 def test_fluency_sweep_samples_training_sentences_and_answers_every_setting(trained, tmp_path):

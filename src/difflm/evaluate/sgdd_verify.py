@@ -146,7 +146,7 @@ def answer(pre: Pretrained, vectors: Tensor, state: SearchState, fluency: float,
     if not fluency:
         found = [state.best(row) for row in range(len(vectors))]
     else:
-        found = (pool or fluency_pool(pre, vectors, state)).choose(fluency)
+        found = (pool if pool is not None else fluency_pool(pre, vectors, state)).choose(fluency)
     return from_texts(found, pre.tokenizer.pad_token_id)
 
 
@@ -286,22 +286,12 @@ def fluency_pool(pre: Pretrained, vectors: Tensor, state: SearchState, size: int
         real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]  # [M, W]
         logp = token_logprobs(pre, vectors[owners[start : start + chunk]], ids, real)  # [M, W], +inf at pads
         plls += logp.masked_fill(~real, 0.0).sum(1).tolist()
-    bounds = [0]
-    for found in ranked:
-        bounds.append(bounds[-1] + len(found))
+    scores = iter(plls)
     return Pool(
         [[list(seq) for seq, _ in found] for found in ranked],
         [[cos for _, cos in found] for found in ranked],
-        [plls[a:b] for a, b in zip(bounds, bounds[1:], strict=False)],
+        [[next(scores) for _ in found] for found in ranked],
     )
-
-
-def fluent_choice(
-    pre: Pretrained, vectors: Tensor, state: SearchState, weight: float, pool: int = FLUENCY_POOL, chunk: int = 128
-) -> list[tuple[float, list[int]]]:
-    """Per sentence, among the `pool` closest texts its search scored: (cosine, text) of the one
-    with the highest cosine + weight * log p(text | vector), the decoder's pseudo-log-likelihood."""
-    return fluency_pool(pre, vectors, state, pool, chunk).choose(weight)
 
 
 def search_round(

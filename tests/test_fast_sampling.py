@@ -138,6 +138,32 @@ def test_batched_fast_decoding_equals_per_row(extra):
         assert torch.equal(batch.tokens[r, -16:], solo.tokens[0, -16:]), r
 
 
+@pytest.mark.parametrize("extra", [{"cache": "prefix", "block_causal": True}, {"cache": "dual"}])
+def test_rows_at_different_stages_feed_every_row_and_equal_per_row(extra):
+    """Threshold decoding lets rows finish a block at different steps; the waiting rows then ride
+    along in the block's window (no copy of the active rows' cache), and nothing changes."""
+    model, (ids, mask) = tiny_model(), prompts()
+    widths: list[int] = []
+    forward = model.forward
+
+    def spy(input_ids, **kw):
+        widths.append(len(input_ids))
+        return forward(input_ids, **kw)
+
+    config = cfg(temperature=1.0, threshold=0.3, **extra)
+    model.forward = spy
+    gens = [torch.Generator().manual_seed(r) for r in range(3)]
+    batch = generate(model, ids, config, attention_mask=mask, generator=gens)
+    solo_passes = set()
+    for r in range(3):
+        real = ids[r][mask[r].bool()][None]
+        solo = generate(model, real, config, generator=torch.Generator().manual_seed(r))
+        assert torch.equal(batch.tokens[r, -16:], solo.tokens[0, -16:]), r
+        solo_passes.add(solo.forward_passes)
+    assert len(solo_passes) > 1  # the rows did reach the ends of blocks at different steps
+    assert widths[: batch.forward_passes] == [3] * batch.forward_passes
+
+
 def test_cfg_with_cache_equals_cfg_without_on_first_step():
     model, (ids, mask) = tiny_model(), prompts()
     config = SampleConfig(gen_length=4, steps=1, cfg_scale=1.5)

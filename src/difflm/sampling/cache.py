@@ -19,8 +19,10 @@ so prefix and dual caches coincide and are exact. The first call of a block feed
 finished since the last refresh plus the current one ([clean_until, hi)), writing the finished
 blocks' keys once, as the training's clean stream computes them; later calls feed the block only
 (a shifted model also the final token before it, whose output gives the block's first logits). Nothing written by a non-refresh step is
-needed afterwards, so a step over a subset of rows (rows whose block is finished wait, frozen)
-may run on a gathered copy of the cache; a refresh over a subset writes its rows back.
+needed afterwards, so when rows reach the end of their block at different steps (threshold
+decoding in a batch) the waiting rows simply ride along in the block's window (their outputs are
+dropped), which costs less than copying the active rows' cache at every step; a refresh or prefix
+step over a subset of rows runs on a gathered copy and writes the rows back.
 
 A model supports the cache when it declares `supports_kv_cache` (models/protocol.py: its forward
 takes `position_offset`, `kv_cache` and `attend_len`), as difflm's `Transformer` and the
@@ -102,6 +104,13 @@ class BlockForward:
     def new_block(self) -> None:
         """The next call of every stream is a full refresh pass."""
         self.fresh.clear()
+
+    def feeds_block_only(self) -> bool:
+        """True when the next calls feed just the block's window of an already refreshed cache
+        (dual, block-causal). For a subset of rows, feeding every row's window then costs less
+        than gathering the active rows' cache (a copy of every layer's keys and values per step),
+        and the rows that wait only rewrite slots the next refresh rewrites anyway."""
+        return bool(self.fresh) and (self.block_causal or self.mode == "dual")
 
     def __call__(
         self,

@@ -161,6 +161,10 @@ class _Denoiser:
         """Logits [b, hi-lo, V] of the block's columns for the given rows of x [B, L] (None = all),
         or packed [N, V] at the true positions of `want` [b, hi-lo]."""
         B = len(x)
+        if rows is not None and self.forward.feeds_block_only():  # cheaper than gathering the cache
+            everywhere = None if want is None else _spread(want, rows, B)
+            out = self(x, lo, hi, None, everywhere)
+            return out if want is not None else out[rows]
 
         def sub(v: Any) -> Any:
             return _pick_rows(v, rows, B)
@@ -183,6 +187,13 @@ class _Denoiser:
             both_logits = self._forward(x2, both, stacked, lo, hi, "stacked", rows2, 2 * B, want2)
             cond, uncond = both_logits.chunk(2)  # rows (or packed positions) of cond come first
         return cfg_combine(cond, uncond, self.scale)
+
+
+def _spread(want: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """want [b, S] of `rows` as [batch, S], False on the other rows."""
+    full = torch.zeros(batch, want.shape[1], dtype=torch.bool, device=want.device)
+    full[rows] = want
+    return full
 
 
 def _top_n(scores: Tensor, cand: Tensor, n: Tensor) -> Tensor:

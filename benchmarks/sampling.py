@@ -59,6 +59,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--factor", type=float, default=1.0)
     p.add_argument("--vanilla-blocks", type=int, default=None, help="run vanilla on this many blocks only")
     p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="ROW",
+        help="leave out these rows, by their exact names (e.g. 'prefix cache'; vanilla and AR always run)",
+    )
+    p.add_argument(
         "--precision",
         default="fp32",
         choices=("bf16", "fp32"),
@@ -171,6 +178,8 @@ def bd3_methods(args: argparse.Namespace, G: int, K: int) -> dict[str, dict]:
 def bench_bd3(bd3, K: int, ar, ids, args, G: int, B: int, base_tps: float) -> list[list[str]]:
     rows, ref, P = [], None, ids.shape[1]
     for name, kw in bd3_methods(args, G, K).items():
+        if name in args.skip:
+            continue
         res, secs = timed(lambda kw=kw: generate(bd3, ids, SampleConfig(**kw)))
         ref = res.tokens if ref is None else ref
         agree = float((res.tokens[:, P:] == ref[:, P:]).float().mean())
@@ -185,7 +194,8 @@ def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=N
     ids = prompts(tok, B, P).to(args.device)
     rows, ref, base_tps = [], None, None
     for name, kw in methods(args, G).items():
-        if only_vanilla and name != "vanilla" or args.bd3_only:
+        left_out = name != "vanilla" and (only_vanilla or name in args.skip)
+        if left_out or args.bd3_only:
             continue
         cfg = SampleConfig(**kw)
         limit = args.vanilla_blocks if name == "vanilla" else None

@@ -76,10 +76,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in float32 (bf16 sums of squares lose too much precision) with torch's one op:
-        # the same x * rsqrt(mean(x^2) + eps), without the five small ops' per-call overhead that
-        # dominated batch-1 decoding
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # normalise in float32: bf16 sums of squares lose too much precision
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype)
         return h * self.weight if self.weight is not None else h
 
 

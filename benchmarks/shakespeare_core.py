@@ -236,8 +236,8 @@ def plot_curves(results: list[dict], path: Path) -> None:
         steps, losses = zip(*r["curve"], strict=True)
         ax.plot(steps, losses, label=f"{r['name']} ({kind(r)})")
     ax.set_xlabel("step")
-    ax.set_ylabel("val loss (nats/char; diffusion: bound)")
-    ax.set_title("Tiny Shakespeare, same transformer and token budget")
+    ax.set_ylabel("trainer val loss (nats/char)")  # diffusion: the bound over the run's own t range
+    ax.set_title("Tiny Shakespeare validation curves")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -43,6 +43,7 @@ from difflm.evaluate.sgdd_verify import (
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
 from difflm.models.sgdd import Shortlisted
+from difflm.models.transformer import Transformer
 from difflm.pretrained import load_pretrained
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder, split_examples
@@ -126,6 +127,38 @@ def trained(tmp_path_factory):
     cfg = tiny_config(tmp, "train.max_steps=30", "train.lr=3e-3", "system.sample_steps=4")
     train(cfg, build_run(cfg))
     return tmp
+
+
+def test_t_grid_holds_every_mask_fraction_exactly(trained):
+    model = load_pretrained(trained / "run").model
+    pad, mask = model.config.pad_token_id, model.mask_token_id
+    for n in range(1, model.max_length + 1):
+        ids = torch.full((n + 1, model.max_length), pad)
+        ids[:, :n] = 7
+        for k in range(n + 1):
+            ids[k, :k] = mask  # row k: k of its n tokens masked
+        real = ids != pad
+        grid = model.t_grid(real)
+        assert torch.isin(model.mask_fraction(ids), grid).all() and len(grid) == n + 1
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
+def test_precomputed_conditioning_decodes_the_same_text(trained, monkeypatch, cfg_scale):
+    pre = load_pretrained(trained / "run")
+    assert pre.model.config.time_conditioning and pre.model.config.cond_tokens
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:6])
+    lengths = torch.tensor([3, 7, 5, 7, 2, 6])  # rows finish at different steps
+    computed = []
+    plain_conditioning = Transformer._conditioning
+    monkeypatch.setattr(Transformer, "_conditioning", lambda *a: computed.append(1) or plain_conditioning(*a))
+    fixed = decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths)
+    assert not computed  # every forward picked its rows and t from the precomputed tables
+    one = [
+        decode_vectors(pre, vectors[i : i + 1], cfg_scale=cfg_scale, lengths=lengths[i : i + 1])[0]
+        for i in range(6)
+    ]
+    monkeypatch.setattr(type(pre.model), "conditioning", lambda self, vectors, t_grid=None: None)
+    assert fixed == one == decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths)
 
 
 def test_best_of_n_keeps_the_closest_candidate(trained):

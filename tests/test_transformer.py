@@ -279,6 +279,37 @@ def test_null_vector_stands_in_for_missing_cond():
     assert model.null_cond.grad is not None and model.null_cond.grad.abs().sum() > 0
 
 
+def test_precomputed_conditioning_gives_the_same_logits():
+    model = tiny(**COND)
+    perturb_modulation(model)
+    with torch.no_grad():  # the cross-attention's output projection starts at zero too
+        for block in model.blocks:
+            block.cross_attn.out_proj.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(6))
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.randn(3, 8, generator=gen)  # conditioning rows; row 3 below is the null vector
+    grid = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    fixed = model.conditioning(torch.cat([rows, model.null_cond[None].detach()]), grid)
+    x, pick = ids(4), torch.tensor([2, 0, 3, 2])
+    t = torch.tensor([0.5, 0.0, 1.0, 0.25])
+    with torch.no_grad():
+        plain = model(x, t=t, cond=torch.cat([rows, model.null_cond[None]])[pick])
+        got = model(x, t=t, cond=torch.zeros(4, 8), conditioning=fixed, cond_rows=pick)  # cond unused
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, model(x, t=t, conditioning=fixed, cond_rows=pick.flip(0)))
+        off_grid = torch.tensor([0.5, 0.3, 1.0, 0.25])  # one t off the grid: computed, not picked
+        at = torch.tensor([2, 0, 1, 2])
+        assert torch.equal(
+            model(x, t=off_grid, cond=rows[at], conditioning=fixed, cond_rows=at),
+            model(x, t=off_grid, cond=rows[at]),
+        )
+        with pytest.raises(DifflmError, match="cond_rows"):
+            model(x, t=t, conditioning=fixed)
+        with pytest.raises(DifflmError, match="conditioning rows"):
+            model(x, t=t, conditioning=fixed, cond_rows=torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(DifflmError, match="no cond_dim"):
+        tiny().conditioning(rows)
+
+
 @torch.no_grad()
 def test_forward_input_errors():
     with pytest.raises(DifflmError, match="cond_dim"):

@@ -103,13 +103,18 @@ def refill(
     scfg = system_config(pre.config, SGDDSystemConfig)
     ids = ids.masked_fill(fill, pre.tokenizer.mask_token_id)
     model, suppress = pre.model, suppressed_ids(pre.tokenizer)
+    B = len(ids)
+    fixed = pre.model.conditioning(vectors.to(device), pre.model.t_grid(real.to(device)))
+    cond = {"conditioning": fixed, "cond_rows": torch.arange(B, device=device)} if fixed is not None else {}
     if scfg.shortlist:  # decode over the shortlist's indices, then map back to token ids
-        model = Shortlisted(pre.model, shortlist(pre, vectors, ids, real, fill, scfg.shortlist))
+        model = Shortlisted(pre.model, shortlist(pre, vectors, ids, real, fill, scfg.shortlist, cond))
         ids = model.index(ids.to(device))
         suppress = [i for i, token in enumerate(model.vocab.tolist()) if token in suppress]
     count = int(fill.sum(1).max())
     cfg = sample_config(scfg, count, cfg_scale, suppress, temperature=temperature)
-    drop = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    drop = torch.zeros(B, dtype=torch.bool, device=device)
+    # the unconditional rows all read row B of the precomputed conditioning: the null vector
+    null = {"cond_rows": torch.full((B,), B, device=device)} if fixed is not None else {}
     out = infill(
         model,
         ids.to(device),
@@ -117,23 +122,32 @@ def refill(
         cfg,
         attention_mask=real.long().to(device),
         generator=generator,
-        model_kwargs={"cond": vectors.to(device), "cond_drop": drop},
-        uncond_kwargs={"cond_drop": ~drop},
+        model_kwargs={"cond": vectors.to(device), "cond_drop": drop, **cond},
+        uncond_kwargs={"cond_drop": ~drop, **null},
     ).tokens
     return (model.vocab[out] if scfg.shortlist else out).cpu()
 
 
 @torch.no_grad()
-def shortlist(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, fill: Tensor, k: int) -> Tensor:
+def shortlist(
+    pre: Pretrained,
+    vectors: Tensor,
+    ids: Tensor,
+    real: Tensor,
+    fill: Tensor,
+    k: int,
+    extra: dict | None = None,
+) -> Tensor:
     """Token ids [K]: the union over the `fill` positions of ids [B, W] of their k most likely
     tokens given the vector, from one forward before decoding starts (no guidance), and every id
-    already in ids ([MASK], [PAD], the context)."""
+    already in ids ([MASK], [PAD], the context). `extra`: more keyword arguments of the forward."""
     device = device_of(pre)
     logits = pre.model(
         ids.to(device),
         attention_bias=padding_bias(real.to(device)),
         cond=vectors.to(device),
         logits_at=fill.to(device),
+        **(extra or {}),
     )  # [N, V]
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
     return torch.cat([top.flatten(), ids.to(device).flatten()]).unique()

@@ -270,11 +270,18 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)  # zero-initialised by the model
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+    def keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, H, T, D] of memory tokens [B, T, C]."""
+        B, T, C = memory.shape
+        k, v = self.kv(memory).view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: Tensor, memory: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, Q, C] attends to memory [B, T, C], or to its precomputed `keys_values` kv."""
         B, Q, C = x.shape
-        T, H = memory.shape[1], self.n_head
+        H = self.n_head
         q = self.q(x).view(B, Q, H, C // H).transpose(1, 2)  # [B, H, Q, D]
-        k, v = self.kv(memory).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
+        k, v = self.keys_values(memory) if kv is None else kv  # [B, H, T, D]
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(B, Q, C)))
 
@@ -338,8 +345,12 @@ class AdaLNModulation(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    def packed(self, c: Tensor) -> Tensor:
+        """c [..., C] -> the n_chunks vectors side by side [..., n_chunks * C]."""
+        return self.proj(F.silu(c))
+
     def forward(self, c: Tensor) -> tuple[Tensor, ...]:
-        return self.proj(F.silu(c)).chunk(self.n_chunks, dim=-1)  # n_chunks x [B, C]
+        return self.packed(c).chunk(self.n_chunks, dim=-1)  # n_chunks x [B, C]
 
 
 def modulate(x: Tensor, shift: Tensor | None, scale: Tensor | None) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from difflm.errors import DifflmError
 from difflm.fields import opt
 from difflm.models.bert_decoder import BertDecoder
+from difflm.models.conditioning import Conditioning
 from difflm.models.encoder import EncoderConfig, SemanticHead
 from difflm.models.transformer import MLPS, Transformer, TransformerConfig
 
@@ -178,9 +179,12 @@ class SGDD(nn.Module):
         cond_noise: Tensor | None = None,
         logits_at: Tensor | None = None,
         head: tuple[Tensor, Tensor | None] | None = None,
+        conditioning: Conditioning | None = None,
+        cond_rows: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, L, V], or packed [N, V] at the N true positions of `logits_at` [B, L]; with
         `head` (from `output_rows`) only its K tokens are scored (logits [..., K]).
+        conditioning, cond_rows [B]: from `conditioning`, the rows of this batch in it.
 
         cond: encoder vectors [B, encoder_dim]; None = unconditional (the learned null vector).
         cond_drop: bool [B], rows that get the null vector instead (classifier-free guidance).
@@ -195,7 +199,25 @@ class SGDD(nn.Module):
         if t is None and self.config.time_conditioning:
             t = self.mask_fraction(input_ids)  # [B]
         kw = {"attention_bias": attention_bias, "t": t, "cond": c, "logits_at": logits_at}
+        if conditioning is not None:
+            kw |= {"conditioning": conditioning, "cond_rows": cond_rows}
         return self.decoder(input_ids, **kw, head=head)
+
+    @torch.no_grad()
+    def conditioning(self, vectors: Tensor, t_grid: Tensor | None = None) -> Conditioning | None:
+        """What the decoder computes from encoder vectors [B, D] alone (models/conditioning.py),
+        for rows 0..B-1 (the vectors) and B (the unconditional null vector) at every t of t_grid;
+        None for a decoder that does not precompute it (the BERT-initialised one)."""
+        if not isinstance(self.decoder, Transformer):
+            return None
+        rows = torch.cat([self.semantic(vectors)[0], self.decoder.null_cond[None].to(vectors.dtype)])
+        return self.decoder.conditioning(rows, t_grid)
+
+    def t_grid(self, real: Tensor) -> Tensor:
+        """Every t that rows with real-token mask real [B, L] can have: k / n for k = 0..n, n the
+        row's real count, computed as `mask_fraction` computes it (so the floats match exactly)."""
+        counts = real.sum(1).clamp(min=1).unique()
+        return torch.cat([torch.arange(int(n) + 1, device=real.device) / n for n in counts]).unique()
 
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The `head` that scores only the token ids vocab [K], in that order."""

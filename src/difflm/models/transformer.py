@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from difflm.errors import DifflmError
 from difflm.fields import REQUIRED, opt
+from difflm.models.conditioning import Conditioning, Picked
 from difflm.models.layers import (
     MLPS,
     NORMS,
@@ -157,12 +158,17 @@ class Block(nn.Module):
         layer: int,
         c: Tensor | None = None,
         memory: Tensor | None = None,
+        mods: tuple[Tensor, ...] | None = None,
+        memory_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        mods = self.modulation(c) if self.modulation is not None else (None,) * 6
+        """mods / memory_kv: this block's modulations and memory keys/values, precomputed
+        (`Conditioning`); otherwise they are computed from c and memory."""
+        if mods is None:
+            mods = self.modulation(c) if self.modulation is not None else (None,) * 6
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods  # [B, C] each, or None
         x = x + gated(self.attn(modulate(self.norm1(x), shift_a, scale_a), ctx, layer), gate_a)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), memory)
+            x = x + self.cross_attn(self.norm_cross(x), memory, memory_kv)
         return x + gated(self.mlp(modulate(self.norm2(x), shift_m, scale_m)), gate_m)
 
 
@@ -240,6 +246,8 @@ class Transformer(nn.Module):
         logits_at: Tensor | None = None,
         position_ids: Tensor | None = None,
         head: tuple[Tensor, Tensor | None] | None = None,
+        conditioning: Conditioning | None = None,
+        cond_rows: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, Q, V] for input_ids [B, Q] at absolute positions position_offset..+Q, or
         packed [N, V] at the N true positions of `logits_at` [B, Q] (the vocabulary projection is
@@ -257,6 +265,9 @@ class Transformer(nn.Module):
         diffusion feeds the noisy and the clean copy of a sequence, both at positions 0..L-1.
         head: (weight [K, C], bias [K] or None) of K vocabulary rows to score instead of all V
         (logits [..., K]; see `output_rows`).
+        conditioning, cond_rows [B]: the products of cond precomputed for a decode (see
+        `conditioning`); the rows of this batch are rows `cond_rows` of it. cond is then unused
+        unless a t is off its grid.
         """
         if input_ids.dim() != 2:
             raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -269,6 +280,8 @@ class Transformer(nn.Module):
             kv_cache=kv_cache,
             attend_len=attend_len,
             position_ids=position_ids,
+            conditioning=conditioning,
+            cond_rows=cond_rows,
         )  # [B, Q, C]
         if self.logits_shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
@@ -290,6 +303,8 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
         position_ids: Tensor | None = None,
+        conditioning: Conditioning | None = None,
+        cond_rows: Tensor | None = None,
     ) -> Tensor:
         """The trunk on input embeddings x [B, Q, C]: positions, blocks, final norm -> [B, Q, C].
 
@@ -302,17 +317,57 @@ class Transformer(nn.Module):
         ctx = self._attention_context(
             B, Q, attention_bias, position_offset, kv_cache, attend_len, x.device, position_ids
         )
-        c = self._conditioning(B, t, cond, x.device)  # [B, C] or None
-        memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
+        picked = self._pick(conditioning, cond_rows, t, B)
+        c = memory = None
+        if picked is None:
+            c = self._conditioning(B, t, cond, x.device)  # [B, C] or None
+            memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
         if self.pos_emb is not None and position_ids is not None:
             x = x + self.pos_emb(position_ids)
         elif self.pos_emb is not None:
             x = x + self.pos_emb.weight[position_offset : position_offset + Q]
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, ctx, layer, c, memory)
-        shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)
+            if picked is None:
+                x = block(x, ctx, layer, c, memory)
+            else:
+                kv = None if picked.memory_kv is None else picked.memory_kv[layer]
+                x = block(x, ctx, layer, mods=picked.modulations[layer], memory_kv=kv)
+        if picked is not None:
+            shift, scale = picked.final
+        else:
+            shift, scale = self.final_modulation(c) if self.final_modulation is not None else (None, None)
         return modulate(self.norm_f(x), shift, scale)  # [B, Q, C]
+
+    @torch.no_grad()
+    def conditioning(self, cond: Tensor | None, t_grid: Tensor | None = None) -> Conditioning:
+        """The AdaLN modulations (at every t of t_grid [G]) and memory keys/values of conditioning
+        rows cond [R, cond_dim] (None: the one unconditional row), for `forward(conditioning=)`."""
+        cfg = self.config
+        if cfg.cond_dim is None:
+            raise DifflmError("this transformer has no cond_dim: there is no conditioning to precompute")
+        rows = self._cond_or_null(1 if cond is None else len(cond), cond)  # [R, cond_dim]
+        c = self.cond_proj(rows)[:, None]  # [R, 1, C]
+        grid = None
+        if cfg.time_conditioning:
+            grid = torch.zeros(1, device=c.device) if t_grid is None else t_grid.reshape(-1).to(c.device)
+            c = c + self.time_mlp(timestep_embedding(grid, TIME_FREQ_DIM))[None]  # [R, G, C]
+        memory_kv = None
+        if cfg.cond_tokens:
+            memory = self._memory(len(rows), rows)  # [R, T, C]
+            memory_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
+        modulations = [block.modulation.packed(c) for block in self.blocks]  # [R, G, 6C] each
+        return Conditioning(grid, modulations, self.final_modulation.packed(c), memory_kv)
+
+    def _pick(
+        self, conditioning: Conditioning | None, rows: Tensor | None, t: Tensor | None, B: int
+    ) -> Picked | None:
+        """This batch's share of a precomputed conditioning, or None (none given, or a t off its grid)."""
+        if conditioning is None:
+            return None
+        if rows is None or rows.shape != (B,):
+            raise DifflmError(f"conditioning needs cond_rows: one index per row of the batch ({B})")
+        return conditioning.pick(rows, t)
 
     def _attention_context(
         self,

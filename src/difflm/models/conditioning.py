@@ -1,0 +1,64 @@
+"""What a conditioned transformer computes from its conditioning alone, kept for a whole decode.
+
+An SGDD decode runs up to 16 forwards on the same sentence vector. At each of them the decoder
+recomputed products of that vector that never change between steps: its AdaLN projection, the
+keys and values of its memory tokens in every cross-attention, and the AdaLN modulations, which
+also depend on t, but t (the masked share of a row of n tokens) only takes the values k / n. At
+batch 1 these are matrix-vector products, bound by reading their weights: on this project's CPU
+nearly a third of the SGDD decoder's matmul time. `Conditioning` holds them for a set of
+conditioning rows and a grid of t values; a forward picks its rows (`rows`, indices into the
+set) and its t from the grid, and falls back to computing them when a t is not on the grid.
+The picked values equal the recomputed ones up to float rounding (one batched matmul instead of
+one per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difflm.errors import DifflmError
+
+
+@dataclass
+class Conditioning:
+    """Per-row, per-t conditioning products of a `Transformer` (built by its `conditioning`)."""
+
+    t_grid: Tensor | None  # [G] the t values of the tables; None: the model ignores t (G = 1)
+    modulations: list[Tensor]  # per block: AdaLN outputs before chunking [R, G, 6C]
+    final: Tensor  # the final norm's modulation [R, G, 2C]
+    memory_kv: list[tuple[Tensor, Tensor]] | None  # per block: cross-attention k, v [R, H, T, D]
+
+    @property
+    def rows(self) -> int:
+        return self.final.shape[0]
+
+    def pick(self, rows: Tensor, t: Tensor | None) -> Picked | None:
+        """The products of conditioning rows `rows` [B] at times t [B] (None = 0); None when some
+        t is not on the grid (the caller then computes them)."""
+        if rows.dim() != 1 or int(rows.min()) < 0 or int(rows.max()) >= self.rows:
+            raise DifflmError(f"conditioning rows must be indices in [0, {self.rows}), got {rows.tolist()}")
+        if self.t_grid is None:
+            at = torch.zeros_like(rows)
+        else:
+            t = torch.zeros(len(rows), device=rows.device) if t is None else t.reshape(-1).expand(len(rows))
+            hit = t[:, None] == self.t_grid[None, :]  # [B, G]
+            if not bool(hit.any(1).all()):
+                return None
+            at = hit.int().argmax(1)  # [B]
+        return Picked(
+            [m[rows, at].chunk(6, dim=-1) for m in self.modulations],
+            self.final[rows, at].chunk(2, dim=-1),
+            None if self.memory_kv is None else [(k[rows], v[rows]) for k, v in self.memory_kv],
+        )
+
+
+@dataclass
+class Picked:
+    """One forward's share of a `Conditioning`: [B, C] chunks and [B, H, T, D] keys/values."""
+
+    modulations: list[tuple[Tensor, ...]]  # per block: shift, scale, gate (attention), same (MLP)
+    final: tuple[Tensor, ...]  # shift, scale
+    memory_kv: list[tuple[Tensor, Tensor]] | None

@@ -42,6 +42,7 @@ from difflm.evaluate.sgdd_verify import (
     verified_search,
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
+from difflm.models.conditioning import Conditioning
 from difflm.models.sgdd import Shortlisted
 from difflm.models.transformer import Transformer
 from difflm.pretrained import load_pretrained
@@ -98,6 +99,31 @@ def test_conditioned_decoder_is_the_pretrained_mlm_at_step_zero():
     keep = torch.tensor([7, 3, 59])  # the tied head's rows and bias of a shortlist, in its order
     got = decoder(ids, attention_bias=bias, head=decoder.output_rows(keep))
     torch.testing.assert_close(got, expected[..., keep], atol=1e-5, rtol=1e-5)
+
+
+def test_bert_decoder_precomputed_conditioning_gives_the_same_logits():
+    torch.manual_seed(0)
+    decoder = BertDecoder(
+        vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, cond_dim=8,
+        dropout=0.0, cond_tokens=3,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # stand-in for training: the zero-initialised conditioning paths
+        for module in [*decoder.modulations, *(cross.out_proj for cross in decoder.cross)]:
+            for param in module.parameters():
+                param.normal_(0, 0.3)
+    rows = torch.randn(3, 8)
+    fixed = decoder.conditioning(rows, torch.tensor([0.0, 0.5, 1.0]))
+    ids, at, t = torch.randint(0, 60, (4, 12)), torch.tensor([2, 0, 1, 2]), torch.tensor([1.0, 0.5, 0.0, 0.5])
+    with torch.no_grad():
+        plain = decoder(ids, t=t, cond=rows[at])
+        got = decoder(ids, t=t, conditioning=fixed, cond_rows=at)
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(decoder(ids, t=t, conditioning=fixed, cond_rows=at.flip(0)), plain)
+        off_grid = torch.tensor([1.0, 0.25, 0.0, 0.5])
+        assert torch.equal(
+            decoder(ids, t=off_grid, cond=rows[at], conditioning=fixed, cond_rows=at),
+            decoder(ids, t=off_grid, cond=rows[at]),
+        )
 
 
 def test_encoder_initialised_sgdd_starts_as_minilm(tmp_path):
@@ -157,7 +183,7 @@ def test_precomputed_conditioning_decodes_the_same_text(trained, monkeypatch, cf
         decode_vectors(pre, vectors[i : i + 1], cfg_scale=cfg_scale, lengths=lengths[i : i + 1])[0]
         for i in range(6)
     ]
-    monkeypatch.setattr(type(pre.model), "conditioning", lambda self, vectors, t_grid=None: None)
+    monkeypatch.setattr(Conditioning, "pick", lambda self, rows, t: None)  # every forward computes it
     assert fixed == one == decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths)
 
 

@@ -105,7 +105,7 @@ def refill(
     model, suppress = pre.model, suppressed_ids(pre.tokenizer)
     B = len(ids)
     fixed = pre.model.conditioning(vectors.to(device), pre.model.t_grid(real.to(device)))
-    cond = {"conditioning": fixed, "cond_rows": torch.arange(B, device=device)} if fixed is not None else {}
+    cond = {"conditioning": fixed, "cond_rows": torch.arange(B, device=device)}
     if scfg.shortlist:  # decode over the shortlist's indices, then map back to token ids
         model = Shortlisted(pre.model, shortlist(pre, vectors, ids, real, fill, scfg.shortlist, cond))
         ids = model.index(ids.to(device))
@@ -113,8 +113,7 @@ def refill(
     count = int(fill.sum(1).max())
     cfg = sample_config(scfg, count, cfg_scale, suppress, temperature=temperature)
     drop = torch.zeros(B, dtype=torch.bool, device=device)
-    # the unconditional rows all read row B of the precomputed conditioning: the null vector
-    null = {"cond_rows": torch.full((B,), B, device=device)} if fixed is not None else {}
+    null = {"cond_rows": torch.full((B,), B, device=device)}  # row B of `fixed`: the null vector
     out = infill(
         model,
         ids.to(device),

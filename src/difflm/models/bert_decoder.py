@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflm.errors import DifflmError
+from difflm.models.conditioning import Conditioning, pick
 from difflm.models.layers import AdaLNModulation, CrossAttention, modulate, timestep_embedding
 from difflm.models.transformer import TIME_FREQ_DIM
 
@@ -170,6 +171,25 @@ class BertDecoder(nn.Module):
                 f"the encoder checkpoint lacks {len(missing)} decoder weights, e.g. {missing[0]}"
             )
 
+    def _memory(self, vectors: Tensor) -> Tensor | None:
+        """Semantic vectors [B, K] as cond_tokens memory tokens [B, T, C] (None without them)."""
+        if self.memory_proj is None:
+            return None
+        return self.memory_proj(vectors).view(len(vectors), self.cond_tokens, -1)
+
+    @torch.no_grad()
+    def conditioning(self, cond: Tensor, t_grid: Tensor | None = None) -> Conditioning:
+        """The AdaLN modulations (at every t of t_grid [G]) and memory keys/values of conditioning
+        rows cond [R, K], for `forward(conditioning=)` (see models/conditioning.py)."""
+        c = self.cond_proj(cond)[:, None]  # [R, 1, C]
+        grid = None
+        if self.time_mlp is not None:
+            grid = torch.zeros(1, device=c.device) if t_grid is None else t_grid.reshape(-1).to(c.device)
+            c = c + self.time_mlp(timestep_embedding(grid, TIME_FREQ_DIM))[None]  # [R, G, C]
+        memory = self._memory(cond)
+        memory_kv = None if memory is None else [cross.keys_values(memory) for cross in self.cross]
+        return Conditioning(grid, [m.packed(c) for m in self.modulations], 2, None, memory_kv)
+
     def _conditioning(self, B: int, t: Tensor | None, cond: Tensor | None) -> Tensor:
         vector = self.null_cond.expand(B, -1) if cond is None else cond  # [B, K]
         c = self.cond_proj(vector)  # [B, C]
@@ -187,30 +207,34 @@ class BertDecoder(nn.Module):
         cond: Tensor | None = None,
         logits_at: Tensor | None = None,
         head: tuple[Tensor, Tensor | None] | None = None,
+        conditioning: Conditioning | None = None,
+        cond_rows: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, L, V], or packed [N, V] at the true positions of `logits_at` [B, L].
 
         attention_bias: additive, broadcastable to [B, 1, L, L] (the pad mask); cond: [B, K]
         semantic vectors or None (the learned null vector); t: [B] or scalar mask fraction;
         head: (weight [K, C], bias [K]) of K vocabulary rows to score instead of all V (logits
-        [..., K]; see `output_rows`).
+        [..., K]; see `output_rows`); conditioning, cond_rows [B]: as `Transformer.forward`.
         """
         B, L = input_ids.shape
         if L > self.block_size:
             raise DifflmError(f"{L} tokens exceed model.block_size={self.block_size}: shorten the text")
-        c = self._conditioning(B, t, cond)
-        memory = (
-            self.memory_proj(self.null_cond.expand(B, -1) if cond is None else cond)
-            if self.memory_proj
-            else None
-        )
+        picked = pick(conditioning, cond_rows, t, B)
+        if picked is None:
+            c = self._conditioning(B, t, cond)
+            memory = self._memory(self.null_cond.expand(B, -1) if cond is None else cond)
+            mods = [modulation(c) for modulation in self.modulations]  # per layer: shift, scale [B, C]
+            memory_kv = None if memory is None else [cross.keys_values(memory) for cross in self.cross]
+        else:
+            mods, memory_kv = picked.modulations, picked.memory_kv
         x = self.tok_emb(input_ids) + self.pos_emb.weight[:L] + self.type_emb.weight[0]
         x = self.drop(self.emb_norm(x))  # [B, L, C]
         for i, layer in enumerate(self.layers):
             x = layer(x, attention_bias)
-            if memory is not None:
-                x = x + self.cross[i](x, memory.view(B, self.cond_tokens, -1))
-            x = modulate(x, *self.modulations[i](c))
+            if memory_kv is not None:
+                x = x + self.cross[i](x, None, memory_kv[i])
+            x = modulate(x, *mods[i])
         h = x if logits_at is None else x[logits_at.bool()]
         h = self.head_norm(F.gelu(self.head_dense(h)))
         return F.linear(h, *(head or (self.tok_emb.weight, self.head_bias)))  # [.., V] or [.., K]

@@ -1,11 +1,11 @@
-"""What a conditioned transformer computes from its conditioning alone, kept for a whole decode.
+"""What a conditioned decoder computes from its conditioning alone, kept for a whole decode.
 
 An SGDD decode runs up to 16 forwards on the same sentence vector. At each of them the decoder
 recomputed products of that vector that never change between steps: its AdaLN projection, the
 keys and values of its memory tokens in every cross-attention, and the AdaLN modulations, which
 also depend on t, but t (the masked share of a row of n tokens) only takes the values k / n. At
 batch 1 these are matrix-vector products, bound by reading their weights: on this project's CPU
-nearly a third of the SGDD decoder's matmul time. `Conditioning` holds them for a set of
+nearly a third of the lightweight SGDD decoder's matmul time. `Conditioning` holds them for a set of
 conditioning rows and a grid of t values; a forward picks its rows (`rows`, indices into the
 set) and its t from the grid, and falls back to computing them when a t is not on the grid.
 The picked values equal the recomputed ones up to float rounding (one batched matmul instead of
@@ -24,16 +24,18 @@ from difflm.errors import DifflmError
 
 @dataclass
 class Conditioning:
-    """Per-row, per-t conditioning products of a `Transformer` (built by its `conditioning`)."""
+    """Per-row, per-t conditioning products of a conditioned decoder (built by its `conditioning`:
+    `Transformer`, `BertDecoder`)."""
 
     t_grid: Tensor | None  # [G] the t values of the tables; None: the model ignores t (G = 1)
-    modulations: list[Tensor]  # per block: AdaLN outputs before chunking [R, G, 6C]
-    final: Tensor  # the final norm's modulation [R, G, 2C]
+    modulations: list[Tensor]  # per block: AdaLN outputs before chunking [R, G, chunks * C]
+    chunks: int  # vectors per block's modulation (shift, scale[, gate] ...)
+    final: Tensor | None  # the final norm's modulation [R, G, 2C], if the model has one
     memory_kv: list[tuple[Tensor, Tensor]] | None  # per block: cross-attention k, v [R, H, T, D]
 
     @property
     def rows(self) -> int:
-        return self.final.shape[0]
+        return self.modulations[0].shape[0]
 
     def pick(self, rows: Tensor, t: Tensor | None) -> Picked | None:
         """The products of conditioning rows `rows` [B] at times t [B] (None = 0); None when some
@@ -49,8 +51,8 @@ class Conditioning:
                 return None
             at = hit.int().argmax(1)  # [B]
         return Picked(
-            [m[rows, at].chunk(6, dim=-1) for m in self.modulations],
-            self.final[rows, at].chunk(2, dim=-1),
+            [m[rows, at].chunk(self.chunks, dim=-1) for m in self.modulations],
+            None if self.final is None else self.final[rows, at].chunk(2, dim=-1),
             None if self.memory_kv is None else [(k[rows], v[rows]) for k, v in self.memory_kv],
         )
 
@@ -59,6 +61,18 @@ class Conditioning:
 class Picked:
     """One forward's share of a `Conditioning`: [B, C] chunks and [B, H, T, D] keys/values."""
 
-    modulations: list[tuple[Tensor, ...]]  # per block: shift, scale, gate (attention), same (MLP)
-    final: tuple[Tensor, ...]  # shift, scale
+    modulations: list[tuple[Tensor, ...]]  # per block: its modulation's chunks
+    final: tuple[Tensor, ...] | None  # shift, scale
     memory_kv: list[tuple[Tensor, Tensor]] | None
+
+
+def pick(
+    conditioning: Conditioning | None, rows: Tensor | None, t: Tensor | None, batch: int
+) -> Picked | None:
+    """A forward's share of its precomputed conditioning: rows [batch] at t; None when there is
+    none, or a t is off its grid."""
+    if conditioning is None:
+        return None
+    if rows is None or rows.shape != (batch,):
+        raise DifflmError(f"conditioning needs cond_rows: one index per row of the batch ({batch})")
+    return conditioning.pick(rows, t)

@@ -204,12 +204,9 @@ class SGDD(nn.Module):
         return self.decoder(input_ids, **kw, head=head)
 
     @torch.no_grad()
-    def conditioning(self, vectors: Tensor, t_grid: Tensor | None = None) -> Conditioning | None:
+    def conditioning(self, vectors: Tensor, t_grid: Tensor | None = None) -> Conditioning:
         """What the decoder computes from encoder vectors [B, D] alone (models/conditioning.py),
-        for rows 0..B-1 (the vectors) and B (the unconditional null vector) at every t of t_grid;
-        None for a decoder that does not precompute it (the BERT-initialised one)."""
-        if not isinstance(self.decoder, Transformer):
-            return None
+        for rows 0..B-1 (the vectors) and B (the unconditional null vector) at every t of t_grid."""
         rows = torch.cat([self.semantic(vectors)[0], self.decoder.null_cond[None].to(vectors.dtype)])
         return self.decoder.conditioning(rows, t_grid)
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from difflm.errors import DifflmError
 from difflm.fields import REQUIRED, opt
-from difflm.models.conditioning import Conditioning, Picked
+from difflm.models.conditioning import Conditioning, pick
 from difflm.models.layers import (
     MLPS,
     NORMS,
@@ -317,7 +317,7 @@ class Transformer(nn.Module):
         ctx = self._attention_context(
             B, Q, attention_bias, position_offset, kv_cache, attend_len, x.device, position_ids
         )
-        picked = self._pick(conditioning, cond_rows, t, B)
+        picked = pick(conditioning, cond_rows, t, B)
         c = memory = None
         if picked is None:
             c = self._conditioning(B, t, cond, x.device)  # [B, C] or None
@@ -357,17 +357,7 @@ class Transformer(nn.Module):
             memory = self._memory(len(rows), rows)  # [R, T, C]
             memory_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
         modulations = [block.modulation.packed(c) for block in self.blocks]  # [R, G, 6C] each
-        return Conditioning(grid, modulations, self.final_modulation.packed(c), memory_kv)
-
-    def _pick(
-        self, conditioning: Conditioning | None, rows: Tensor | None, t: Tensor | None, B: int
-    ) -> Picked | None:
-        """This batch's share of a precomputed conditioning, or None (none given, or a t off its grid)."""
-        if conditioning is None:
-            return None
-        if rows is None or rows.shape != (B,):
-            raise DifflmError(f"conditioning needs cond_rows: one index per row of the batch ({B})")
-        return conditioning.pick(rows, t)
+        return Conditioning(grid, modulations, 6, self.final_modulation.packed(c), memory_kv)
 
     def _attention_context(
         self,

@@ -168,10 +168,8 @@ def threshold_count(conf: Tensor, cand: Tensor, threshold: float, *, prefix: boo
     sure = cand & (conf >= threshold)
     if not prefix:
         return sure.sum(1)
-    unsure = cand & ~sure
-    first = torch.where(unsure.any(1), unsure.long().argmax(1), cand.shape[1])  # [B]
-    cols = torch.arange(cand.shape[1], device=cand.device)
-    return (sure & (cols[None, :] < first[:, None])).sum(1)
+    run = (sure | ~cand).cumprod(1)  # [B, S] 1 up to the first unsure candidate (others do not break it)
+    return (sure & run.bool()).sum(1)
 
 
 def factor_count(conf: Tensor, cand: Tensor, factor: float) -> Tensor:

@@ -206,12 +206,17 @@ def _top_n(scores: Tensor, cand: Tensor, n: Tensor) -> Tensor:
     return cand & (ranks < n[:, None])
 
 
+def _reveal(conf: Tensor, cand: Tensor, n: Tensor, cfg: SampleConfig, generator: Generators) -> Tensor:
+    """Bool [B, S]: the n[b] candidates of each row the remasking policy reveals now."""
+    if cfg.remasking == "left_to_right":  # the leftmost n: no ranking needed
+        return cand & (cand.cumsum(1) <= n[:, None])
+    return _top_n(_scores(conf, cand, n, cfg, generator), cand, n)
+
+
 def _scores(conf: Tensor, cand: Tensor, n: Tensor, cfg: SampleConfig, generator: Generators) -> Tensor:
-    """Ranking score [B, S] of each candidate under the remasking policy (higher = reveal first)."""
+    """Ranking score [B, S] of each candidate under a ranking remasking policy (higher = reveal first)."""
     if cfg.remasking == "random":
         return uniform(tuple(conf.shape), generator, conf.device)
-    if cfg.remasking == "left_to_right":
-        return -torch.arange(conf.shape[1], device=conf.device, dtype=torch.float64).expand(conf.shape)
     if cfg.remasking == "random_topk":
         pool = _top_n(conf, cand, torch.clamp(n, min=cfg.topk_pool))
         noise = uniform(tuple(conf.shape), generator, conf.device)
@@ -347,7 +352,7 @@ def _run_block(
             chosen, conf = _draw(denoise(x, lo, hi, subset), cfg, mask_id, gen)  # [b, S] each
         n = targets[rows, i] - (start_masked[rows] - cand.sum(1)) if keep else targets[rows, i]
         n = _reveal_count(n, conf, cand, cfg)
-        reveal = _top_n(_scores(conf, cand, n, cfg, gen), cand, n)
+        reveal = _reveal(conf, cand, n, cfg, gen)
         before = x.clone()
         if keep:
             x[rows, lo:hi] = torch.where(reveal, chosen, current)

@@ -42,7 +42,6 @@ from difflm.evaluate.sgdd_verify import (
     verified_search,
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
-from difflm.models.conditioning import Conditioning
 from difflm.models.sgdd import Shortlisted
 from difflm.models.transformer import Transformer
 from difflm.pretrained import load_pretrained
@@ -119,11 +118,8 @@ def test_bert_decoder_precomputed_conditioning_gives_the_same_logits():
         got = decoder(ids, t=t, conditioning=fixed, cond_rows=at)
         torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(decoder(ids, t=t, conditioning=fixed, cond_rows=at.flip(0)), plain)
-        off_grid = torch.tensor([1.0, 0.25, 0.0, 0.5])
-        assert torch.equal(
-            decoder(ids, t=off_grid, cond=rows[at], conditioning=fixed, cond_rows=at),
-            decoder(ids, t=off_grid, cond=rows[at]),
-        )
+        with pytest.raises(DifflmError, match="grid"):
+            decoder(ids, t=torch.tensor([1.0, 0.25, 0.0, 0.5]), conditioning=fixed, cond_rows=at)
 
 
 def test_encoder_initialised_sgdd_starts_as_minilm(tmp_path):
@@ -183,7 +179,8 @@ def test_precomputed_conditioning_decodes_the_same_text(trained, monkeypatch, cf
         decode_vectors(pre, vectors[i : i + 1], cfg_scale=cfg_scale, lengths=lengths[i : i + 1])[0]
         for i in range(6)
     ]
-    monkeypatch.setattr(Conditioning, "pick", lambda self, rows, t: None)  # every forward computes it
+    none_given = lambda self, vectors, t_grid=None: None  # noqa: E731
+    monkeypatch.setattr(type(pre.model), "conditioning", none_given)
     assert fixed == one == decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths)
 
 

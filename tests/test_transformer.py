@@ -296,12 +296,8 @@ def test_precomputed_conditioning_gives_the_same_logits():
         got = model(x, t=t, cond=torch.zeros(4, 8), conditioning=fixed, cond_rows=pick)  # cond unused
         torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(got, model(x, t=t, conditioning=fixed, cond_rows=pick.flip(0)))
-        off_grid = torch.tensor([0.5, 0.3, 1.0, 0.25])  # one t off the grid: computed, not picked
-        at = torch.tensor([2, 0, 1, 2])
-        assert torch.equal(
-            model(x, t=off_grid, cond=rows[at], conditioning=fixed, cond_rows=at),
-            model(x, t=off_grid, cond=rows[at]),
-        )
+        with pytest.raises(DifflmError, match="not on the precomputed conditioning's grid"):
+            model(x, t=torch.tensor([0.5, 0.3, 1.0, 0.25]), conditioning=fixed, cond_rows=pick)
         with pytest.raises(DifflmError, match="cond_rows"):
             model(x, t=t, conditioning=fixed)
         with pytest.raises(DifflmError, match="conditioning rows"):

@@ -1,6 +1,6 @@
 """A/B of precomputed conditioning in SGDD decoding: the AdaLN modulations (at every t a row can
 have) and the memory tokens' keys/values computed once per decode (new) against recomputed at
-every forward (the old path, forced: no forward picks from the precomputed tables). Batch 1,
+every forward (the old path, forced: `SGDD.conditioning` gives none). Batch 1,
 held-out sentences, one thread; each sentence is decoded `--repeats` times by each path,
 alternating, and its fastest time kept (the least disturbed by anything else on the machine).
 Run from the repository root with a finished SGDD run:
@@ -14,7 +14,7 @@ import time
 import torch
 
 from difflm.evaluate.sgdd_decode import decode_vectors
-from difflm.models.conditioning import Conditioning
+from difflm.models.sgdd import SGDD
 from difflm.pretrained import load_pretrained
 from difflm.systems.sgdd import build_examples, load_encoder, split_examples
 
@@ -28,7 +28,7 @@ pre = load_pretrained(args.run)
 pairs = split_examples(pre.config, "val")[: args.sentences]
 data = build_examples(pairs, load_encoder(pre.config.model.encoder), pre.tokenizer, pre.config, 128)
 n = len(pairs)
-paths = {"recomputed": lambda self, rows, t: None, "precomputed": Conditioning.pick}
+paths = {"recomputed": lambda self, vectors, t_grid=None: None, "precomputed": SGDD.conditioning}
 print(f"{args.run}: {n} held-out sentences (mean {data.lengths.float().mean():.1f} tokens), batch 1, 1 thread, fp32")
 for scale in (0.0, 2.0):
     fastest = {name: [float("inf")] * n for name in paths}
@@ -38,7 +38,7 @@ for scale in (0.0, 2.0):
             order = list(paths) if repeat % 2 else list(paths)[::-1]
             for i in range(n):
                 for name in order:
-                    Conditioning.pick = paths[name]
+                    SGDD.conditioning = paths[name]
                     start = time.perf_counter()
                     texts[name][i] = decode_vectors(pre, data.vectors[i : i + 1], cfg_scale=scale)[0]
                     fastest[name][i] = min(fastest[name][i], 1000 * (time.perf_counter() - start))

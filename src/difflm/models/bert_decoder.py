@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflm.errors import DifflmError
-from difflm.models.conditioning import Conditioning, pick
+from difflm.models.conditioning import Conditioning, pick, precompute
 from difflm.models.layers import AdaLNModulation, CrossAttention, modulate, timestep_embedding
 from difflm.models.transformer import TIME_FREQ_DIM
 
@@ -181,21 +181,25 @@ class BertDecoder(nn.Module):
     def conditioning(self, cond: Tensor, t_grid: Tensor | None = None) -> Conditioning:
         """The AdaLN modulations (at every t of t_grid [G]) and memory keys/values of conditioning
         rows cond [R, K], for `forward(conditioning=)` (see models/conditioning.py)."""
-        c = self.cond_proj(cond)[:, None]  # [R, 1, C]
-        grid = None
-        if self.time_mlp is not None:
-            grid = torch.zeros(1, device=c.device) if t_grid is None else t_grid.reshape(-1).to(c.device)
-            c = c + self.time_mlp(timestep_embedding(grid, TIME_FREQ_DIM))[None]  # [R, G, C]
-        memory = self._memory(cond)
-        memory_kv = None if memory is None else [cross.keys_values(memory) for cross in self.cross]
-        return Conditioning(grid, [m.packed(c) for m in self.modulations], 2, None, memory_kv)
+        return precompute(
+            self.cond_proj(cond),
+            self._time_embedding if self.time_mlp is not None else None,
+            t_grid,
+            self.modulations,
+            memory=self._memory(cond),
+            crosses=self.cross,
+        )
+
+    def _time_embedding(self, t: Tensor) -> Tensor:
+        """t [N] -> its AdaLN input [N, C]."""
+        return self.time_mlp(timestep_embedding(t, TIME_FREQ_DIM))
 
     def _conditioning(self, B: int, t: Tensor | None, cond: Tensor | None) -> Tensor:
         vector = self.null_cond.expand(B, -1) if cond is None else cond  # [B, K]
         c = self.cond_proj(vector)  # [B, C]
         if self.time_mlp is not None:
             t = torch.zeros(B, device=c.device) if t is None else t.expand(B) if t.dim() == 0 else t
-            c = c + self.time_mlp(timestep_embedding(t.reshape(B).to(c.device), TIME_FREQ_DIM))
+            c = c + self._time_embedding(t.reshape(B).to(c.device))
         return c
 
     def forward(
@@ -215,7 +219,8 @@ class BertDecoder(nn.Module):
         attention_bias: additive, broadcastable to [B, 1, L, L] (the pad mask); cond: [B, K]
         semantic vectors or None (the learned null vector); t: [B] or scalar mask fraction;
         head: (weight [K, C], bias [K]) of K vocabulary rows to score instead of all V (logits
-        [..., K]; see `output_rows`); conditioning, cond_rows [B]: as `Transformer.forward`.
+        [..., K]; see `output_rows`); conditioning, cond_rows [B]: as `Transformer.forward` (cond
+        is then unused).
         """
         B, L = input_ids.shape
         if L > self.block_size:

@@ -184,14 +184,15 @@ class SGDD(nn.Module):
     ) -> Tensor:
         """Logits [B, L, V], or packed [N, V] at the N true positions of `logits_at` [B, L]; with
         `head` (from `output_rows`) only its K tokens are scored (logits [..., K]).
-        conditioning, cond_rows [B]: from `conditioning`, the rows of this batch in it.
+        conditioning, cond_rows [B]: from `conditioning`, the rows of this batch in it (cond,
+        cond_drop and cond_noise are then unused: the rows already are the vectors or the null one).
 
         cond: encoder vectors [B, encoder_dim]; None = unconditional (the learned null vector).
         cond_drop: bool [B], rows that get the null vector instead (classifier-free guidance).
         t: ignored in favour of the masked fraction when None (see the module docstring).
         """
         c = None
-        if cond is not None:
+        if cond is not None and conditioning is None:
             c, _ = self.semantic(cond, cond_noise)  # [B, K]
             if cond_drop is not None:
                 null = self.decoder.null_cond.to(c.dtype).expand_as(c)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from difflm.errors import DifflmError
 from difflm.fields import REQUIRED, opt
-from difflm.models.conditioning import Conditioning, pick
+from difflm.models.conditioning import Conditioning, pick, precompute
 from difflm.models.layers import (
     MLPS,
     NORMS,
@@ -266,8 +266,7 @@ class Transformer(nn.Module):
         head: (weight [K, C], bias [K] or None) of K vocabulary rows to score instead of all V
         (logits [..., K]; see `output_rows`).
         conditioning, cond_rows [B]: the products of cond precomputed for a decode (see
-        `conditioning`); the rows of this batch are rows `cond_rows` of it. cond is then unused
-        unless a t is off its grid.
+        `conditioning`); the rows of this batch are rows `cond_rows` of it, and cond is unused.
         """
         if input_ids.dim() != 2:
             raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -347,17 +346,19 @@ class Transformer(nn.Module):
         if cfg.cond_dim is None:
             raise DifflmError("this transformer has no cond_dim: there is no conditioning to precompute")
         rows = self._cond_or_null(1 if cond is None else len(cond), cond)  # [R, cond_dim]
-        c = self.cond_proj(rows)[:, None]  # [R, 1, C]
-        grid = None
-        if cfg.time_conditioning:
-            grid = torch.zeros(1, device=c.device) if t_grid is None else t_grid.reshape(-1).to(c.device)
-            c = c + self.time_mlp(timestep_embedding(grid, TIME_FREQ_DIM))[None]  # [R, G, C]
-        memory_kv = None
-        if cfg.cond_tokens:
-            memory = self._memory(len(rows), rows)  # [R, T, C]
-            memory_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
-        modulations = [block.modulation.packed(c) for block in self.blocks]  # [R, G, 6C] each
-        return Conditioning(grid, modulations, 6, self.final_modulation.packed(c), memory_kv)
+        return precompute(
+            self.cond_proj(rows),
+            self._time_embedding if cfg.time_conditioning else None,
+            t_grid,
+            [block.modulation for block in self.blocks],
+            self.final_modulation,
+            self._memory(len(rows), rows) if cfg.cond_tokens else None,
+            [block.cross_attn for block in self.blocks] if cfg.cond_tokens else (),
+        )
+
+    def _time_embedding(self, t: Tensor) -> Tensor:
+        """t [N] -> its AdaLN input [N, C]."""
+        return self.time_mlp(timestep_embedding(t, TIME_FREQ_DIM))
 
     def _attention_context(
         self,
@@ -438,7 +439,7 @@ class Transformer(nn.Module):
                 raise DifflmError(
                     f"t must be a scalar or have one value per sequence ({B}), got shape {tuple(t.shape)}"
                 )
-            c = self.time_mlp(timestep_embedding(t.reshape(B).to(device), TIME_FREQ_DIM))  # [B, C]
+            c = self._time_embedding(t.reshape(B).to(device))  # [B, C]
         if cfg.cond_dim is not None:
             c_sem = self.cond_proj(self._cond_or_null(B, cond))  # [B, C]
             c = c_sem if c is None else c + c_sem

@@ -15,6 +15,7 @@ docs/architecture.md plus `model.mask_token_id`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -250,8 +251,7 @@ def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators
         raise DifflmError(
             f"suppress_tokens / mask id {max(banned)} outside the vocabulary of {logits.shape[-1]}"
         )
-    logits = logits.clone()
-    logits[..., banned] = float("-inf")
+    logits = logits.index_fill(-1, _index(tuple(banned), logits.device), float("-inf"))
     if _greedy(cfg):
         return greedy_confidence(logits)
     chosen, probs = draw_tokens(
@@ -259,6 +259,12 @@ def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators
     )
     kind = cfg.remasking if cfg.remasking in CONFIDENCES else "low_confidence"
     return chosen, confidence(probs, chosen, kind)
+
+
+@functools.lru_cache(maxsize=32)
+def _index(ids: tuple[int, ...], device: torch.device) -> Tensor:
+    """ids as an index tensor, made once per run's banned list rather than at every step."""
+    return torch.tensor(ids, device=device)
 
 
 def _greedy(cfg: SampleConfig) -> bool:
@@ -285,8 +291,7 @@ def _reveal_count(n: Tensor, conf: Tensor, cand: Tensor, cfg: SampleConfig) -> T
         n = torch.maximum(n, threshold_count(conf, cand, cfg.threshold, prefix=prefix))
     if cfg.factor is not None:
         n = torch.maximum(n, factor_count(conf, cand, cfg.factor))
-    n = torch.maximum(n, (cand.sum(1) > 0).long())  # >= 1 per step, even after an EOS fill
-    return torch.minimum(n.clamp(min=0), cand.sum(1))
+    return n.clamp(min=1).minimum(cand.sum(1))  # >= 1 per step while candidates are left
 
 
 def _reveal_targets(total: Tensor, n_steps: int, cfg: SampleConfig) -> Tensor:
@@ -303,9 +308,9 @@ def _reveal_targets(total: Tensor, n_steps: int, cfg: SampleConfig) -> Tensor:
     return torch.tensor(counts, device=total.device)
 
 
-def _rows_of(generator: Generators, rows: Tensor, batch: int) -> Generators:
+def _rows_of(generator: Generators, rows: Tensor) -> Generators:
     """The generators of `rows` when there is one per row; a shared generator is kept."""
-    if generator is None or isinstance(generator, torch.Generator) or len(rows) == batch:
+    if generator is None or isinstance(generator, torch.Generator):
         return generator
     return [generator[r] for r in rows.tolist()]
 
@@ -339,13 +344,15 @@ def _run_block(
         if cfg.eos_mode == "stop" and _all_rows_ended(x, fill, cfg.eos_token_id, mask_id):
             return False
         active = (win & (x[:, lo:hi] == mask_id)).any(1)  # [B]
-        if not active.any():
+        n_active = int(active.sum())
+        if n_active == 0:
             break
-        rows = active.nonzero().flatten()  # [b]
-        gen = _rows_of(generator, rows, len(x))
+        # every row active (always at batch 1): a slice, so the reads below are views, not gathers
+        subset = None if n_active == len(x) else active.nonzero().flatten()  # [b]
+        rows = slice(None) if subset is None else subset
+        gen = generator if subset is None else _rows_of(generator, subset)
         current, w = x[rows, lo:hi], win[rows]  # [b, S]
         cand = w & (current == mask_id) if keep else w
-        subset = None if len(rows) == len(x) else rows
         if keep and _greedy(cfg):  # only masked positions are drawn: project just those
             chosen, conf = _draw_packed(denoise(x, lo, hi, subset, cand), cand, current, cfg, mask_id)
         else:

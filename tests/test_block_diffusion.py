@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from difflm.config import DiffusionConfig
+from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import left_to_right_nll
-from difflm.models.block_attention import bd3_training_bias, block_causal_bias
+from difflm.models.block_attention import (
+    bd3_lookahead_bias,
+    bd3_training_bias,
+    block_causal_bias,
+    lookahead_positions,
+)
 from difflm.models.layers import causal_bias
 from difflm.models.transformer import Transformer, TransformerConfig
+from difflm.sampling.cache import BlockForward
 from difflm.sampling.unmask import SampleConfig, generate
 from difflm.train.objectives import MaskedDiffusionObjective
 
@@ -111,13 +118,14 @@ def test_blocks_never_see_later_blocks_and_clean_never_sees_noisy():
     torch.testing.assert_close(changed_noisy[:, untouched], base[:, untouched])
 
 
-@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("shift", [0, 1, "lookahead"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("extra", [{}, {"threshold": 0.3}])
 def test_block_causal_cached_sampling_equals_uncached(cache, extra, shift):
     model = tiny(3)
-    if shift:  # a shifted head also feeds the final token before each block
-        model = Transformer(dataclasses.replace(model.config, logits_shift=1)).eval()
+    if shift:  # a shifted head also feeds the final token before each block (or its lookahead row)
+        config = dataclasses.replace(model.config, logits_shift=1, lookahead_row=shift == "lookahead")
+        model = Transformer(config).eval()
         model.load_state_dict(tiny(3).state_dict())
     prompt = torch.tensor([[3, 4, 5, 6, 7], [0, 0, 8, 9, 10]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -251,3 +259,71 @@ def test_left_to_right_nll_is_the_samplers_exact_likelihood(K, shift):
         model, data, mask_token_id=MASK, vocab_size=V, block_length=block, batch_size=2, progress=False
     )
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_lookahead_mask_by_hand():
+    # L = 4, K = 2: rows/cols [noisy 0..3 ; clean 0..3 ; lookahead (position 1, block 1) ; spare]
+    v = visible(bd3_lookahead_bias(4, 2))
+    assert v.shape == (10, 10)
+    assert torch.equal(v[:8, :8], visible(bd3_training_bias(4, 2)))
+    assert torch.equal(v[8, :8], v[2, :8])  # the lookahead row sees what block 1's noisy rows see
+    assert torch.equal(v[9, :8].nonzero().flatten(), torch.tensor([4, 5]))  # spare: clean block 0
+    assert not v[:, 8:].any()  # nothing sees the lookahead or the spare row
+    assert torch.equal(lookahead_positions(12, 4), torch.tensor([3, 7]))
+
+
+def test_lookahead_row_reads_each_block_start_with_the_block_in_view():
+    """A shifted model with lookahead rows scores block b's first token from an extra copy of the
+    token before it that sees the clean earlier blocks and the noisy block b: the same output as
+    that row computed on its own, and unlike the plain shifted model, it depends on the block."""
+    torch.manual_seed(3)
+    model = Transformer(dataclasses.replace(tiny(3).config, logits_shift=1, lookahead_row=True)).eval()
+    x0 = batch(5)["input_ids"][:1]  # [1, L]
+    noisy = x0.masked_fill(torch.rand(x0.shape, generator=torch.Generator().manual_seed(1)) < 0.5, MASK)
+    noisy[:, 4] = MASK  # block 1's first token is scored
+    everywhere = torch.ones_like(x0, dtype=torch.bool)
+    with torch.no_grad():
+        logits = task(4)._block_forward(model, noisy, x0, None, everywhere, {})  # [1, L, V]
+        for lo in (4, 8):  # by hand: clean blocks before, the noisy block, the lookahead row last
+            seq = torch.cat([x0[:, :lo], noisy[:, lo : lo + 4], x0[:, lo - 1 : lo]], dim=1)
+            see = torch.ones(lo + 5, lo + 5, dtype=torch.bool)
+            see[:, -1] = False  # no row sees the lookahead row
+            see[: lo + 4, : lo + 4] = visible(block_causal_bias(lo + 4, 4))
+            bias = torch.zeros(see.shape).masked_fill(~see, float("-inf"))[None, None]
+            pos = torch.cat([torch.arange(lo + 4), torch.tensor([lo - 1])])
+            out = model.lm_head(model.hidden(model.tok_emb(seq), attention_bias=bias, position_ids=pos))
+            torch.testing.assert_close(logits[0, lo], out[0, -1], rtol=1e-4, atol=1e-5)
+        revealed = noisy.clone()
+        revealed[:, 5:8] = x0[:, 5:8]  # reveal the rest of block 1
+        again = task(4)._block_forward(model, revealed, x0, None, everywhere, {})
+    assert not torch.allclose(again[0, 4], logits[0, 4])  # block 1's first token sees its block
+    torch.testing.assert_close(again[0, :4], logits[0, :4])  # block 0 does not see block 1
+    torch.testing.assert_close(again[0, 8:], logits[0, 8:])  # block 2 sees only clean block 1
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_lookahead_sampler_reads_the_block_as_training_does(cache):
+    """The block-causal sampler's logits for a block (first call, and a later call after more of
+    the block is revealed) are the training forward's for the same noisy block."""
+    model = Transformer(dataclasses.replace(tiny(3).config, logits_shift=1, lookahead_row=True)).eval()
+    x0 = batch(6)["input_ids"][:1]  # [1, L]
+    everywhere = torch.ones_like(x0, dtype=torch.bool)
+    bias = block_causal_bias(L, 4)
+    forward = BlockForward(model, cache, L, block_causal=True)
+    with torch.no_grad():
+        for lo in (0, 4, 8):
+            forward.new_block()
+            for revealed in (0, 2):  # first call: the block all masks; then two tokens revealed
+                state = x0.clone()
+                state[:, lo + revealed :] = MASK  # earlier blocks final, later ones all masks
+                noisy = torch.full_like(x0, MASK)
+                noisy[:, lo : lo + 4] = state[:, lo : lo + 4]
+                expected = task(4)._block_forward(model, noisy, x0, None, everywhere, {})[:, lo : lo + 4]
+                got = forward(state, bias, {}, lo, lo + 4)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lookahead_model_refuses_decoding_that_is_not_block_causal():
+    model = Transformer(dataclasses.replace(tiny(3).config, logits_shift=1, lookahead_row=True)).eval()
+    with pytest.raises(DifflmError, match="block_causal=true"):
+        generate(model, torch.tensor([[3, 4, 5, 6]]), SampleConfig(gen_length=8, steps=8, block_length=4))

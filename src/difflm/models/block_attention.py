@@ -131,3 +131,42 @@ def bd3_training_bias(
     top = torch.cat([key == query, key < query], dim=1)  # noisy queries: [L, 2L]
     bottom = torch.cat([torch.zeros_like(top[:, :length]), key <= query], dim=1)  # clean queries
     return _additive(torch.cat([top, bottom], dim=0), dtype)  # [1, 1, 2L, 2L]
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookahead rows: where a shifted BD3 model reads each block's first token
+#
+# A shifted model (logits of i from the output of i-1) would read block b's first token from the
+# last row of block b-1, which must not see block b: that token would then be scored without
+# the block's revealed tokens, as if it were always revealed first, which holds the ELBO bound
+# up. A lookahead row is the token before the block once more, at its own position, seeing what
+# the block's rows see (the clean earlier blocks and the noisy block); no row sees it.
+
+
+def lookahead_positions(length: int, block_length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Positions of the lookahead rows [E]: the last position of every block but the last one."""
+    if block_length < 1:
+        raise DifflmError(f"block_length must be >= 1, got {block_length}")
+    return torch.arange(block_length - 1, length - 1, block_length, device=device)
+
+
+def bd3_lookahead_bias(
+    length: int,
+    block_length: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[1, 1, N, N] for the training input [x_t ; x_0 ; lookahead rows (E) ; one spare row],
+    N = 2L + E + 1: `bd3_training_bias` for the two copies; lookahead row e (block e + 1) sees what
+    that block's noisy rows see; no row sees a lookahead or the spare row. The spare row (seeing
+    the clean first block) only gives the last lookahead row a successor, whose shifted logits
+    are that lookahead row's output."""
+    E = len(lookahead_positions(length, block_length))
+    two = bd3_training_bias(length, block_length, device=device).isfinite()[0, 0]  # [2L, 2L]
+    first_rows = torch.arange(1, E + 1, device=two.device) * block_length  # the blocks' first positions
+    spare = torch.zeros(1, 2 * length, dtype=torch.bool, device=two.device)
+    spare[0, length : length + min(block_length, length)] = True
+    visible = torch.cat([two, two[first_rows], spare], dim=0)  # [N, 2L]
+    hidden = torch.zeros(len(visible), E + 1, dtype=torch.bool, device=two.device)
+    return _additive(torch.cat([visible, hidden], dim=1), dtype)  # [1, 1, N, N]

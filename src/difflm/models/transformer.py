@@ -78,6 +78,12 @@ class TransformerConfig:
         "started from an AR model's weights (train.init_from) keeps its next-token head; 0: its own",
         choices=(0, 1),
     )
+    lookahead_row: bool = opt(
+        False,
+        "block diffusion with logits_shift=1: read each block's first token from an extra row (the "
+        "token before the block again) that sees the block, instead of from the previous block's "
+        "last row, which cannot; models/block_attention.py",
+    )
     mask_token_id: int | None = opt(None, "id of the [MASK] token (diffusion)")
     pad_token_id: int | None = opt(None, "id of the padding token")
 
@@ -114,6 +120,11 @@ class TransformerConfig:
         if self.logits_shift and self.causal:
             raise DifflmError(
                 "model.logits_shift=1 is for bidirectional diffusion; a causal model shifts its targets"
+            )
+        if self.lookahead_row and not self.logits_shift:
+            raise DifflmError(
+                "model.lookahead_row is for shifted models (model.logits_shift=1): an unshifted block "
+                "reads its first token from its own row, which already sees the block"
             )
         for name in ("mask_token_id", "pad_token_id"):
             value = getattr(self, name)
@@ -184,6 +195,7 @@ class Transformer(nn.Module):
         self.config = config
         self.mask_token_id = config.mask_token_id
         self.logits_shift = config.logits_shift
+        self.lookahead_row = config.lookahead_row
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.pos_emb = nn.Embedding(config.block_size, C) if config.learned_positions else None
@@ -261,8 +273,9 @@ class Transformer(nn.Module):
         cond: [B, cond_dim] semantic vectors; None means unconditional (the learned null vector).
         kv_cache: write this input's keys/values at slots [position_offset, +Q) and attend over
         slots [0, attend_len) (default position_offset + Q).
-        position_ids: [Q] explicit positions instead of position_offset..+Q (no cache): block
-        diffusion feeds the noisy and the clean copy of a sequence, both at positions 0..L-1.
+        position_ids: [Q] explicit positions instead of position_offset..+Q: block diffusion
+        feeds the noisy and the clean copy of a sequence, both at positions 0..L-1 (with a cache,
+        the keys still go to slots [position_offset, +Q): the sampler's lookahead row).
         head: (weight [K, C], bias [K] or None) of K vocabulary rows to score instead of all V
         (logits [..., K]; see `output_rows`).
         conditioning, cond_rows [B]: the products of cond precomputed for a decode (see
@@ -374,12 +387,26 @@ class Transformer(nn.Module):
         """Validate positions / cache / bias once and build what every layer's attention needs."""
         cfg = self.config
         if positions is not None:
-            return self._explicit_positions_context(B, Q, bias, cache, positions)
+            return self._explicit_positions_context(B, Q, bias, start, cache, attend_len, positions)
         if start < 0 or start + Q > cfg.block_size:
             raise DifflmError(
                 f"positions [{start}, {start + Q}) exceed block_size {cfg.block_size}; "
                 "shorten the input or raise model.block_size"
             )
+        K = self._check_cache(B, Q, bias, start, cache, attend_len)
+        is_causal = cfg.causal and bias is None and cache is None  # SDPA's fused causal path
+        if cfg.causal and not is_causal:
+            # with a cache: rows = absolute query positions start..start+Q, columns = key slots 0..K
+            causal = causal_bias(Q, device) if cache is None else causal_rows_bias(start, Q, K, device)
+            bias = combine_bias(bias, causal)  # [., 1, Q, K]
+        cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device) if cfg.rope else (None, None)
+        return AttentionContext(cos, sin, bias, is_causal, cache, start, 0 if cache is None else K)
+
+    def _check_cache(
+        self, B: int, Q: int, bias: Tensor | None, start: int, cache: KVCache | None, attend_len: int | None
+    ) -> int:
+        """Raise DifflmError unless the cache request and the bias fit; return the key count."""
+        cfg = self.config
         if cache is None and attend_len is not None:
             raise DifflmError("attend_len needs a kv_cache; pass kv_cache=KVCache.for_model(...)")
         if cache is not None:
@@ -394,32 +421,31 @@ class Transformer(nn.Module):
             raise DifflmError(
                 f"attention_bias of shape {tuple(bias.shape)} does not broadcast to [B, 1, Q, K] = {[B, 1, Q, K]}"
             )
-        is_causal = cfg.causal and bias is None and cache is None  # SDPA's fused causal path
-        if cfg.causal and not is_causal:
-            # with a cache: rows = absolute query positions start..start+Q, columns = key slots 0..K
-            causal = causal_bias(Q, device) if cache is None else causal_rows_bias(start, Q, K, device)
-            bias = combine_bias(bias, causal)  # [., 1, Q, K]
-        cos, sin = rope_cos_sin(start, Q, cfg.head_dim, cfg.rope_theta, device) if cfg.rope else (None, None)
-        return AttentionContext(cos, sin, bias, is_causal, cache, start, attend_len or 0)
+        return K
 
     def _explicit_positions_context(
-        self, B: int, Q: int, bias: Tensor | None, cache: KVCache | None, positions: Tensor
+        self,
+        B: int,
+        Q: int,
+        bias: Tensor | None,
+        start: int,
+        cache: KVCache | None,
+        attend_len: int | None,
+        positions: Tensor,
     ) -> AttentionContext:
-        """The attention context for explicit position_ids [Q] (training-time layouts, no cache)."""
+        """The attention context for explicit position_ids [Q] (block-diffusion layouts; with a
+        cache, the keys still go to slots [start, start+Q))."""
         cfg = self.config
-        if cache is not None or cfg.causal:
-            raise DifflmError("position_ids is for non-causal training layouts without a kv_cache")
+        if cfg.causal:
+            raise DifflmError("position_ids is for non-causal layouts (block diffusion)")
         if positions.shape != (Q,) or int(positions.min()) < 0 or int(positions.max()) >= cfg.block_size:
             raise DifflmError(
                 f"position_ids must be [{Q}] with values in [0, block_size={cfg.block_size}), "
                 f"got shape {tuple(positions.shape)}"
             )
-        if bias is not None and not _broadcasts(bias, (B, 1, Q, Q)):
-            raise DifflmError(
-                f"attention_bias of shape {tuple(bias.shape)} does not broadcast to [B, 1, Q, Q] = {[B, 1, Q, Q]}"
-            )
+        K = self._check_cache(B, Q, bias, start, cache, attend_len)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta) if cfg.rope else (None, None)
-        return AttentionContext(cos, sin, bias)
+        return AttentionContext(cos, sin, bias, False, cache, start, 0 if cache is None else K)
 
     def _conditioning(
         self, B: int, t: Tensor | None, cond: Tensor | None, device: torch.device

@@ -31,7 +31,11 @@ cache=none (threshold / factor decoding still apply). SGDD decodes one block, so
 nothing to reuse there.
 
 A model with `logits_shift = 1` (Dream: position i's logits come from position i-1's output) is
-fed from lo - 1 in the cached steps, so the block's first logits stay exact.
+fed from lo - 1 in the cached steps, so the block's first logits stay exact. A shifted BD3 model
+with `lookahead_row` reads them instead from a copy of token lo - 1 that sees the block (as it
+was trained, models/block_attention.py): `lookahead_window` puts that row just before the block,
+in slot lo, and the block one slot up; the next refresh writes the finished block's final keys
+to their own slots, so nothing stale is read later.
 
 Under every policy, a model that declares `supports_logits_at` (difflm's Transformer, SGDD,
 Qwen3-LLaDA) projects only the block's columns onto the vocabulary instead of all L (greedy
@@ -89,6 +93,23 @@ def _gathered(cache: KVCache, rows: Tensor) -> KVCache:
     return sub
 
 
+def lookahead_window(x: Tensor, bias: Tensor | None, start: int, lo: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Columns [start, end) of x [b, L] with a lookahead row inserted before column lo (the block's
+    first): tokens [b, Q], their positions [Q] (the row: token and position lo - 1) and the bias
+    [., 1, Q, end + 1] over the keys in the same order. The row sees what the block's first row
+    sees; no row sees it. Under the model's shift its output gives the block's first logits."""
+    if bias is None:
+        raise DifflmError("a lookahead row needs the block-causal attention bias of the sampler")
+    before = torch.arange(start, lo, device=x.device)
+    after = torch.arange(lo, end, device=x.device)
+    row = torch.tensor([lo], device=x.device)
+    tokens = torch.cat([x[:, start:lo], x[:, lo - 1 : lo], x[:, lo:end]], dim=1)
+    seen = bias[:, :, torch.cat([before, row, after]), :end]  # the row reads as row lo
+    hidden = torch.full_like(seen[..., :1], float("-inf"))
+    seen = torch.cat([seen[..., :lo], hidden, seen[..., lo:]], dim=-1)
+    return tokens, torch.cat([before, row - 1, after]), seen
+
+
 class BlockForward:
     """The denoiser's forward under a cache policy; one KVCache per stream (cond / uncond / stacked)."""
 
@@ -97,6 +118,12 @@ class BlockForward:
         self.model, self.mode, self.length, self.block_causal = model, mode, length, block_causal
         self.packed = model.supports_logits_at
         self.shift = model.logits_shift  # Dream: logits of i come from output i-1
+        self.lookahead = bool(getattr(model, "lookahead_row", False))  # block_attention.py
+        if self.lookahead and not block_causal:
+            raise DifflmError(
+                "this block-diffusion model reads each block's first token from a lookahead row, "
+                "which only block-causal decoding feeds: sample it with sample.block_causal=true"
+            )
         self.caches: dict[str, KVCache] = {}
         self.fresh: set[str] = set()  # streams refreshed since the current block started
         self.clean_until: dict[str, int] = {}  # block-causal: slots [0, n) hold final keys
@@ -129,6 +156,9 @@ class BlockForward:
 
         rows: which rows of the stream's full batch (`batch` rows) x holds; None = all of them.
         """
+        if self.mode == "none" and self.lookahead and lo > 0:
+            tokens, positions, seen = lookahead_window(x, bias, 0, lo, x.shape[1])
+            return self._logits(tokens, lo + 1, hi + 1, want, attention_bias=seen, position_ids=positions, **kwargs)
         if self.mode == "none":
             return self._logits(x, lo, hi, want, attention_bias=bias, **kwargs)
         cache = self._cache(stream, len(x) if batch is None else batch)
@@ -172,18 +202,26 @@ class BlockForward:
     ) -> Tensor:
         """One exact cached call: keys of finished blocks are final, later blocks are never seen."""
         refresh = stream not in self.fresh
-        # a shifted model reads the block's first token from the final token before it
-        start = self.clean_until.get(stream, 0) if refresh else max(lo - self.shift, 0)
+        lookahead = self.lookahead and lo > 0
+        # a shifted model reads the block's first token from the final token before it, or from
+        # its lookahead row (that token again, in the slot before the block's, which moves up one)
+        start = self.clean_until.get(stream, 0) if refresh else lo if lookahead else max(lo - self.shift, 0)
         target = cache if rows is None else _gathered(cache, rows)
+        if lookahead:
+            tokens, positions, seen = lookahead_window(x, bias, start, lo, hi)
+            kwargs = {**kwargs, "position_ids": positions}
+        else:
+            tokens, seen = x[:, start:hi], None if bias is None else bias[:, :, start:hi, :hi]
+        first = lo - start + int(lookahead)  # the block's first column in `tokens`
         out = self._logits(
-            x[:, start:hi],
-            lo - start,
-            hi - start,
+            tokens,
+            first,
+            first + hi - lo,
             want,
-            attention_bias=None if bias is None else bias[:, :, start:hi, :hi],
+            attention_bias=seen,
             position_offset=start,
             kv_cache=target,
-            attend_len=hi,
+            attend_len=start + tokens.shape[1],
             **kwargs,
         )
         if refresh:
@@ -208,7 +246,8 @@ class BlockForward:
 
     def _cache(self, stream: str, batch: int) -> KVCache:
         if stream not in self.caches:
+            spare = int(self.lookahead)  # the lookahead row's slot after the last block
             self.caches[stream] = KVCache.for_model(
-                self.model, batch, max_len=self.length, dtype=_cache_dtype(self.model)
+                self.model, batch, max_len=self.length + spare, dtype=_cache_dtype(self.model)
             )
         return self.caches[stream]

@@ -231,6 +231,8 @@ class Batcher:
         model = served.pre.model
         if served.autoregressive or not (model.supports_logits_at and model.supports_kv_cache):
             return None  # runs the model directly on its worker thread
+        if getattr(model, "lookahead_row", False):
+            return None  # its block calls carry position_ids, which the fused forward does not take
         return self.fusers.setdefault(id(model), Fuser(model, self._cv))
 
     def _start_cohort(self, jobs: list[Job]) -> None:

@@ -20,7 +20,7 @@ from difflm.diffusion.losses import get_loss
 from difflm.diffusion.masking import NoiseConfig, corrupt, protected_mask, random_truncate
 from difflm.diffusion.schedules import build_schedule, sample_t
 from difflm.errors import DifflmError
-from difflm.models.block_attention import bd3_training_bias
+from difflm.models.block_attention import bd3_lookahead_bias, bd3_training_bias, lookahead_positions
 from difflm.models.layers import padding_bias
 
 Batch = dict[str, Tensor]
@@ -160,22 +160,31 @@ class MaskedDiffusionObjective:
         positions: Tensor,
         kwargs: dict,
     ) -> Tensor:
-        """Logits of the noisy copy ([B, L, V], or packed [N, V]) from one forward over [x_t ; x_0]."""
-        L = noisy.shape[1]
-        both = bd3_training_bias(L, self.cfg.block_length, device=noisy.device)  # [1, 1, 2L, 2L]
-        if bias is not None:  # padding [B, 1, 1, L]: keys hidden in both copies
-            if bias.shape[2] != 1:
-                raise DifflmError(
-                    "diffusion.block_length does not combine with another attention bias (block attention)"
-                )
-            both = both + torch.cat([bias, bias], dim=-1)  # [B, 1, 2L, 2L]
-        position_ids = torch.arange(L, device=noisy.device).repeat(2)  # [2L]: both copies at 0..L-1
+        """Logits of the noisy copy ([B, L, V], or packed [N, V]) from one forward over [x_t ; x_0]
+        (followed, for a model with lookahead rows, by those rows and one spare row)."""
+        L, K = noisy.shape[1], self.cfg.block_length
+        if bias is not None and bias.shape[2] != 1:
+            raise DifflmError(
+                "diffusion.block_length does not combine with another attention bias (block attention)"
+            )
+        core = getattr(model, "module", model)
         inputs = torch.cat([noisy, clean], dim=1)  # [B, 2L]
-        if getattr(getattr(model, "module", model), "logits_shift", 0):
-            return self._shifted_block_logits(model, inputs, both, position_ids, positions, kwargs)
+        position_ids = torch.arange(L, device=noisy.device).repeat(2)  # [2L]: both copies at 0..L-1
+        if getattr(core, "lookahead_row", False):
+            before = lookahead_positions(L, K, device=noisy.device)  # [E]
+            inputs = torch.cat([inputs, clean[:, before], clean[:, :1]], dim=1)  # [B, 2L + E + 1]
+            position_ids = torch.cat([position_ids, before, position_ids[:1]])
+            layout = bd3_lookahead_bias(L, K, device=noisy.device)
+        else:
+            layout = bd3_training_bias(L, K, device=noisy.device)  # [1, 1, 2L, 2L]
+        if bias is not None:  # padding [B, 1, 1, L]: keys hidden in both copies
+            rest = bias.new_zeros(*bias.shape[:3], inputs.shape[1] - 2 * L)
+            layout = layout + torch.cat([bias, bias, rest], dim=-1)
+        if getattr(core, "logits_shift", 0):
+            return self._shifted_block_logits(model, inputs, layout, position_ids, positions, kwargs, L)
         if "logits_at" in kwargs:
             kwargs = {**kwargs, "logits_at": torch.cat([positions, torch.zeros_like(positions)], dim=1)}
-        logits = model(inputs, attention_bias=both, position_ids=position_ids, **kwargs)
+        logits = model(inputs, attention_bias=layout, position_ids=position_ids, **kwargs)
         return logits if "logits_at" in kwargs else logits[:, :L]
 
     def _shifted_block_logits(
@@ -186,17 +195,22 @@ class MaskedDiffusionObjective:
         position_ids: Tensor,
         positions: Tensor,
         kwargs: dict,
+        L: int,
     ) -> Tensor:
-        """A shifted head (logits of i from output i-1) reads a block's first token from the clean
-        copy of the token before it, which sees exactly the finished blocks, as the block-causal
-        sampler's row lo - 1 does; inside a block, from the noisy copy. Row L + i of the model's
-        shifted output is the clean copy's output i - 1."""
-        L = inputs.shape[1] // 2
+        """A shifted head (logits of i from output i-1) reads a block's first token from the row
+        before it: its lookahead row when the model has them (shifted row 2L + 1 + e is lookahead
+        row e's output), else the clean copy of the token before it, which sees exactly the
+        finished blocks, as the block-causal sampler's row lo - 1 does (shifted row L + i is the
+        clean copy's output i - 1); inside a block, from the noisy copy."""
         kwargs = {key: value for key, value in kwargs.items() if key != "logits_at"}
-        logits = model(inputs, attention_bias=bias, position_ids=position_ids, **kwargs)  # [B, 2L, V]
-        starts = torch.arange(L, device=inputs.device) % self.cfg.block_length == 0
-        starts[0] = False  # position 0 keeps its own output
-        noisy = torch.where(starts[None, :, None], logits[:, L:], logits[:, :L])  # [B, L, V]
+        logits = model(inputs, attention_bias=bias, position_ids=position_ids, **kwargs)  # [B, N, V]
+        starts = torch.arange(self.cfg.block_length, L, self.cfg.block_length, device=inputs.device)
+        rows = torch.arange(L, device=inputs.device)  # the row of `logits` each noisy position reads
+        if inputs.shape[1] > 2 * L:
+            rows[starts] = 2 * L + 1 + torch.arange(len(starts), device=inputs.device)
+        else:
+            rows[starts] = L + starts
+        noisy = logits.index_select(1, rows)  # [B, L, V]
         return noisy[positions] if self.packed_logits else noisy
 
 

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from difflm.config import load_config
 from difflm.errors import DifflmError
+from difflm.pretrained import load_pretrained
+from difflm.sampling.unmask import SampleConfig, generate
 from difflm.systems.registry import build_run
 from difflm.train import checkpoint as ckpt
 from difflm.train.trainer import train
@@ -216,6 +218,31 @@ def test_empty_and_non_utf8_data_files(tmp_path):
 def test_unknown_recipe_is_a_clear_error():
     result = run_cli(["train", "no_such_recipe"])
     assert result.returncode == 2 and "unknown recipe 'no_such_recipe'" in result.stderr
+
+
+def test_lookahead_rows_train_save_load_and_sample(tmp_path):
+    shifted = ("diffusion.block_length=4", "model.logits_shift=1", "model.lookahead_row=true")
+    cfg = load_config(
+        "recipes/shakespeare_char.yaml",
+        tiny_overrides(tmp_path, "la", "train.max_steps=2", "train.save_every=0", *shifted),
+    )
+    train(cfg, build_run(cfg))
+    pre = load_pretrained(str(tmp_path / "la"))
+    assert pre.model.lookahead_row and pre.config.diffusion.block_length == 4
+    prompt = torch.tensor([pre.tokenizer.encode("the ")])
+    base = dict(gen_length=8, steps=8, block_length=4, block_causal=True)
+    with torch.no_grad():
+        plain = generate(pre.model, prompt, SampleConfig(**base))
+        cached = generate(pre.model, prompt, SampleConfig(**base, cache="prefix"))
+    assert torch.equal(plain.tokens, cached.tokens)
+
+
+def test_lookahead_rows_need_block_diffusion(tmp_path):
+    overrides = tiny_overrides(tmp_path, "x", "model.logits_shift=1", "model.lookahead_row=true")
+    with pytest.raises(DifflmError, match="diffusion.block_length"):
+        build_run(load_config("recipes/shakespeare_char.yaml", overrides))
+    with pytest.raises(DifflmError, match="logits_shift=1"):
+        build_run(load_config("recipes/shakespeare_char.yaml", [*overrides[:-2], "model.lookahead_row=true"]))
 
 
 def test_save_every_zero_saves_only_at_the_end(tmp_path):

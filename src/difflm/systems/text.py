@@ -45,6 +45,8 @@ def require_family(cfg: RunConfig, family: str) -> None:
 
 def build_masked_diffusion(cfg: RunConfig) -> Run:
     require_family(cfg, "transformer")
+    if getattr(cfg.model, "lookahead_row", False) and cfg.diffusion.block_length is None:
+        raise DifflmError("model.lookahead_row is for block diffusion: set diffusion.block_length (e.g. 4)")
     tokenizer, train, val = text_blocks(cfg.data)
     fill_derived(cfg, tokenizer, causal=False)
     objective = MaskedDiffusionObjective(

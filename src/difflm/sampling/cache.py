@@ -246,7 +246,7 @@ class BlockForward:
 
     def _cache(self, stream: str, batch: int) -> KVCache:
         if stream not in self.caches:
-            spare = int(self.lookahead)  # the lookahead row's slot after the last block
+            spare = int(self.lookahead)  # a lookahead row moves its block up one slot: one more at the end
             self.caches[stream] = KVCache.for_model(
                 self.model, batch, max_len=self.length + spare, dtype=_cache_dtype(self.model)
             )

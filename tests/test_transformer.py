@@ -172,6 +172,38 @@ def test_logits_shift_reads_each_position_from_the_one_before():
         TransformerConfig(vocab_size=V, block_size=16, causal=True, logits_shift=1)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"logits_shift": 1}, {"causal": True}, {"cond_dim": 8, "cond_tokens": 2, "time_conditioning": True}],
+    ids=["bidirectional", "shifted", "causal", "conditioned"],
+)
+def test_logits_at_computes_only_what_it_reads_and_equals_the_full_forward(overrides):
+    """The last block computes only the columns logits_at reads (its keys and values still come
+    from every position): the packed logits equal the full forward's, with and without a bias,
+    and gradients reach the same weights."""
+    model, x = tiny(**overrides), ids(length=10)
+    perturb_modulation(model)
+    at = torch.zeros(2, 10, dtype=torch.bool)
+    at[0, [2, 5]], at[1, [5, 9]] = True, True  # row 0 never reads 9, row 1 never 2
+    kw = {"cond": torch.randn(2, 8), "t": torch.tensor([0.3, 0.7])} if "cond_dim" in overrides else {}
+    bias = padding_bias(torch.tensor([[1] * 10, [1] * 8 + [0] * 2]))
+    for b in (None, bias):
+        full, packed = model(x, attention_bias=b, **kw), model(x, attention_bias=b, logits_at=at, **kw)
+        torch.testing.assert_close(packed, full[at], atol=1e-5, rtol=1e-5)
+    shifted = "logits_shift" in overrides  # row i reads output i - 1 (row 0 its own)
+    assert model._output_columns(at, has_bias=True).tolist() == ([1, 4, 8] if shifted else [2, 5, 9])
+    everything = model._output_columns(torch.ones(2, 10, dtype=torch.bool), has_bias=True)
+    assert everything.tolist() == list(range(9)) if shifted else everything is None  # None: no selection
+    model.zero_grad()
+    model(x, logits_at=at, **kw).sum().backward()
+    pruned = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x, **kw)[at].sum().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(pruned[name], p.grad, atol=1e-5, rtol=1e-4)
+
+
 # --- KV cache --------------------------------------------------------------------------------
 
 

@@ -29,9 +29,10 @@ from difflm.models.layers import (
     causal_bias,
     causal_rows_bias,
     combine_bias,
-    gated,
+    gated_residual,
     make_norm,
     modulate,
+    project,
     rope_cos_sin,
     rope_tables,
     timestep_embedding,
@@ -171,16 +172,19 @@ class Block(nn.Module):
         memory: Tensor | None = None,
         mods: tuple[Tensor, ...] | None = None,
         memory_kv: tuple[Tensor, Tensor] | None = None,
+        cols: Tensor | None = None,
     ) -> Tensor:
         """mods / memory_kv: this block's modulations and memory keys/values, precomputed
-        (`Conditioning`); otherwise they are computed from c and memory."""
+        (`Conditioning`); otherwise they are computed from c and memory. cols [Q']: compute only
+        these positions' outputs ([B, Q', C]; all positions still serve as keys and values)."""
         if mods is None:
             mods = self.modulation(c) if self.modulation is not None else (None,) * 6
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods  # [B, C] each, or None
-        x = x + gated(self.attn(modulate(self.norm1(x), shift_a, scale_a), ctx, layer), gate_a)
+        y = self.attn(modulate(self.norm1(x), shift_a, scale_a), ctx, layer, cols)
+        x = gated_residual(x if cols is None else x[:, cols], y, gate_a)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), memory, memory_kv)
-        return x + gated(self.mlp(modulate(self.norm2(x), shift_m, scale_m)), gate_m)
+        return gated_residual(x, self.mlp(modulate(self.norm2(x), shift_m, scale_m)), gate_m)
 
 
 class Transformer(nn.Module):
@@ -283,6 +287,7 @@ class Transformer(nn.Module):
         """
         if input_ids.dim() != 2:
             raise DifflmError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        cols = self._output_columns(logits_at, kv_cache is not None or attention_bias is not None)
         h = self.hidden(
             self.tok_emb(input_ids),
             attention_bias=attention_bias,
@@ -294,11 +299,27 @@ class Transformer(nn.Module):
             position_ids=position_ids,
             conditioning=conditioning,
             cond_rows=cond_rows,
-        )  # [B, Q, C]
+            last_cols=cols,
+        )  # [B, Q, C], or [B, Q', C] at cols
+        if cols is not None:  # back in place: the shift and `logits_at` read only these columns
+            h = h.new_zeros(*input_ids.shape, h.shape[-1]).index_copy_(1, cols, h)
         if self.logits_shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
         h = h if logits_at is None else h[logits_at.bool()]
-        return self.lm_head(h) if head is None else nn.functional.linear(h, *head)  # [.., V] or [.., K]
+        return project(h, self.lm_head.weight) if head is None else project(h, *head)  # [.., V] or [.., K]
+
+    def _output_columns(self, logits_at: Tensor | None, has_bias: bool) -> Tensor | None:
+        """Columns [Q'] whose final outputs the logits at `logits_at` [B, Q] read (any row), or
+        None for all of them. The last block then computes only those (its keys and values still
+        come from every position): at batch 1 a denoiser step needs just the masked positions.
+        A causal model without a bias or cache keeps SDPA's causal path instead."""
+        if logits_at is None or (self.config.causal and not has_bias):
+            return None
+        read = logits_at.bool().any(0)  # [Q]
+        if self.logits_shift:  # row i reads output i - 1, row 0 its own
+            read = torch.cat([read[1:], read.new_zeros(1)]) | torch.cat([read[:1], read.new_zeros(len(read) - 1)])
+        cols = read.nonzero().flatten()
+        return None if len(cols) == len(read) else cols
 
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The output projection's rows of token ids vocab [K]: the `head` that scores only them."""
@@ -317,8 +338,10 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         conditioning: Conditioning | None = None,
         cond_rows: Tensor | None = None,
+        last_cols: Tensor | None = None,
     ) -> Tensor:
-        """The trunk on input embeddings x [B, Q, C]: positions, blocks, final norm -> [B, Q, C].
+        """The trunk on input embeddings x [B, Q, C]: positions, blocks, final norm -> [B, Q, C]
+        (with last_cols [Q'], the last block computes only those positions: [B, Q', C]).
 
         `forward` feeds it the token embeddings; a model whose inputs are not tokens (Diffusion
         Forcing's noisy embeddings, `models/dfgpt.py`) feeds its own and puts its own head on top.
@@ -339,12 +362,14 @@ class Transformer(nn.Module):
         elif self.pos_emb is not None:
             x = x + self.pos_emb.weight[position_offset : position_offset + Q]
         x = self.drop(x)
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
+            cols = last_cols if layer == last else None
             if picked is None:
-                x = block(x, ctx, layer, c, memory)
+                x = block(x, ctx, layer, c, memory, cols=cols)
             else:
                 kv = None if picked.memory_kv is None else picked.memory_kv[layer]
-                x = block(x, ctx, layer, mods=picked.modulations[layer], memory_kv=kv)
+                x = block(x, ctx, layer, mods=picked.modulations[layer], memory_kv=kv, cols=cols)
         if picked is not None:
             shift, scale = picked.final
         else:

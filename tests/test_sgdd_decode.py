@@ -391,6 +391,29 @@ def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
     assert decode_vectors(pre, vectors, cfg_scale=2.0) == whole
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
+def test_the_shortlist_forward_answers_the_first_step(trained, monkeypatch, cfg_scale):
+    """The shortlist comes from the decode's first unguided forward: that step does not run again
+    (under guidance only its unconditional rows do), and the tokens are those of running it."""
+    pre = load_pretrained(trained / "run")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
+    lengths = torch.tensor([5, 3])
+    rows = []
+    forward = pre.model.decoder.forward
+
+    def counted(ids, **kw):
+        rows.append(len(ids))
+        return forward(ids, **kw)
+
+    monkeypatch.setattr(pre.model.decoder, "forward", counted)
+    remembered = decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths)
+    calls_with, rows_with = len(rows), sum(rows)
+    rows.clear()
+    monkeypatch.setattr(Shortlisted, "remember", lambda self, *args: None)  # every step runs
+    assert decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths) == remembered
+    assert (len(rows), sum(rows)) == (calls_with + (1 if cfg_scale == 0 else 0), rows_with + 2)
+
+
 def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):
     """Weight 0 answers the closest text; a huge weight the one the decoder finds likeliest given the
     vector (its summed pseudo-log-likelihood), but only among the `pool` closest."""

@@ -104,16 +104,20 @@ def refill(
     ids = ids.masked_fill(fill, pre.tokenizer.mask_token_id)
     model, suppress = pre.model, suppressed_ids(pre.tokenizer)
     B = len(ids)
-    fixed = pre.model.conditioning(vectors.to(device), pre.model.t_grid(real.to(device)))
+    fixed = pre.model.conditioning(vectors.to(device), pre.model.t_grid(real.to(device)), null=cfg_scale > 0)
     cond = {"conditioning": fixed, "cond_rows": torch.arange(B, device=device)}
+    bias = None if bool(real.all()) else padding_bias(real.to(device))  # as the engine builds it
     if scfg.shortlist:  # decode over the shortlist's indices, then map back to token ids
-        model = Shortlisted(pre.model, shortlist(pre, vectors, ids, real, fill, scfg.shortlist, cond))
+        vocab, logits = shortlist_logits(pre, vectors, ids, fill, scfg.shortlist, bias, cond)
+        model = Shortlisted(pre.model, vocab)
         ids = model.index(ids.to(device))
+        # the shortlist's forward is the first step's unguided forward: it answers that call
+        model.remember(ids, fill.to(device), bias, cond["cond_rows"], logits[:, model.vocab])
         suppress = [i for i, token in enumerate(model.vocab.tolist()) if token in suppress]
     count = int(fill.sum(1).max())
     cfg = sample_config(scfg, count, cfg_scale, suppress, temperature=temperature)
     drop = torch.zeros(B, dtype=torch.bool, device=device)
-    null = {"cond_rows": torch.full((B,), B, device=device)}  # row B of `fixed`: the null vector
+    null = {"cond_rows": torch.full((B,), B, device=device)}  # row B of `fixed` (guided only): the null vector
     out = infill(
         model,
         ids.to(device),
@@ -128,28 +132,29 @@ def refill(
 
 
 @torch.no_grad()
-def shortlist(
+def shortlist_logits(
     pre: Pretrained,
     vectors: Tensor,
     ids: Tensor,
-    real: Tensor,
     fill: Tensor,
     k: int,
+    bias: Tensor | None = None,
     extra: dict | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Token ids [K]: the union over the `fill` positions of ids [B, W] of their k most likely
     tokens given the vector, from one forward before decoding starts (no guidance), and every id
-    already in ids ([MASK], [PAD], the context). `extra`: more keyword arguments of the forward."""
+    already in ids ([MASK], [PAD], the context); and that forward's logits [N, V] at the fill
+    positions. bias: the attention bias of the forward; `extra`: more keyword arguments of it."""
     device = device_of(pre)
     logits = pre.model(
         ids.to(device),
-        attention_bias=padding_bias(real.to(device)),
+        attention_bias=bias,
         cond=vectors.to(device),
         logits_at=fill.to(device),
         **(extra or {}),
     )  # [N, V]
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
-    return torch.cat([top.flatten(), ids.to(device).flatten()]).unique()
+    return torch.cat([top.flatten(), ids.to(device).flatten()]).unique(), logits
 
 
 @torch.no_grad()

@@ -52,9 +52,14 @@ class Conditioning:
                     "every t the forwards use"
                 )
             at = hit.int().argmax(1)  # [B]
+        flat = rows * (1 if self.t_grid is None else len(self.t_grid)) + at  # [B] into [R * G]
+
+        def rows_at(table: Tensor) -> Tensor:  # [R, G, X] -> [B, X]: one gather per table
+            return table.flatten(0, 1).index_select(0, flat)
+
         return Picked(
-            [m[rows, at].chunk(self.chunks, dim=-1) for m in self.modulations],
-            None if self.final is None else self.final[rows, at].chunk(2, dim=-1),
+            [rows_at(m).chunk(self.chunks, dim=-1) for m in self.modulations],
+            None if self.final is None else rows_at(self.final).chunk(2, dim=-1),
             None if self.memory_kv is None else [(k[rows], v[rows]) for k, v in self.memory_kv],
         )
 

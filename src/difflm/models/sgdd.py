@@ -205,10 +205,13 @@ class SGDD(nn.Module):
         return self.decoder(input_ids, **kw, head=head)
 
     @torch.no_grad()
-    def conditioning(self, vectors: Tensor, t_grid: Tensor | None = None) -> Conditioning:
+    def conditioning(self, vectors: Tensor, t_grid: Tensor | None = None, null: bool = True) -> Conditioning:
         """What the decoder computes from encoder vectors [B, D] alone (models/conditioning.py),
-        for rows 0..B-1 (the vectors) and B (the unconditional null vector) at every t of t_grid."""
-        rows = torch.cat([self.semantic(vectors)[0], self.decoder.null_cond[None].to(vectors.dtype)])
+        for rows 0..B-1 (the vectors) and, with `null` (guidance needs it), B (the unconditional
+        null vector), at every t of t_grid."""
+        rows = self.semantic(vectors)[0]
+        if null:
+            rows = torch.cat([rows, self.decoder.null_cond[None].to(vectors.dtype)])
         return self.decoder.conditioning(rows, t_grid)
 
     def t_grid(self, real: Tensor) -> Tensor:
@@ -274,6 +277,40 @@ class Shortlisted(nn.Module):
         self.vocab = vocab.unique()  # sorted
         self.mask_token_id = int(self.index(torch.tensor([model.mask_token_id], device=vocab.device)))
         self.head = model.output_rows(self.vocab)  # gathered once, not at every step
+        self._answer: tuple[Tensor, ...] | None = None
+
+    def remember(
+        self, input_ids: Tensor, logits_at: Tensor, bias: Tensor | None, cond_rows: Tensor, logits: Tensor
+    ) -> None:
+        """Answer the next call with logits [N, K] where it is this forward: shortlist indices
+        input_ids [B, L], packed at logits_at [B, L], attention bias `bias`, conditioning rows
+        cond_rows [B]. The shortlist comes from the decode's first unguided forward, so that step
+        need not run again; under guidance (this forward's rows, then B unconditional ones) only
+        the unconditional rows run. Any other call runs the model."""
+        self._answer = (input_ids, logits_at, bias, cond_rows, logits)
+
+    def _remembered(self, input_ids: Tensor, kw: dict) -> Tensor | None:
+        answer, self._answer = self._answer, None  # good for the next call only
+        if answer is None or len(input_ids) not in (len(answer[0]), 2 * len(answer[0])):
+            return None
+        ids, at, bias, rows, logits = answer
+        B, n = len(ids), len(input_ids)
+
+        def part(v, rows: slice):  # the per-row keyword arguments of these rows
+            return v[rows] if isinstance(v, Tensor) and v.dim() > 0 and len(v) == n else v
+
+        first = {k: part(v, slice(0, B)) for k, v in kw.items()}
+        if not (
+            torch.equal(input_ids[:B], ids)
+            and _equal(first.get("logits_at"), at)
+            and _equal(first.get("cond_rows"), rows)
+            and _equal(first.get("attention_bias"), bias)
+        ):
+            return None
+        if n == B:
+            return logits
+        rest = {k: part(v, slice(B, n)) for k, v in kw.items()}
+        return torch.cat([logits, self.model(self.vocab[input_ids[B:]], head=self.head, **rest)])
 
     @property
     def max_length(self) -> int:
@@ -288,7 +325,14 @@ class Shortlisted(nn.Module):
 
     def forward(self, input_ids: Tensor, **kw) -> Tensor:
         """Logits [..., K] for shortlist indices input_ids; keyword arguments as `SGDD.forward`."""
+        remembered = self._remembered(input_ids, kw)
+        if remembered is not None:
+            return remembered
         return self.model(self.vocab[input_ids], head=self.head, **kw)
+
+
+def _equal(a: Tensor | None, b: Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 def build_decoder(config: SGDDConfig) -> Transformer | BertDecoder:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from difflm.errors import DifflmError
+from difflm.models import transformer as transformer_module
 from difflm.models.layers import (
     AdaLNModulation,
     AttentionContext,
@@ -177,14 +178,16 @@ def test_logits_shift_reads_each_position_from_the_one_before():
     [{}, {"logits_shift": 1}, {"causal": True}, {"cond_dim": 8, "cond_tokens": 2, "time_conditioning": True}],
     ids=["bidirectional", "shifted", "causal", "conditioned"],
 )
-def test_logits_at_computes_only_what_it_reads_and_equals_the_full_forward(overrides):
+def test_logits_at_computes_only_what_it_reads_and_equals_the_full_forward(overrides, monkeypatch):
     """The last block computes only the columns logits_at reads (its keys and values still come
     from every position): the packed logits equal the full forward's, with and without a bias,
-    and gradients reach the same weights."""
+    and gradients reach the same weights. It does so only when that saves enough work."""
     model, x = tiny(**overrides), ids(length=10)
-    perturb_modulation(model)
     at = torch.zeros(2, 10, dtype=torch.bool)
     at[0, [2, 5]], at[1, [5, 9]] = True, True  # row 0 never reads 9, row 1 never 2
+    assert model._output_columns(at, has_bias=True) is None  # 7 rows of a 32-wide block: too little
+    monkeypatch.setattr(transformer_module, "SKIP_MIN_FLOPS", 1)
+    perturb_modulation(model)
     kw = {"cond": torch.randn(2, 8), "t": torch.tensor([0.3, 0.7])} if "cond_dim" in overrides else {}
     bias = padding_bias(torch.tensor([[1] * 10, [1] * 8 + [0] * 2]))
     for b in (None, bias):

@@ -179,7 +179,7 @@ def test_precomputed_conditioning_decodes_the_same_text(trained, monkeypatch, cf
         decode_vectors(pre, vectors[i : i + 1], cfg_scale=cfg_scale, lengths=lengths[i : i + 1])[0]
         for i in range(6)
     ]
-    none_given = lambda self, vectors, t_grid=None: None  # noqa: E731
+    none_given = lambda self, vectors, t_grid=None, null=True: None  # noqa: E731
     monkeypatch.setattr(type(pre.model), "conditioning", none_given)
     assert fixed == one == decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths)
 

@@ -224,6 +224,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self._init_weights()
+        self.row_flops = self._last_block_row_flops()  # fixed by the shapes: not summed at every forward
 
     def _init_weights(self) -> None:
         """normal(0, 0.02); residual projections / sqrt(2 n_layer) (GPT-2); AdaLN-Zero parts zero."""
@@ -323,10 +324,10 @@ class Transformer(nn.Module):
         if self.logits_shift:  # row i reads output i - 1, row 0 its own
             read = torch.cat([read[1:], read.new_zeros(1)]) | torch.cat([read[:1], read.new_zeros(len(read) - 1)])
         cols = read.nonzero().flatten()
-        saved = (len(read) - len(cols)) * self._row_flops()
+        saved = (len(read) - len(cols)) * self.row_flops
         return cols if saved >= SKIP_MIN_FLOPS else None
 
-    def _row_flops(self) -> int:
+    def _last_block_row_flops(self) -> int:
         """Multiply-adds x 2 the last block spends on one row's output beyond its key and value."""
         block, C = self.blocks[-1], self.config.n_embd
         per_row = C * C + block.attn.out_proj.weight.numel() + sum(p.numel() for p in block.mlp.parameters())

@@ -398,6 +398,18 @@ def test_autocast_bfloat16():
     torch.testing.assert_close(torch.cat(steps, 1).float(), ar(x[:, :4]), atol=0.05, rtol=0.05)
 
 
+@torch.no_grad()
+def test_weights_cast_to_bfloat16_take_float32_times_and_vectors():
+    """A conditioned model cast to bfloat16 (serve --dtype bfloat16) is fed float32 t and cond."""
+    model = tiny(**COND)
+    perturb_modulation(model)
+    x, t, cond = ids(), torch.tensor([0.3, 0.6]), torch.randn(2, 8)
+    ref = model(x, t=t, cond=cond)
+    out = model.to(torch.bfloat16)(x, t=t, cond=cond)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("learned", [False, True])
 def test_all_mask_input_needs_learned_positions_to_tell_positions_apart(learned):
     """RoPE only sees relative offsets: identical inputs give identical outputs at every position,

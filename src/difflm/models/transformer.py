@@ -409,8 +409,10 @@ class Transformer(nn.Module):
         )
 
     def _time_embedding(self, t: Tensor) -> Tensor:
-        """t [N] -> its AdaLN input [N, C]."""
-        return self.time_mlp(timestep_embedding(t, TIME_FREQ_DIM))
+        """t [N] -> its AdaLN input [N, C] (the float32 features in the MLP's dtype: a model cast to
+        bfloat16 for inference takes float32 times)."""
+        features = timestep_embedding(t, TIME_FREQ_DIM)  # [N, TIME_FREQ_DIM]
+        return self.time_mlp(features.to(self.time_mlp[0].weight.dtype))
 
     def _attention_context(
         self,
@@ -515,7 +517,7 @@ class Transformer(nn.Module):
             return self.null_cond.expand(B, -1)  # [B, cond_dim]
         if tuple(cond.shape) != (B, self.config.cond_dim):
             raise DifflmError(f"cond must be [{B}, {self.config.cond_dim}], got shape {tuple(cond.shape)}")
-        return cond
+        return cond.to(self.null_cond.dtype)  # float32 vectors into a model cast to bfloat16
 
     def _memory(self, B: int, cond: Tensor | None) -> Tensor:
         """The semantic vector as cond_tokens memory tokens [B, T, C] for cross-attention."""

@@ -100,6 +100,29 @@ def test_conditioned_decoder_is_the_pretrained_mlm_at_step_zero():
     torch.testing.assert_close(got, expected[..., keep], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_hidden_states_projected_later_equal_the_forwards_logits(trained):
+    """An identity head returns the final hidden states; scoring them later (all V, or a shortlist
+    head) gives exactly the logits the forward would have returned: the guided shortlist forward
+    relies on it."""
+    torch.manual_seed(0)
+    bert = BertDecoder(
+        vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, cond_dim=8,
+        dropout=0.0, cond_tokens=3,
+    ).eval()  # fmt: skip
+    sgdd = load_pretrained(trained / "run").model
+    for model in (bert, sgdd.decoder):
+        width, vocab = model.tok_emb.weight.shape[1], model.tok_emb.weight.shape[0]
+        ids, at = torch.randint(0, vocab, (2, 12)), torch.rand(2, 12) < 0.5
+        h = model(ids, logits_at=at, head=(torch.eye(width), None))
+        assert h.shape == (int(at.sum()), width)
+        assert torch.equal(model.project_hidden(h), model(ids, logits_at=at))
+        keep = model.output_rows(torch.tensor([5, 1, 9]))
+        assert torch.equal(model.project_hidden(h, keep), model(ids, logits_at=at, head=keep))
+    ids = torch.randint(0, sgdd.config.vocab_size, (2, 12))
+    assert torch.equal(sgdd.project_hidden(sgdd(ids, head=sgdd.hidden_head())), sgdd(ids))
+
+
 def test_bert_decoder_precomputed_conditioning_gives_the_same_logits():
     torch.manual_seed(0)
     decoder = BertDecoder(
@@ -393,8 +416,8 @@ def test_shortlist_scores_its_tokens_as_the_full_head_and_only_them(trained):
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
 def test_the_shortlist_forward_answers_the_first_step(trained, monkeypatch, cfg_scale):
-    """The shortlist comes from the decode's first unguided forward: that step does not run again
-    (under guidance only its unconditional rows do), and the tokens are those of running it."""
+    """The shortlist comes from the decode's first forward: that step does not run again (under
+    guidance the forward also held the unconditional rows), and the tokens are those of running it."""
     pre = load_pretrained(trained / "run")
     vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
     lengths = torch.tensor([5, 3])
@@ -411,7 +434,7 @@ def test_the_shortlist_forward_answers_the_first_step(trained, monkeypatch, cfg_
     rows.clear()
     monkeypatch.setattr(Shortlisted, "remember", lambda self, *args: None)  # every step runs
     assert decode_vectors(pre, vectors, cfg_scale=cfg_scale, lengths=lengths) == remembered
-    assert (len(rows), sum(rows)) == (calls_with + (1 if cfg_scale == 0 else 0), rows_with + 2)
+    assert (len(rows), sum(rows)) == (calls_with + 1, rows_with + (2 if cfg_scale == 0 else 4))
 
 
 def test_fluency_weighs_the_decoders_likelihood_against_the_cosine(trained):

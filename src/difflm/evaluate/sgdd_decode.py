@@ -106,18 +106,21 @@ def refill(
     B = len(ids)
     fixed = pre.model.conditioning(vectors.to(device), pre.model.t_grid(real.to(device)), null=cfg_scale > 0)
     cond = {"conditioning": fixed, "cond_rows": torch.arange(B, device=device)}
+    null = {"cond_rows": torch.full((B,), B, device=device)}  # row B of `fixed` (guided only): the null vector
     bias = None if bool(real.all()) else padding_bias(real.to(device))  # as the engine builds it
     if scfg.shortlist:  # decode over the shortlist's indices, then map back to token ids
-        vocab, logits = shortlist_logits(pre, vectors, ids, fill, scfg.shortlist, bias, cond)
+        guided = null["cond_rows"] if cfg_scale > 0 else None
+        vocab, logits, h_null = shortlist_logits(pre, vectors, ids, fill, scfg.shortlist, bias, cond, guided)
         model = Shortlisted(pre.model, vocab)
         ids = model.index(ids.to(device))
-        # the shortlist's forward is the first step's unguided forward: it answers that call
-        model.remember(ids, fill.to(device), bias, cond["cond_rows"], logits[:, model.vocab])
+        # the shortlist's forward is the first step's forward (its unconditional rows as well
+        # when guided, projected on the shortlist here): it answers that call
+        uncond = None if h_null is None else (guided, pre.model.project_hidden(h_null, model.head))
+        model.remember(ids, fill.to(device), bias, cond["cond_rows"], logits[:, model.vocab], uncond)
         suppress = [i for i, token in enumerate(model.vocab.tolist()) if token in suppress]
     count = int(fill.sum(1).max())
     cfg = sample_config(scfg, count, cfg_scale, suppress, temperature=temperature)
     drop = torch.zeros(B, dtype=torch.bool, device=device)
-    null = {"cond_rows": torch.full((B,), B, device=device)}  # row B of `fixed` (guided only): the null vector
     out = infill(
         model,
         ids.to(device),
@@ -140,21 +143,33 @@ def shortlist_logits(
     k: int,
     bias: Tensor | None = None,
     extra: dict | None = None,
-) -> tuple[Tensor, Tensor]:
+    uncond_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Token ids [K]: the union over the `fill` positions of ids [B, W] of their k most likely
     tokens given the vector, from one forward before decoding starts (no guidance), and every id
-    already in ids ([MASK], [PAD], the context); and that forward's logits [N, V] at the fill
-    positions. bias: the attention bias of the forward; `extra`: more keyword arguments of it."""
+    already in ids ([MASK], [PAD], the context); that forward's logits [N, V] at the fill
+    positions; and, given uncond_rows [B] (conditioning rows of a guided decode's unconditional
+    copy, see `refill`), that copy's final hidden states [N, C] from the same forward (the rows
+    stacked as the guided steps stack them), else None. bias: the attention bias of the forward;
+    `extra`: more keyword arguments of it (with uncond_rows: its `cond_rows` and `conditioning`)."""
     device = device_of(pre)
-    logits = pre.model(
-        ids.to(device),
-        attention_bias=bias,
-        cond=vectors.to(device),
-        logits_at=fill.to(device),
-        **(extra or {}),
-    )  # [N, V]
+    ids, fill, vectors, extra = ids.to(device), fill.to(device), vectors.to(device), extra or {}
+    if uncond_rows is None:
+        logits = pre.model(ids, attention_bias=bias, cond=vectors, logits_at=fill, **extra)  # [N, V]
+        h_null = None
+    else:
+        h = pre.model(
+            torch.cat([ids, ids]),
+            attention_bias=None if bias is None else torch.cat([bias, bias]),
+            cond=torch.cat([vectors, vectors]),
+            logits_at=torch.cat([fill, fill]),
+            head=pre.model.hidden_head(),
+            **{**extra, "cond_rows": torch.cat([extra["cond_rows"], uncond_rows])},
+        )  # [2N, C]: the conditional rows' positions first
+        h_cond, h_null = h.chunk(2)
+        logits = pre.model.project_hidden(h_cond)  # [N, V]
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
-    return torch.cat([top.flatten(), ids.to(device).flatten()]).unique(), logits
+    return torch.cat([top.flatten(), ids.flatten()]).unique(), logits, h_null
 
 
 @torch.no_grad()

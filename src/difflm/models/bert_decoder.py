@@ -242,7 +242,11 @@ class BertDecoder(nn.Module):
             x = modulate(x, *mods[i])
         h = x if logits_at is None else x[logits_at.bool()]
         h = self.head_norm(F.gelu(self.head_dense(h)))
-        return F.linear(h, *(head or (self.tok_emb.weight, self.head_bias)))  # [.., V] or [.., K]
+        return self.project_hidden(h, head)  # [.., V] or [.., K]
+
+    def project_hidden(self, h: Tensor, head: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """Logits of final (transformed) hidden states h [..., C], as `forward` computes them."""
+        return F.linear(h, *(head or (self.tok_emb.weight, self.head_bias)))
 
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The tied output projection's rows of token ids vocab [K]: the `head` that scores only them."""

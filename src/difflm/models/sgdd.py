@@ -224,6 +224,17 @@ class SGDD(nn.Module):
         """The `head` that scores only the token ids vocab [K], in that order."""
         return self.decoder.output_rows(vocab)
 
+    def hidden_head(self) -> tuple[Tensor, None]:
+        """A `head` under which a forward returns the final hidden states [..., C] instead of
+        logits (an identity projection, exact), for `project_hidden` to score later."""
+        weight = self.decoder.tok_emb.weight
+        return torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device), None
+
+    def project_hidden(self, h: Tensor, head: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """Logits of hidden states from a `hidden_head` forward: the same as that forward with
+        `head` (None: the whole vocabulary) would have returned."""
+        return self.decoder.project_hidden(h, head)
+
     def length_logits(self, z: Tensor) -> Tensor:
         """[B, block_size] scores of lengths 1..block_size, from the mean conditioning vector."""
         if self.length_head is None:
@@ -280,35 +291,47 @@ class Shortlisted(nn.Module):
         self._answer: tuple[Tensor, ...] | None = None
 
     def remember(
-        self, input_ids: Tensor, logits_at: Tensor, bias: Tensor | None, cond_rows: Tensor, logits: Tensor
+        self,
+        input_ids: Tensor,
+        logits_at: Tensor,
+        bias: Tensor | None,
+        cond_rows: Tensor,
+        logits: Tensor,
+        uncond: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Answer the next call with logits [N, K] where it is this forward: shortlist indices
         input_ids [B, L], packed at logits_at [B, L], attention bias `bias`, conditioning rows
         cond_rows [B]. The shortlist comes from the decode's first unguided forward, so that step
-        need not run again; under guidance (this forward's rows, then B unconditional ones) only
-        the unconditional rows run. Any other call runs the model."""
-        self._answer = (input_ids, logits_at, bias, cond_rows, logits)
+        need not run again. Under guidance the call has B more rows, the same inputs on other
+        conditioning rows: `uncond` = (their cond_rows [B], their logits [N, K]) answers them too;
+        without it they run. Any other call runs the model."""
+        self._answer = (input_ids, logits_at, bias, cond_rows, logits, uncond)
 
     def _remembered(self, input_ids: Tensor, kw: dict) -> Tensor | None:
         answer, self._answer = self._answer, None  # good for the next call only
         if answer is None or len(input_ids) not in (len(answer[0]), 2 * len(answer[0])):
             return None
-        ids, at, bias, rows, logits = answer
+        ids, at, bias, rows, logits, uncond = answer
         B, n = len(ids), len(input_ids)
 
         def part(v, rows: slice):  # the per-row keyword arguments of these rows
             return v[rows] if isinstance(v, Tensor) and v.dim() > 0 and len(v) == n else v
 
-        first = {k: part(v, slice(0, B)) for k, v in kw.items()}
-        if not (
-            torch.equal(input_ids[:B], ids)
-            and _equal(first.get("logits_at"), at)
-            and _equal(first.get("cond_rows"), rows)
-            and _equal(first.get("attention_bias"), bias)
-        ):
+        def same(these: slice, cond_rows: Tensor) -> bool:  # these rows are the remembered forward's
+            kw_rows = {k: part(v, these) for k, v in kw.items()}
+            return (
+                torch.equal(input_ids[these], ids)
+                and _equal(kw_rows.get("logits_at"), at)
+                and _equal(kw_rows.get("cond_rows"), cond_rows)
+                and _equal(kw_rows.get("attention_bias"), bias)
+            )
+
+        if not same(slice(0, B), rows):
             return None
         if n == B:
             return logits
+        if uncond is not None and same(slice(B, n), uncond[0]):
+            return torch.cat([logits, uncond[1]])
         rest = {k: part(v, slice(B, n)) for k, v in kw.items()}
         return torch.cat([logits, self.model(self.vocab[input_ids[B:]], head=self.head, **rest)])
 

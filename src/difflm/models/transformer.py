@@ -311,7 +311,7 @@ class Transformer(nn.Module):
         if self.logits_shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)  # row i <- output i-1 (row 0 keeps its own)
         h = h if logits_at is None else h[logits_at.bool()]
-        return project(h, self.lm_head.weight) if head is None else project(h, *head)  # [.., V] or [.., K]
+        return self.project_hidden(h, head)  # [.., V] or [.., K]
 
     def _output_columns(self, logits_at: Tensor | None, has_bias: bool) -> Tensor | None:
         """Columns [Q'] whose final outputs the logits at `logits_at` [B, Q] read (any row), or
@@ -338,6 +338,10 @@ class Transformer(nn.Module):
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The output projection's rows of token ids vocab [K]: the `head` that scores only them."""
         return self.lm_head.weight[vocab].contiguous(), None
+
+    def project_hidden(self, h: Tensor, head: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """Logits of final hidden states h [..., C], as `forward` computes them (all V, or `head`)."""
+        return project(h, self.lm_head.weight) if head is None else project(h, *head)
 
     def hidden(
         self,

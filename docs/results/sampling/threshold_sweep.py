@@ -7,8 +7,12 @@ minute, so the runs are interleaved: every BD3 run follows an AR run, N of each 
 repository root:
 
     OMP_NUM_THREADS=1 python docs/results/sampling/threshold_sweep.py [N] [BATCH ...] > docs/results/sampling/threshold_sweep.txt
+
+`--bd3 PATH` / `--ar PATH` sweep other checkpoints (defaults: the zoo's 1056-context models),
+`--taus` other thresholds.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,14 +26,16 @@ from difflm.pretrained import load_pretrained  # noqa: E402
 from difflm.sampling.autoregressive import generate_ar  # noqa: E402
 from difflm.sampling.unmask import SampleConfig, generate  # noqa: E402
 
-G, P = 256, 32
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-BATCHES = [int(b) for b in sys.argv[2:]] or [1, 16]
+p = argparse.ArgumentParser()
+p.add_argument("n", nargs="?", type=int, default=3, help="runs of each setting (its best is kept)")
+p.add_argument("batches", nargs="*", type=int, default=[1, 16])
+p.add_argument("--bd3", default="zoo/shakespeare_char_bd3_4_1k")
+p.add_argument("--ar", default="zoo/shakespeare_char_ar_1k")
+p.add_argument("--taus", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.4, 0.3])
+args = p.parse_args()
+G, P, N, BATCHES, TAUS = 256, 32, args.n, args.batches, args.taus
 torch.set_num_threads(1)
-bd3, ar = load_pretrained("zoo/shakespeare_char_bd3_4_1k"), load_pretrained("zoo/shakespeare_char_ar_1k")
-
-
-TAUS = (0.9, 0.7, 0.5, 0.4, 0.3)
+bd3, ar = load_pretrained(args.bd3), load_pretrained(args.ar)
 
 
 def tok_s(run, B):

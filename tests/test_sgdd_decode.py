@@ -42,6 +42,7 @@ from difflm.evaluate.sgdd_verify import (
     verified_search,
 )
 from difflm.models.bert_decoder import BertDecoder, rename_hf_key
+from difflm.models.layers import rope_cos_sin
 from difflm.models.sgdd import Shortlisted
 from difflm.models.transformer import Transformer
 from difflm.pretrained import load_pretrained
@@ -567,3 +568,17 @@ def test_cli_rejects_bad_verification_flags(trained):
     ):
         proc = subprocess.run(base + flags, capture_output=True, text=True)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_decoding_in_inference_mode_leaves_the_model_trainable(trained):
+    pre = load_pretrained(trained / "run")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:2])
+    lengths = torch.tensor([4, 6])
+    rope_cos_sin.cache_clear()  # the decode below makes the rotary tables the training forward reads
+    got = decode_vectors(pre, vectors, cfg_scale=2.0, lengths=lengths)
+    with torch.no_grad():  # what the decode gave before it ran in inference mode
+        assert decode_vectors.__wrapped__(pre, vectors, cfg_scale=2.0, lengths=lengths) == got
+    ids = torch.tensor([[pre.tokenizer.mask_token_id] * 6] * 2)
+    logits = pre.model.train()(ids, cond=vectors)  # the decode's cached tables serve training too
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in pre.model.decoder.blocks.parameters() if p.requires_grad)

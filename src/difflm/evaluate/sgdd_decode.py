@@ -50,7 +50,7 @@ def suppressed_ids(tokenizer) -> list[int]:
     return sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not just no_grad: less bookkeeping per op, 1.07-1.09x at batch 1 (stop 29)
 def decode_vectors(
     pre: Pretrained,
     vectors: Tensor,
@@ -60,7 +60,8 @@ def decode_vectors(
     generator: torch.Generator | None = None,
     temperature: float = 0.0,
 ) -> list[list[int]]:
-    """Token ids of the text each vector [B, D] decodes to (length from the head unless given)."""
+    """Token ids of the text each vector [B, D] decodes to (length from the head unless given).
+    Runs in inference mode: only Python lists leave it, so no inference tensor reaches training."""
     if cfg_scale < 0:
         raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
     block = pre.model.max_length

@@ -40,7 +40,12 @@ for scale in (0.0, 2.0):
                 out = (new if name == "new" else before)(data.vectors[i : i + 1], scale)[0]
                 ms = 1000 * (time.perf_counter() - start)
                 best[(name, i)] = (min(best.get((name, i), (float("inf"),))[0], ms), out)
-    mean = {name: sum(best[(name, i)][0] for i in range(len(pairs))) / len(pairs) for name in ("no_grad", "new")}
+    mean = {
+        name: sum(best[(name, i)][0] for i in range(len(pairs))) / len(pairs) for name in ("no_grad", "new")
+    }
     same = sum(best[("new", i)][1] == best[("no_grad", i)][1] for i in range(len(pairs)))
-    print(f"CFG {scale:g}: no_grad {mean['no_grad']:.1f} ms   inference_mode {mean['new']:.1f} ms   "
-          f"({mean['no_grad'] / mean['new']:.2f}x)   same text {same} / {len(pairs)}", flush=True)
+    print(
+        f"CFG {scale:g}: no_grad {mean['no_grad']:.1f} ms   inference_mode {mean['new']:.1f} ms   "
+        f"({mean['no_grad'] / mean['new']:.2f}x)   same text {same} / {len(pairs)}",
+        flush=True,
+    )

@@ -50,7 +50,7 @@ def suppressed_ids(tokenizer) -> list[int]:
     return sorted(i for i in tokenizer.special_ids if i != tokenizer.mask_token_id)
 
 
-@torch.inference_mode()  # not just no_grad: less bookkeeping per op, 1.07-1.09x at batch 1 (stop 29)
+@torch.inference_mode()  # less bookkeeping per op than no_grad: docs/results/sgdd/inference_mode_ab.txt
 def decode_vectors(
     pre: Pretrained,
     vectors: Tensor,

@@ -250,6 +250,27 @@ def test_init_from_starts_a_diffusion_run_from_ar_weights(tmp_path):
     assert load_pretrained(tmp_path / "mdm").config.model.causal is False
 
 
+def test_init_from_keeps_the_checkpoints_char_vocabulary_on_other_text(tmp_path):
+    """Fine-tuning on text with fewer characters reads ids as the weights learned them: a vocabulary
+    rebuilt from the new text would be smaller (a shape error) and renumber every character."""
+    base = config(tmp_path, "base", "train.max_steps=1")
+    train(base, build_run(base))
+    vocab = load_pretrained(tmp_path / "base").tokenizer
+    narrow = tmp_path / "narrow.txt"
+    narrow.write_text("the king speaks to the night\n" * 200, encoding="utf-8")  # no c, d, f, l, ...
+    cfg = config(
+        tmp_path,
+        "tuned",
+        "train.max_steps=1",
+        f"data.path={narrow}",
+        f"train.init_from={tmp_path / 'base'}",
+    )
+    train(cfg, build_run(cfg))
+    tuned = load_pretrained(tmp_path / "tuned").tokenizer
+    assert tuned.vocab_size == vocab.vocab_size > len(set(narrow.read_text()))
+    assert tuned.encode("speak") == vocab.encode("speak")
+
+
 def test_init_from_a_different_shape_is_a_one_line_error(tmp_path):
     ar = load_config("recipes/shakespeare_char_ar.yaml", tiny_overrides(tmp_path, "ar", "train.max_steps=1"))
     train(ar, build_run(ar))

@@ -27,6 +27,7 @@ from difflm.pretrained import Pretrained
 from difflm.sampling.forcing import SCHEDULES, sample_forcing
 from difflm.sampling.settings import SampleOptions
 from difflm.sampling.unmask import SampleResult
+from difflm.systems.text import init_tokenizer
 from difflm.train.objectives import AutoregressiveObjective, DiffusionForcingObjective
 from difflm.train.trainer import Run
 
@@ -66,7 +67,7 @@ def build_forcing(cfg: RunConfig) -> Run:
     if model_family(cfg.model) != "dfgpt":
         raise DifflmError(f"task '{cfg.task}' trains model.family=dfgpt, got {model_family(cfg.model)}")
     system_config(cfg, ForcingSystemConfig)  # validate the sampling defaults now, not at eval time
-    tokenizer, train, val = text_blocks(cfg.data)
+    tokenizer, train, val = text_blocks(cfg.data, init_tokenizer(cfg))
     flag = cfg.model.use_diffusion_forcing
     # next-token loss feeds block - 1 inputs; sized to that, no position embedding goes untrained
     length = cfg.data.block_size if flag else cfg.data.block_size - 1

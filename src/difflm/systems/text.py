@@ -12,7 +12,7 @@ import math
 
 from difflm.config import RunConfig, model_family
 from difflm.data.blocks import text_blocks
-from difflm.data.tokenizers import Tokenizer
+from difflm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from difflm.errors import DifflmError
 from difflm.evaluate.likelihood import ar_nll, elbo_nll, left_to_right_nll
 from difflm.evaluate.options import EvalOptions
@@ -21,6 +21,7 @@ from difflm.pretrained import Pretrained
 from difflm.sampling.autoregressive import generate_ar
 from difflm.sampling.settings import SampleOptions, sample_config
 from difflm.sampling.unmask import SampleResult, generate
+from difflm.train.checkpoint import resolve_checkpoint
 from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.trainer import Run
 
@@ -38,6 +39,16 @@ def fill_derived(cfg: RunConfig, tokenizer: Tokenizer, *, causal: bool | None = 
     cfg.model = dataclasses.replace(cfg.model, **updates)
 
 
+def init_tokenizer(cfg: RunConfig) -> Tokenizer | None:
+    """The tokenizer of `train.init_from`'s checkpoint, when it saved one: a fine-tune must read
+    ids as its weights learned them, and a character vocabulary rebuilt from other text would
+    renumber them (or change the vocabulary's size). None: build one from the data."""
+    if not cfg.train.init_from or cfg.train.resume:
+        return None
+    source = resolve_checkpoint(cfg.train.init_from)
+    return load_tokenizer(source) if (source / TOKENIZER_FILE).is_file() else None
+
+
 def require_family(cfg: RunConfig, family: str) -> None:
     if model_family(cfg.model) != family:
         raise DifflmError(f"task '{cfg.task}' trains model.family={family}, got {model_family(cfg.model)}")
@@ -47,7 +58,7 @@ def build_masked_diffusion(cfg: RunConfig) -> Run:
     require_family(cfg, "transformer")
     if getattr(cfg.model, "lookahead_row", False) and cfg.diffusion.block_length is None:
         raise DifflmError("model.lookahead_row is for block diffusion: set diffusion.block_length (e.g. 4)")
-    tokenizer, train, val = text_blocks(cfg.data)
+    tokenizer, train, val = text_blocks(cfg.data, init_tokenizer(cfg))
     fill_derived(cfg, tokenizer, causal=False)
     objective = MaskedDiffusionObjective(
         cfg.diffusion, mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size
@@ -57,7 +68,7 @@ def build_masked_diffusion(cfg: RunConfig) -> Run:
 
 def build_autoregressive(cfg: RunConfig) -> Run:
     require_family(cfg, "transformer")
-    tokenizer, train, val = text_blocks(cfg.data)
+    tokenizer, train, val = text_blocks(cfg.data, init_tokenizer(cfg))
     fill_derived(cfg, tokenizer, causal=True)
     return Run(build_model("transformer", cfg.model), AutoregressiveObjective(), train, val, tokenizer)
 

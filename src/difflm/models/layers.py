@@ -219,11 +219,19 @@ class KVCache:
                 "(the end of this input up to the cache length)"
             )
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor, attend_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, H, Q, D] at slots [start, start+Q); return slots [0, attend_len)."""
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+    def update(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor, attend_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, Q, D] at slots [start, start+Q) (start [B]: each row at its own
+        slots); return slots [0, attend_len)."""
+        if isinstance(start, Tensor):
+            rows = torch.arange(len(start), device=start.device)[:, None]  # [B, 1]
+            slots = start[:, None] + torch.arange(k.shape[2], device=start.device)  # [B, Q]
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)  # indexed as [B, Q, H, D]
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+            end = int(slots.max()) + 1
+        else:
+            end = start + k.shape[2]
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
         self.length = max(self.length, end)
         return self.k[layer][:, :, :attend_len], self.v[layer][:, :, :attend_len]  # [B, H, K, D]
 
@@ -236,12 +244,12 @@ class KVCache:
 class AttentionContext:
     """What every layer's self-attention needs for one forward, built once by the model."""
 
-    cos: Tensor | None  # [Q, D]; None: no rotary positions
-    sin: Tensor | None  # [Q, D]
+    cos: Tensor | None  # [Q, D] (per-row offsets: [B, 1, Q, D]); None: no rotary positions
+    sin: Tensor | None
     bias: Tensor | None = None  # broadcastable to [B, 1, Q, K]
     is_causal: bool = False  # SDPA's own causal path (no cache, no extra bias)
     cache: KVCache | None = None
-    start: int = 0
+    start: int | Tensor = 0  # the cache slot of the first query; [B]: one per row
     attend_len: int = 0
 
 
@@ -277,7 +285,7 @@ class SelfAttention(nn.Module):
         q = F.linear(x[:, cols], w[:C], None if b is None else b[:C]).view(B, len(cols), H, C // H).transpose(1, 2)
         k, v = F.linear(x, w[C:], None if b is None else b[C:]).view(B, Q, 2, H, C // H).permute(2, 0, 3, 1, 4)
         if ctx.cos is not None:
-            q, k = apply_rope(q, ctx.cos[cols], ctx.sin[cols]), apply_rope(k, ctx.cos, ctx.sin)
+            q, k = apply_rope(q, ctx.cos[..., cols, :], ctx.sin[..., cols, :]), apply_rope(k, ctx.cos, ctx.sin)
         bias = ctx.bias if ctx.bias is None or ctx.bias.shape[2] == 1 else ctx.bias[:, :, cols]
         return self._attend(q, k, v, ctx, layer, bias, False)
 

@@ -10,7 +10,10 @@ of having its `forward` signature sniffed:
   `KVCache.for_model(model, ...)` builds its cache (block-wise caching, `sampling/cache.py`);
 - `supports_logits_at`: forward takes `logits_at` (bool [B, L]) and returns packed logits [N, V]
   for its true positions only;
-- `logits_shift`: 1 when position i's logits come from position i-1's output (Dream), else 0.
+- `logits_shift`: 1 when position i's logits come from position i-1's output (Dream), else 0;
+- optionally `supports_row_offsets`: with a cache, `position_offset` may be a LongTensor [B], each
+  row at its own positions and slots (block diffusion with rows at different blocks,
+  `sampling/ragged.py`); absent means False.
 
 `check_denoiser` turns a model that lacks part of the protocol into a DifflmError naming what to add.
 """

@@ -196,6 +196,7 @@ class Transformer(nn.Module):
 
     supports_kv_cache = True
     supports_logits_at = True
+    supports_row_offsets = True  # position_offset [B] with a cache (models/protocol.py)
     logits_shift = 0
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -261,7 +262,7 @@ class Transformer(nn.Module):
         attention_bias: Tensor | None = None,
         t: Tensor | None = None,
         cond: Tensor | None = None,
-        position_offset: int = 0,
+        position_offset: int | Tensor = 0,
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
         logits_at: Tensor | None = None,
@@ -281,7 +282,9 @@ class Transformer(nn.Module):
         samplers can pass t to any denoiser.
         cond: [B, cond_dim] semantic vectors; None means unconditional (the learned null vector).
         kv_cache: write this input's keys/values at slots [position_offset, +Q) and attend over
-        slots [0, attend_len) (default position_offset + Q).
+        slots [0, attend_len) (default position_offset + Q). With a cache, position_offset may be
+        a LongTensor [B]: each row at its own positions and slots (block-diffusion rows at
+        different blocks, sampling/ragged.py); the bias then hides each row's unwritten slots.
         position_ids: [Q] explicit positions instead of position_offset..+Q: block diffusion
         feeds the noisy and the clean copy of a sequence, both at positions 0..L-1 (with a cache,
         the keys still go to slots [position_offset, +Q): the sampler's lookahead row).
@@ -350,7 +353,7 @@ class Transformer(nn.Module):
         attention_bias: Tensor | None = None,
         t: Tensor | None = None,
         cond: Tensor | None = None,
-        position_offset: int = 0,
+        position_offset: int | Tensor = 0,
         kv_cache: KVCache | None = None,
         attend_len: int | None = None,
         position_ids: Tensor | None = None,
@@ -377,6 +380,8 @@ class Transformer(nn.Module):
             memory = self._memory(B, cond) if self.config.cond_tokens else None  # [B, T, C]
         if self.pos_emb is not None and position_ids is not None:
             x = x + self.pos_emb(position_ids)
+        elif self.pos_emb is not None and isinstance(position_offset, Tensor):
+            x = x + self.pos_emb(position_offset[:, None] + torch.arange(Q, device=x.device))
         elif self.pos_emb is not None:
             x = x + self.pos_emb.weight[position_offset : position_offset + Q]
         x = self.drop(x)
@@ -433,6 +438,8 @@ class Transformer(nn.Module):
         cfg = self.config
         if positions is not None:
             return self._explicit_positions_context(B, Q, bias, start, cache, attend_len, positions)
+        if isinstance(start, Tensor):
+            return self._row_offsets_context(B, Q, bias, start, cache, attend_len)
         if start < 0 or start + Q > cfg.block_size:
             raise DifflmError(
                 f"positions [{start}, {start + Q}) exceed block_size {cfg.block_size}; "
@@ -491,6 +498,25 @@ class Transformer(nn.Module):
         K = self._check_cache(B, Q, bias, start, cache, attend_len)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta) if cfg.rope else (None, None)
         return AttentionContext(cos, sin, bias, False, cache, start, 0 if cache is None else K)
+
+    def _row_offsets_context(
+        self, B: int, Q: int, bias: Tensor | None, starts: Tensor, cache: KVCache | None, attend_len: int | None
+    ) -> AttentionContext:
+        """The attention context when row b sits at positions and cache slots starts[b]..+Q."""
+        cfg = self.config
+        if cache is None or attend_len is None or cfg.causal:
+            raise DifflmError("per-row position offsets need a kv_cache, an attend_len and a non-causal model")
+        if starts.shape != (B,) or int(starts.min()) < 0 or int(starts.max()) + Q > min(cfg.block_size, attend_len):
+            raise DifflmError(
+                f"per-row position offsets must be [{B}] with offset + {Q} <= min(block_size, attend_len), "
+                f"got shape {tuple(starts.shape)}"
+            )
+        K = self._check_cache(B, Q, bias, 0, cache, attend_len)
+        cos = sin = None
+        if cfg.rope:
+            positions = starts[:, None] + torch.arange(Q, device=starts.device)  # [B, Q]
+            cos, sin = (t.view(B, 1, Q, -1) for t in rope_tables(positions.flatten(), cfg.head_dim, cfg.rope_theta))
+        return AttentionContext(cos, sin, bias, False, cache, starts, K)
 
     def _conditioning(
         self, B: int, t: Tensor | None, cond: Tensor | None, device: torch.device

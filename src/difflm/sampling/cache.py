@@ -76,7 +76,7 @@ def query_rows(bias: Tensor | None, start: int, end: int) -> Tensor | None:
     return bias[:, :, start:end]
 
 
-def _cache_dtype(model: Any) -> torch.dtype:
+def cache_dtype(model: Any) -> torch.dtype:
     """bf16 under CPU/CUDA autocast (keys are produced in it), else the parameters' dtype."""
     device = next(model.parameters()).device.type
     if torch.is_autocast_enabled(device):
@@ -248,6 +248,6 @@ class BlockForward:
         if stream not in self.caches:
             spare = int(self.lookahead)  # a lookahead row moves its block up one slot: one more at the end
             self.caches[stream] = KVCache.for_model(
-                self.model, batch, max_len=self.length + spare, dtype=_cache_dtype(self.model)
+                self.model, batch, max_len=self.length + spare, dtype=cache_dtype(self.model)
             )
         return self.caches[stream]

@@ -34,6 +34,13 @@ def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device 
     return torch.stack(rows).to(device)
 
 
+def rows_of(generator: Generators, rows: Tensor) -> Generators:
+    """The generators of `rows` when there is one per row; a shared generator is kept."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return [generator[r] for r in rows.tolist()]
+
+
 def apply_top_k(logits: Tensor, k: int | None) -> Tensor:
     """Keep the k largest logits on the last axis, set the rest to -inf (None or 0 = no-op)."""
     if not k or k >= logits.shape[-1]:

@@ -80,6 +80,11 @@ class SampleConfig:
         "(the prompt is left padded to a multiple), each attending to itself and earlier blocks only, "
         "so a cache (prefix or dual) holds finished blocks exactly and is written once per block.",
     )
+    rows_apart: bool = opt(
+        True,
+        "Block-causal decoding with a cache and steps 0: each row moves to its next block as soon as "
+        "its own block is filled instead of waiting for the batch (the same tokens, fewer forwards).",
+    )
 
     def __post_init__(self) -> None:
         if self.gen_length < 1:

@@ -15,7 +15,6 @@ docs/architecture.md plus `model.mask_token_id`.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -28,17 +27,9 @@ from difflm.errors import DifflmError
 from difflm.models.block_attention import block_causal_bias
 from difflm.models.layers import padding_bias
 from difflm.sampling.cache import BlockForward
-from difflm.sampling.draw import (
-    CONFIDENCES,
-    Generators,
-    confidence,
-    draw_tokens,
-    factor_count,
-    greedy_confidence,
-    reveal_counts,
-    threshold_count,
-    uniform,
-)
+from difflm.sampling.draw import Generators, reveal_counts, rows_of
+from difflm.sampling.ragged import ragged_start, ragged_steps
+from difflm.sampling.reveal import draw_block, draw_packed, greedy, reveal_count, reveal_mask
 from difflm.sampling.settings import SampleConfig
 from difflm.sampling.trace import Trace
 
@@ -197,34 +188,6 @@ def _spread(want: Tensor, rows: Tensor, batch: int) -> Tensor:
     return full
 
 
-def _top_n(scores: Tensor, cand: Tensor, n: Tensor) -> Tensor:
-    """Bool [B, S]: per row the n[b] highest-scoring candidates (ties: leftmost first)."""
-    scores = scores.double().masked_fill(~cand, float("-inf"))
-    order = scores.argsort(dim=1, descending=True, stable=True)  # [B, S]
-    ranks = torch.empty_like(order).scatter_(
-        1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    )
-    return cand & (ranks < n[:, None])
-
-
-def _reveal(conf: Tensor, cand: Tensor, n: Tensor, cfg: SampleConfig, generator: Generators) -> Tensor:
-    """Bool [B, S]: the n[b] candidates of each row the remasking policy reveals now."""
-    if cfg.remasking == "left_to_right":  # the leftmost n: no ranking needed
-        return cand & (cand.cumsum(1) <= n[:, None])
-    return _top_n(_scores(conf, cand, n, cfg, generator), cand, n)
-
-
-def _scores(conf: Tensor, cand: Tensor, n: Tensor, cfg: SampleConfig, generator: Generators) -> Tensor:
-    """Ranking score [B, S] of each candidate under a ranking remasking policy (higher = reveal first)."""
-    if cfg.remasking == "random":
-        return uniform(tuple(conf.shape), generator, conf.device)
-    if cfg.remasking == "random_topk":
-        pool = _top_n(conf, cand, torch.clamp(n, min=cfg.topk_pool))
-        noise = uniform(tuple(conf.shape), generator, conf.device)
-        return noise.masked_fill(~pool, float("-inf"))
-    return conf.double()
-
-
 def _first_eos(x: Tensor, fill: Tensor, eos: int) -> Tensor:
     """Column of each row's first generated EOS [B] (L when none)."""
     is_eos = fill & (x == eos)
@@ -244,56 +207,6 @@ def _all_rows_ended(x: Tensor, fill: Tensor, eos: int, mask_id: int) -> bool:
     return bool(((first < x.shape[1]) & ~pending).all())
 
 
-def _draw(logits: Tensor, cfg: SampleConfig, mask_id: int, generator: Generators) -> tuple[Tensor, Tensor]:
-    """Tokens [B, S] and their confidence [B, S] from logits [B, S, V]."""
-    banned = [mask_id, *cfg.suppress_tokens]
-    if max(banned) >= logits.shape[-1]:
-        raise DifflmError(
-            f"suppress_tokens / mask id {max(banned)} outside the vocabulary of {logits.shape[-1]}"
-        )
-    logits = logits.index_fill(-1, _index(tuple(banned), logits.device), float("-inf"))
-    if _greedy(cfg):
-        return greedy_confidence(logits)
-    chosen, probs = draw_tokens(
-        logits, cfg.temperature, cfg.top_k, cfg.top_p, generator, cfg.confidence_from_tempered
-    )
-    kind = cfg.remasking if cfg.remasking in CONFIDENCES else "low_confidence"
-    return chosen, confidence(probs, chosen, kind)
-
-
-@functools.lru_cache(maxsize=32)
-def _index(ids: tuple[int, ...], device: torch.device) -> Tensor:
-    """ids as an index tensor, made once per run's banned list rather than at every step."""
-    return torch.tensor(ids, device=device)
-
-
-def _greedy(cfg: SampleConfig) -> bool:
-    """Argmax drawing ranked by the drawn token's probability: no noise, no filter."""
-    plain = not cfg.top_k and (cfg.top_p is None or cfg.top_p >= 1.0)
-    return cfg.temperature == 0 and plain and cfg.remasking not in ("margin", "entropy")
-
-
-def _draw_packed(
-    logits: Tensor, cand: Tensor, current: Tensor, cfg: SampleConfig, mask_id: int
-) -> tuple[Tensor, Tensor]:
-    """Greedy draw from packed logits [N, V] of the candidates cand [b, S]: tokens [b, S] (the
-    current token elsewhere) and confidence [b, S] (0 elsewhere)."""
-    chosen_n, conf_n = _draw(logits[None], cfg, mask_id, None)  # [1, N] each
-    chosen = current.masked_scatter(cand, chosen_n[0])
-    conf = torch.zeros(cand.shape, device=cand.device).masked_scatter(cand, conf_n[0].float())
-    return chosen, conf
-
-
-def _reveal_count(n: Tensor, conf: Tensor, cand: Tensor, cfg: SampleConfig) -> Tensor:
-    """Positions to reveal per row [b]: the schedule's n, raised by threshold / factor, >= 1."""
-    if cfg.threshold is not None:
-        prefix = cfg.remasking == "left_to_right"
-        n = torch.maximum(n, threshold_count(conf, cand, cfg.threshold, prefix=prefix))
-    if cfg.factor is not None:
-        n = torch.maximum(n, factor_count(conf, cand, cfg.factor))
-    return n.clamp(min=1).minimum(cand.sum(1))  # >= 1 per step while candidates are left
-
-
 def _reveal_targets(total: Tensor, n_steps: int, cfg: SampleConfig) -> Tensor:
     """Revealed-so-far target [B, n_steps] after each step of a block holding total [B] positions.
 
@@ -306,13 +219,6 @@ def _reveal_targets(total: Tensor, n_steps: int, cfg: SampleConfig) -> Tensor:
         torch.tensor(reveal_counts(int(n), n_steps, cfg.reveal_schedule)).cumsum(0).tolist() for n in total
     ]
     return torch.tensor(counts, device=total.device)
-
-
-def _rows_of(generator: Generators, rows: Tensor) -> Generators:
-    """The generators of `rows` when there is one per row; a shared generator is kept."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    return [generator[r] for r in rows.tolist()]
 
 
 def _run_block(
@@ -350,16 +256,16 @@ def _run_block(
         # every row active (always at batch 1): a slice, so the reads below are views, not gathers
         subset = None if n_active == len(x) else active.nonzero().flatten()  # [b]
         rows = slice(None) if subset is None else subset
-        gen = generator if subset is None else _rows_of(generator, subset)
+        gen = generator if subset is None else rows_of(generator, subset)
         current, w = x[rows, lo:hi], win[rows]  # [b, S]
         cand = w & (current == mask_id) if keep else w
-        if keep and _greedy(cfg):  # only masked positions are drawn: project just those
-            chosen, conf = _draw_packed(denoise(x, lo, hi, subset, cand), cand, current, cfg, mask_id)
+        if keep and greedy(cfg):  # only masked positions are drawn: project just those
+            chosen, conf = draw_packed(denoise(x, lo, hi, subset, cand), cand, current, cfg, mask_id)
         else:
-            chosen, conf = _draw(denoise(x, lo, hi, subset), cfg, mask_id, gen)  # [b, S] each
+            chosen, conf = draw_block(denoise(x, lo, hi, subset), cfg, mask_id, gen)  # [b, S] each
         n = targets[rows, i] - (start_masked[rows] - cand.sum(1)) if keep else targets[rows, i]
-        n = _reveal_count(n, conf, cand, cfg)
-        reveal = _reveal(conf, cand, n, cfg, gen)
+        n = reveal_count(n, conf, cand, cfg)
+        reveal = reveal_mask(conf, cand, n, cfg, gen)
         before = x.clone()
         if keep:
             x[rows, lo:hi] = torch.where(reveal, chosen, current)
@@ -481,6 +387,9 @@ def _infill(
     bias = None if bool(real.all()) else padding_bias(real)
     if attention_bias is not None:
         bias = _self_visible(attention_bias if bias is None else attention_bias + bias)
+    apart = ragged_start(model, cfg, fill, plain=not (trace or model_kwargs))
+    if apart is not None:  # rows move on to their next block one by one (ragged.py)
+        return (yield from _ragged(model, x, real, apart, cfg, mask_id, generator))
     denoise = _Denoiser(model, bias, ~fill & real.bool(), cfg, model_kwargs, uncond_kwargs, ids.shape[1])
     record = Trace(x.cpu().clone(), fill.cpu(), real.cpu(), mask_id) if trace else None
     block_of = torch.where(fill, (fill.long().cumsum(1) - 1) // sizes[0], -1)  # [B, L]
@@ -490,6 +399,19 @@ def _infill(
     if cfg.eos_mode != "none":
         x = _fill_after_eos(x, fill, cfg.eos_token_id)
     return SampleResult(x, record, denoise.calls, real)
+
+
+def _ragged(
+    model: Any, x: Tensor, real: Tensor, P: int, cfg: SampleConfig, mask_id: int, generator: Generators
+) -> Generator[Step, None, SampleResult]:
+    """`ragged_steps` as the engine's Steps and SampleResult."""
+    run = ragged_steps(model, x, real, P, cfg, mask_id, generator)
+    while True:
+        try:
+            changed, block, i = next(run)
+        except StopIteration as done:
+            return SampleResult(x, None, done.value, real)
+        yield Step(x, changed, block, i)
 
 
 def generate(

@@ -1,6 +1,7 @@
 """The CLI end to end on tiny checkpoints: sample, eval, and one-line errors with exit 2."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,20 @@ def test_export_writes_a_bf16_copy_that_samples_and_evaluates_alike(checkpoints,
         assert torch.equal(a.to(torch.bfloat16).float(), b.float()), name  # the copy is the rounded source
     assert main(["export", str(checkpoints / "diff"), str(out)]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_with_data_evaluates_the_copy_on_that_source(checkpoints, tmp_path, capsys):
+    """--data points the copy's eval at another file (a run trained on text that is not shared)."""
+    from difflm.pretrained import load_pretrained
+
+    other = tmp_path / "other.txt"
+    other.write_text(Path(load_pretrained(checkpoints / "diff").config.data.path).read_text()[::-1])
+    out = tmp_path / "exported"
+    assert main(["export", str(checkpoints / "diff"), str(out), "--data", str(other)]) == 0
+    assert load_pretrained(out).config.data.path == str(other)
+    capsys.readouterr()
+    evals = []
+    for folder in (checkpoints / "diff", out):
+        assert main(["eval", str(folder), "--json", "--max-batches", "1"]) == 0
+        evals.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_elbo_nll"])
+    assert evals[0] != evals[1]  # scored on other text

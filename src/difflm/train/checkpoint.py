@@ -146,18 +146,29 @@ def write_folder(
 
 
 def export_checkpoint(
-    source: Path, dst: Path, *, model: torch.nn.Module, tokenizer: Any, dtype: torch.dtype
+    source: Path,
+    dst: Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    data_path: str | None = None,
 ) -> Path:
     """A standalone copy of the checkpoint `source` at `dst` for sharing: weights cast to `dtype`,
     no optimizer state; run config and trainer state kept (`sample` / `eval` need only the path).
-    `dst` must not exist; it appears whole or not at all."""
+    `data_path` replaces the config's data source (what `eval` of the copy reads: e.g. a corpus
+    name when the run trained on a file that is not shared). `dst` must not exist; it appears
+    whole or not at all."""
     if dst.exists():
         raise DifflmError(f"{dst} already exists; remove it or choose another folder")
+    run_config = read_json(source / RUN_CONFIG_FILE)
+    if data_path is not None:
+        run_config["data"] = {**run_config.get("data", {}), "path": data_path}
     tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
     write_folder(
         tmp,
         model=model.to(dtype),
-        run_config=read_json(source / RUN_CONFIG_FILE),
+        run_config=run_config,
         trainer_state=read_json(source / STATE_FILE),
         tokenizer=tokenizer,
     )

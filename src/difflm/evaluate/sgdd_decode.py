@@ -24,6 +24,7 @@ from difflm.errors import DifflmError
 from difflm.models.layers import padding_bias
 from difflm.models.sgdd import Shortlisted
 from difflm.pretrained import Pretrained
+from difflm.sampling.denormals import flush_denormals
 from difflm.sampling.settings import SampleConfig
 from difflm.sampling.unmask import infill
 from difflm.systems.sgdd import SGDDSystemConfig
@@ -61,7 +62,8 @@ def decode_vectors(
     temperature: float = 0.0,
 ) -> list[list[int]]:
     """Token ids of the text each vector [B, D] decodes to (length from the head unless given).
-    Runs in inference mode: only Python lists leave it, so no inference tensor reaches training."""
+    Runs in inference mode: only Python lists leave it, so no inference tensor reaches training;
+    with denormals flushed to zero (`sampling/denormals.py`: the decoder's GELUs are ~6x slower on them)."""
     if cfg_scale < 0:
         raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
     block = pre.model.max_length
@@ -70,7 +72,8 @@ def decode_vectors(
         if lengths is None
         else lengths.clamp(1, block)
     )
-    ids = decode_rows(pre, vectors, lengths.cpu(), temperature, cfg_scale, generator)
+    with flush_denormals():
+        ids = decode_rows(pre, vectors, lengths.cpu(), temperature, cfg_scale, generator)
     return [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)]
 
 

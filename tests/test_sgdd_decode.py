@@ -46,6 +46,7 @@ from difflm.models.layers import rope_cos_sin
 from difflm.models.sgdd import Shortlisted
 from difflm.models.transformer import Transformer
 from difflm.pretrained import load_pretrained
+from difflm.sampling.denormals import denormals_flushed
 from difflm.systems.registry import build_run
 from difflm.systems.sgdd import load_encoder, split_examples
 from difflm.train.trainer import train
@@ -582,3 +583,20 @@ def test_decoding_in_inference_mode_leaves_the_model_trainable(trained):
     logits = pre.model.train()(ids, cond=vectors)  # the decode's cached tables serve training too
     logits.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in pre.model.decoder.blocks.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush denormals")
+def test_every_decoder_forward_of_decoding_and_verification_flushes_denormals(trained, monkeypatch):
+    pre = load_pretrained(trained / "run")
+    encoder = load_encoder(pre.config.model.encoder)
+    vectors = encoder.encode(SENTENCES[:3])
+    flushed = []
+    forward = type(pre.model).forward
+    record = lambda *a, **k: flushed.append(denormals_flushed()) or forward(*a, **k)  # noqa: E731
+    monkeypatch.setattr(type(pre.model), "forward", record)
+    decode_vectors(pre, vectors, cfg_scale=2.0)
+    current = best_of_n(pre, encoder, vectors, Verification(), 2.0, torch.Generator().manual_seed(0))
+    correction_round(pre, encoder, vectors, current, Verification(candidates=2, remask=0.5), 2.0, None)
+    token_logprobs(pre, vectors, current.ids, current.ids != pre.tokenizer.pad_token_id)
+    assert flushed and all(flushed)
+    assert not denormals_flushed()  # the caller's setting (off) is back

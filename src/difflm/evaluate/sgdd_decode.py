@@ -62,8 +62,7 @@ def decode_vectors(
     temperature: float = 0.0,
 ) -> list[list[int]]:
     """Token ids of the text each vector [B, D] decodes to (length from the head unless given).
-    Runs in inference mode: only Python lists leave it, so no inference tensor reaches training;
-    with denormals flushed to zero (`sampling/denormals.py`: the decoder's GELUs are ~6x slower on them)."""
+    Runs in inference mode: only Python lists leave it, so no inference tensor reaches training."""
     if cfg_scale < 0:
         raise DifflmError(f"CFG scale must be >= 0 (0 = no guidance), got {cfg_scale}")
     block = pre.model.max_length
@@ -72,8 +71,7 @@ def decode_vectors(
         if lengths is None
         else lengths.clamp(1, block)
     )
-    with flush_denormals():
-        ids = decode_rows(pre, vectors, lengths.cpu(), temperature, cfg_scale, generator)
+    ids = decode_rows(pre, vectors, lengths.cpu(), temperature, cfg_scale, generator)
     return [row[:n].tolist() for row, n in zip(ids, lengths.tolist(), strict=True)]
 
 
@@ -92,6 +90,7 @@ def decode_rows(
     return refill(pre, vectors, ids, fill, fill, temperature, cfg_scale, generator)
 
 
+@flush_denormals()  # the decoder's tanh-GELUs are ~6x slower on denormals: sampling/denormals.py
 def refill(
     pre: Pretrained,
     vectors: Tensor,
@@ -183,6 +182,7 @@ def token_logprobs(pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor) 
 
 
 @torch.no_grad()
+@flush_denormals()
 def masked_predictions(
     pre: Pretrained, vectors: Tensor, ids: Tensor, real: Tensor, k: int = 0
 ) -> tuple[Tensor, Tensor]:

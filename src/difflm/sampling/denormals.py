@@ -2,9 +2,9 @@
 
 Some decoders work with large activations: the SGDD decoder's MLP inputs reach |x| ~ 100, where
 the tanh inside GELU's tanh form passes through denormal intermediates, which x86 cores compute in
-microcode, ~6x slower (230 against 37 us on the activations of one [2, 8, 1024] call). Flushing
-them to zero changes no decoded token in the measured cases (docs/results/sgdd/denormals_ab.txt)
-and takes ~5 ms off a guided batch-1 decode.
+microcode, ~6x slower (230 against 37 us on the activations of one [2, 8, 1024] call, a scratch
+timing). Flushing them to zero changed no decoded token in the measured cases and took ~5 ms off a
+guided batch-1 decode (docs/results/sgdd/denormals_ab.txt).
 
 The setting is per thread (the x86 MXCSR register of the calling thread) and PyTorch has no getter,
 so `flush_denormals` reads it with a probe and puts it back as it was.

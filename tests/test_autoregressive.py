@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
 from difflm.errors import DifflmError
 from difflm.models.transformer import Transformer, TransformerConfig
-from difflm.sampling.autoregressive import generate_ar
+from difflm.sampling.autoregressive import cache_keyword, generate_ar
 
 VOCAB = 64
 
@@ -87,6 +91,31 @@ def test_left_padded_batch_equals_single_rows(kind):
     for b, p in enumerate(prompts):
         single = generate_ar(model, torch.tensor([p]), max_new_tokens=6).tokens[0]
         assert torch.equal(batch[b, 5 - len(p) :], single)
+
+
+class GPT2WithOldCacheName(GPT2LMHeadModel):
+    """GPT-2 as transformers before 5.24 names its cache: `past_key_values`, in and out."""
+
+    def forward(self, input_ids=None, past_key_values=None, **kw):
+        out = super().forward(input_ids=input_ids, cache=past_key_values, **kw)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+@pytest.mark.skipif(
+    "cache" not in inspect.signature(GPT2LMHeadModel.forward).parameters,
+    reason="this transformers names the cache past_key_values itself (the other path)",
+)
+def test_cache_goes_under_the_name_the_model_takes():
+    new = build("gpt2")
+    old = GPT2WithOldCacheName(new.config).eval()
+    old.load_state_dict(new.state_dict())
+    assert cache_keyword(old) == "past_key_values" and cache_keyword(new) == "cache"
+    prompt = torch.tensor([[1, 2, 3, 4], [9, 8, 7, 6]])
+    reference = greedy_uncached(new, prompt, 8)
+    assert torch.equal(generate_ar(old, prompt, max_new_tokens=8).tokens, reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name would warn
+        assert torch.equal(generate_ar(new, prompt, max_new_tokens=8).tokens, reference)
 
 
 def test_eos_fills_and_stops():

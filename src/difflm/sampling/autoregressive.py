@@ -1,13 +1,14 @@
 """The autoregressive baseline: left-to-right decoding with a KV cache, one token per forward.
 
 Two backends share one loop: difflm's `Transformer` built with `causal=True` (its `KVCache`) and
-any Hugging Face causal LM (`past_key_values`, `use_cache=True`). Tokens are drawn with the same
+any Hugging Face causal LM (its cache keyword, `use_cache=True`). Tokens are drawn with the same
 `draw_tokens` as the diffusion engine, and the result is a `SampleResult` whose trace has one
 step per token, so `difflm compare` can animate both side by side.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ class _HFDecoder:
 
     def __init__(self, model: Any, mask: Tensor) -> None:
         self.model, self.mask, self.past = model, mask, None
+        self.cache_key = cache_keyword(model)
         self.next_pos = mask.sum(1, keepdim=True)  # [B, 1]
 
     def __call__(self, ids: Tensor) -> Tensor:
@@ -42,11 +44,17 @@ class _HFDecoder:
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=positions,
-            past_key_values=self.past,
             use_cache=True,
+            **{self.cache_key: self.past},
         )
-        self.past = out.past_key_values
+        self.past = getattr(out, self.cache_key)
         return out.logits[:, -1].float()
+
+
+def cache_keyword(model: Any) -> str:
+    """The name a Hugging Face causal LM takes and returns its KV cache under: `cache` since
+    transformers 5.24 (which deprecates `past_key_values`), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class _CacheDecoder:

@@ -76,6 +76,11 @@ def test_bad_sampling_input_exits_2_with_one_line(checkpoints, capsys, extra, me
     assert code == 2 and message in err and len(err.splitlines()) == 1
 
 
+def test_int8_is_for_sgdd_checkpoints(checkpoints, capsys):
+    assert main(["eval", str(checkpoints / "diff"), "--int8"]) == 2
+    assert "--int8 are for SGDD checkpoints" in capsys.readouterr().err
+
+
 def test_sample_threshold_without_steps(checkpoints, capsys):
     """--steps 0 --threshold: Fast-dLLM's rule, each block runs until filled (<= 8 passes here)."""
     args = ["sample", str(checkpoints / "diff"), "--prompt", "the", "--gen-length", "8", "--steps", "0"]

@@ -600,3 +600,35 @@ def test_every_decoder_forward_of_decoding_and_verification_flushes_denormals(tr
     token_logprobs(pre, vectors, current.ids, current.ids != pre.tokenizer.pad_token_id)
     assert flushed and all(flushed)
     assert not denormals_flushed()  # the caller's setting (off) is back
+
+
+@torch.no_grad()
+def test_int8_decoder_keeps_its_head_and_stays_close_to_float32(trained):
+    """`int8_` quantizes every linear layer of the decoder but the tied output head (which the
+    shortlist reads as a matrix); the logits move by a small fraction of their spread."""
+    pre = load_pretrained(trained / "run")
+    float32 = pre.model
+    int8 = load_pretrained(trained / "run").model
+    linears = [n for n, m in float32.decoder.named_modules() if type(m) is torch.nn.Linear]
+    assert int8.int8_() == len(linears) - 1 and "lm_head" in linears
+    assert int8.decoder.lm_head.weight is int8.decoder.tok_emb.weight  # still tied, still float32
+    assert not any(type(m) is torch.nn.Linear for n, m in int8.decoder.named_modules() if n != "lm_head")
+    vectors = load_encoder(pre.config.model.encoder).encode(SENTENCES[:4])
+    ids = torch.full((4, 8), float32.mask_token_id)
+    ids[:, ::3] = 2023  # a few known tokens
+    exact, close = float32(ids, cond=vectors), int8(ids, cond=vectors)
+    assert (close - exact).abs().max() < 0.05 * exact.std()
+    assert (close.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+    pre.model = int8
+    lengths = torch.tensor([3, 5, 2, 4])
+    texts = decode_vectors(pre, vectors, cfg_scale=2.0, lengths=lengths)
+    assert [len(t) for t in texts] == lengths.tolist()
+
+
+def test_eval_int8_names_its_weights(trained, capsys):
+    from difflm.cli import main
+
+    assert main(["eval", str(trained / "run"), "--int8", "--max-batches", "1", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["precision"] == "fp32, int8 decoder weights" and 0 <= metrics["cfg0_exact_match"] <= 1
+

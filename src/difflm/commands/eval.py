@@ -101,8 +101,12 @@ def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
     resolve_device(opts.device, "--device")
     pre = load_pretrained(checkpoint, opts.device, verify=not opts.no_verify)
     sgdd_only = opts.data or opts.best_of > 1 or opts.rounds or opts.search or opts.fluency or opts.cfg_scale is not None
-    if sgdd_only and pre.config.task != "sgdd":
-        raise DifflmError("--data, --cfg-scale, --best-of, --rounds, --search and --fluency are for SGDD checkpoints")
+    if (sgdd_only or opts.int8) and pre.config.task != "sgdd":
+        raise DifflmError(
+            "--data, --cfg-scale, --best-of, --rounds, --search, --fluency and --int8 are for SGDD checkpoints"
+        )
+    if opts.int8:
+        pre.model.int8_()
     if opts.split != "val" and pre.config.task != "sgdd":
         raise DifflmError(
             f"--split {opts.split} is for SGDD checkpoints; task '{pre.config.task}' scores val only"
@@ -117,7 +121,7 @@ def run_metrics(opts: EvalOptions, checkpoint: str) -> int:
             "task": pre.config.task,
             **resolve(system.evaluate)(pre, opts),
         }
-    metrics["precision"] = opts.precision
+    metrics["precision"] = opts.precision + (", int8 decoder weights" if opts.int8 else "")
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     if opts.json:
         print(json.dumps(metrics))

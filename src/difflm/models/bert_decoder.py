@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from difflm.errors import DifflmError
 from difflm.models.conditioning import Conditioning, pick, precompute
 from difflm.models.layers import AdaLNModulation, CrossAttention, modulate, timestep_embedding
+from difflm.models.quantize import int8_linears
 from difflm.models.transformer import TIME_FREQ_DIM
 
 LN_EPS = 1e-12  # BERT's layer_norm_eps
@@ -247,6 +248,11 @@ class BertDecoder(nn.Module):
     def project_hidden(self, h: Tensor, head: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """Logits of final (transformed) hidden states h [..., C], as `forward` computes them."""
         return F.linear(h, *(head or (self.tok_emb.weight, self.head_bias)))
+
+    def int8_(self) -> int:
+        """Every linear layer in int8, in place, for CPU inference (models/quantize.py; the output
+        head is the embedding table, which stays float32); returns how many."""
+        return int8_linears(self)
 
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The tied output projection's rows of token ids vocab [K]: the `head` that scores only them."""

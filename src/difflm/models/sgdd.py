@@ -220,6 +220,11 @@ class SGDD(nn.Module):
         counts = real.sum(1).clamp(min=1).unique()
         return torch.cat([torch.arange(int(n) + 1, device=real.device) / n for n in counts]).unique()
 
+    def int8_(self) -> int:
+        """The decoder's linear layers in int8, in place, for decoding on the CPU
+        (models/quantize.py); returns how many. The semantic and length heads stay float32."""
+        return self.decoder.int8_()
+
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The `head` that scores only the token ids vocab [K], in that order."""
         return self.decoder.output_rows(vocab)

@@ -37,6 +37,7 @@ from difflm.models.layers import (
     rope_tables,
     timestep_embedding,
 )
+from difflm.models.quantize import int8_linears
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal features of t, before the time MLP
 # skipping unread columns in the last block costs a few more small calls (two projections
@@ -338,6 +339,13 @@ class Transformer(nn.Module):
             per_row += block.cross_attn.q.weight.numel() + block.cross_attn.out_proj.weight.numel()
         return 2 * per_row
 
+    def int8_(self) -> int:
+        """Every linear layer but the (tied) output head in int8, in place, for CPU inference
+        (models/quantize.py); returns how many. The last block then computes every column: its
+        query projection, int8 now, can no longer be sliced off the fused qkv (`_output_columns`)."""
+        self.row_flops = 0
+        return int8_linears(self, keep=("lm_head",))
+
     def output_rows(self, vocab: Tensor) -> tuple[Tensor, Tensor | None]:
         """The output projection's rows of token ids vocab [K]: the `head` that scores only them."""
         return self.lm_head.weight[vocab].contiguous(), None
@@ -421,7 +429,7 @@ class Transformer(nn.Module):
         """t [N] -> its AdaLN input [N, C] (the float32 features in the MLP's dtype: a model cast to
         bfloat16 for inference takes float32 times)."""
         features = timestep_embedding(t, TIME_FREQ_DIM)  # [N, TIME_FREQ_DIM]
-        return self.time_mlp(features.to(self.time_mlp[0].weight.dtype))
+        return self.time_mlp(features.to(self.tok_emb.weight.dtype))  # the model's dtype
 
     def _attention_context(
         self,

@@ -4,6 +4,9 @@ process, so the machine's drift between processes and minutes hits both alike. C
 30 held-out sentences, each decoded 6 times per version, its fastest kept.
 
     OMP_NUM_THREADS=T python docs/results/sgdd/stack_ab.py RUN T
+
+It swaps `sgdd_decode.shortlist_logits`, which stop 32 replaced by `shortlist` (hidden states in
+place of logits): run it on a checkout of 21b5e30 or earlier.
 """
 
 import sys

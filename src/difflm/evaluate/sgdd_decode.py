@@ -113,13 +113,14 @@ def refill(
     bias = None if bool(real.all()) else padding_bias(real.to(device))  # as the engine builds it
     if scfg.shortlist:  # decode over the shortlist's indices, then map back to token ids
         guided = null["cond_rows"] if cfg_scale > 0 else None
-        vocab, logits, h_null = shortlist_logits(pre, vectors, ids, fill, scfg.shortlist, bias, cond, guided)
+        vocab, h_cond, h_null = shortlist(pre, vectors, ids, fill, scfg.shortlist, bias, cond, guided)
         model = Shortlisted(pre.model, vocab)
         ids = model.index(ids.to(device))
         # the shortlist's forward is the first step's forward (its unconditional rows as well
-        # when guided, projected on the shortlist here): it answers that call
+        # when guided), projected on the shortlist here: it answers that call
+        logits = pre.model.project_hidden(h_cond, model.head)
         uncond = None if h_null is None else (guided, pre.model.project_hidden(h_null, model.head))
-        model.remember(ids, fill.to(device), bias, cond["cond_rows"], logits[:, model.vocab], uncond)
+        model.remember(ids, fill.to(device), bias, cond["cond_rows"], logits, uncond)
         suppress = [i for i, token in enumerate(model.vocab.tolist()) if token in suppress]
     count = int(fill.sum(1).max())
     cfg = sample_config(scfg, count, cfg_scale, suppress, temperature=temperature)
@@ -138,7 +139,7 @@ def refill(
 
 
 @torch.no_grad()
-def shortlist_logits(
+def shortlist(
     pre: Pretrained,
     vectors: Tensor,
     ids: Tensor,
@@ -150,29 +151,28 @@ def shortlist_logits(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Token ids [K]: the union over the `fill` positions of ids [B, W] of their k most likely
     tokens given the vector, from one forward before decoding starts (no guidance), and every id
-    already in ids ([MASK], [PAD], the context); that forward's logits [N, V] at the fill
-    positions; and, given uncond_rows [B] (conditioning rows of a guided decode's unconditional
-    copy, see `refill`), that copy's final hidden states [N, C] from the same forward (the rows
-    stacked as the guided steps stack them), else None. bias: the attention bias of the forward;
-    `extra`: more keyword arguments of it (with uncond_rows: its `cond_rows` and `conditioning`)."""
+    already in ids ([MASK], [PAD], the context); that forward's final hidden states [N, C] at the
+    fill positions; and, given uncond_rows [B] (conditioning rows of a guided decode's
+    unconditional copy, see `refill`), that copy's [N, C] from the same forward (the rows stacked
+    as the guided steps stack them), else None. bias: the attention bias of the forward; `extra`:
+    more keyword arguments of it (its `cond_rows` and `conditioning`)."""
     device = device_of(pre)
     ids, fill, vectors, extra = ids.to(device), fill.to(device), vectors.to(device), extra or {}
-    if uncond_rows is None:
-        logits = pre.model(ids, attention_bias=bias, cond=vectors, logits_at=fill, **extra)  # [N, V]
-        h_null = None
-    else:
-        h = pre.model(
-            torch.cat([ids, ids]),
-            attention_bias=None if bias is None else torch.cat([bias, bias]),
-            cond=torch.cat([vectors, vectors]),
-            logits_at=torch.cat([fill, fill]),
-            head=pre.model.hidden_head(),
-            **{**extra, "cond_rows": torch.cat([extra["cond_rows"], uncond_rows])},
-        )  # [2N, C]: the conditional rows' positions first
-        h_cond, h_null = h.chunk(2)
-        logits = pre.model.project_hidden(h_cond)  # [N, V]
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
-    return torch.cat([top.flatten(), ids.flatten()]).unique(), logits, h_null
+    copies = 1 if uncond_rows is None else 2
+    rows = extra.get("cond_rows")
+    if uncond_rows is not None:
+        rows = torch.cat([rows, uncond_rows])
+    h = pre.model(
+        ids.repeat(copies, 1),
+        attention_bias=None if bias is None else bias.repeat(copies, 1, 1, 1),
+        cond=vectors.repeat(copies, 1),
+        logits_at=fill.repeat(copies, 1),
+        head=pre.model.hidden_head(),
+        **{**extra, "cond_rows": rows},
+    )  # [copies * N, C]: the conditional rows' positions first
+    h_cond, h_null = (h, None) if uncond_rows is None else h.chunk(2)
+    top = pre.model.top_tokens(h_cond, min(k, pre.model.config.vocab_size))  # [N, k]
+    return torch.cat([top.flatten(), ids.flatten()]).unique(), h_cond, h_null
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from difflm.errors import DifflmError
 from difflm.models.conditioning import Conditioning, pick, precompute
 from difflm.models.layers import AdaLNModulation, CrossAttention, modulate, timestep_embedding
 from difflm.models.quantize import int8_linears
+from difflm.models.screen import top_tokens
 from difflm.models.transformer import TIME_FREQ_DIM
 
 LN_EPS = 1e-12  # BERT's layer_norm_eps
@@ -248,6 +249,10 @@ class BertDecoder(nn.Module):
     def project_hidden(self, h: Tensor, head: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """Logits of final (transformed) hidden states h [..., C], as `forward` computes them."""
         return F.linear(h, *(head or (self.tok_emb.weight, self.head_bias)))
+
+    def top_tokens(self, h: Tensor, k: int) -> Tensor:
+        """The k most likely token ids [N, k] of final hidden states h [N, C] (models/screen.py)."""
+        return top_tokens(h, self.tok_emb.weight, self.head_bias, k)
 
     def int8_(self) -> int:
         """Every linear layer in int8, in place, for CPU inference (models/quantize.py; the output

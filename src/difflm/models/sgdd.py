@@ -220,6 +220,10 @@ class SGDD(nn.Module):
         counts = real.sum(1).clamp(min=1).unique()
         return torch.cat([torch.arange(int(n) + 1, device=real.device) / n for n in counts]).unique()
 
+    def top_tokens(self, h: Tensor, k: int) -> Tensor:
+        """The k most likely token ids [N, k] of hidden states from a `hidden_head` forward."""
+        return self.decoder.top_tokens(h, k)
+
     def int8_(self) -> int:
         """The decoder's linear layers in int8, in place, for decoding on the CPU
         (models/quantize.py); returns how many. The semantic and length heads stay float32."""

@@ -38,6 +38,7 @@ from difflm.models.layers import (
     timestep_embedding,
 )
 from difflm.models.quantize import int8_linears
+from difflm.models.screen import top_tokens
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal features of t, before the time MLP
 # skipping unread columns in the last block costs a few more small calls (two projections
@@ -338,6 +339,10 @@ class Transformer(nn.Module):
         if block.cross_attn is not None:
             per_row += block.cross_attn.q.weight.numel() + block.cross_attn.out_proj.weight.numel()
         return 2 * per_row
+
+    def top_tokens(self, h: Tensor, k: int) -> Tensor:
+        """The k most likely token ids [N, k] of final hidden states h [N, C] (models/screen.py)."""
+        return top_tokens(h, self.lm_head.weight, None, k)
 
     def int8_(self) -> int:
         """Every linear layer but the (tied) output head in int8, in place, for CPU inference

@@ -79,6 +79,8 @@ def test_bad_sampling_input_exits_2_with_one_line(checkpoints, capsys, extra, me
 def test_int8_is_for_sgdd_checkpoints(checkpoints, capsys):
     assert main(["eval", str(checkpoints / "diff"), "--int8"]) == 2
     assert "--int8 are for SGDD checkpoints" in capsys.readouterr().err
+    assert main(["eval", str(checkpoints / "diff"), "--int8", "--precision", "bf16"]) == 2
+    assert "--int8 decodes with float32 activations" in capsys.readouterr().err
 
 
 def test_sample_threshold_without_steps(checkpoints, capsys):

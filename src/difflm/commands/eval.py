@@ -38,6 +38,8 @@ def check_args(opts: EvalOptions) -> None:
     for flag in ("rounds", "search"):
         if getattr(opts, flag) < 0:
             raise DifflmError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
+    if opts.int8 and opts.precision != "fp32":
+        raise DifflmError(f"--int8 decodes with float32 activations; drop --precision {opts.precision}")
     if not (math.isfinite(opts.fluency) and opts.fluency >= 0):
         raise DifflmError(f"--fluency must be a finite number >= 0 (0 = cosine only), got {opts.fluency}")
 

@@ -431,10 +431,10 @@ class Transformer(nn.Module):
         )
 
     def _time_embedding(self, t: Tensor) -> Tensor:
-        """t [N] -> its AdaLN input [N, C] (the float32 features in the MLP's dtype: a model cast to
+        """t [N] -> its AdaLN input [N, C] (the float32 features in the model's dtype: a model cast to
         bfloat16 for inference takes float32 times)."""
         features = timestep_embedding(t, TIME_FREQ_DIM)  # [N, TIME_FREQ_DIM]
-        return self.time_mlp(features.to(self.tok_emb.weight.dtype))  # the model's dtype
+        return self.time_mlp(features.to(self.tok_emb.weight.dtype))
 
     def _attention_context(
         self,

@@ -625,6 +625,25 @@ def test_int8_decoder_keeps_its_head_and_stays_close_to_float32(trained):
     assert [len(t) for t in texts] == lengths.tolist()
 
 
+@torch.no_grad()
+def test_int8_bert_decoder_stays_close_to_float32():
+    torch.manual_seed(0)
+    decoder = BertDecoder(
+        vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, cond_dim=8,
+        dropout=0.0, cond_tokens=3,
+    ).eval()  # fmt: skip
+    for module in [*decoder.modulations, *(cross.out_proj for cross in decoder.cross)]:
+        for param in module.parameters():
+            param.normal_(0, 0.3)  # stand-in for training: the zero-initialised conditioning paths
+    ids, rows, t = torch.randint(0, 60, (3, 12)), torch.randn(3, 8), torch.tensor([1.0, 0.5, 0.0])
+    exact = decoder(ids, t=t, cond=rows)
+    linears = sum(type(m) is torch.nn.Linear for m in decoder.modules())
+    assert decoder.int8_() == linears and not any(type(m) is torch.nn.Linear for m in decoder.modules())
+    close = decoder(ids, t=t, cond=rows)  # a 32-wide toy: coarser than a real decoder's int8
+    assert (close - exact).abs().mean() < 0.03 * exact.std()
+    assert (close.argmax(-1) == exact.argmax(-1)).float().mean() > 0.8
+
+
 def test_eval_int8_names_its_weights(trained, capsys):
     from difflm.cli import main
 

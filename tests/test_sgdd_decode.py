@@ -125,16 +125,22 @@ def test_hidden_states_projected_later_equal_the_forwards_logits(trained):
     assert torch.equal(sgdd.project_hidden(sgdd(ids, head=sgdd.hidden_head())), sgdd(ids))
 
 
-def test_bert_decoder_precomputed_conditioning_gives_the_same_logits():
+def conditioned_bert_decoder() -> BertDecoder:
+    """A tiny BERT decoder whose conditioning paths are no longer zero (a stand-in for training)."""
     torch.manual_seed(0)
     decoder = BertDecoder(
         vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, cond_dim=8,
         dropout=0.0, cond_tokens=3,
     ).eval()  # fmt: skip
-    with torch.no_grad():  # stand-in for training: the zero-initialised conditioning paths
+    with torch.no_grad():
         for module in [*decoder.modulations, *(cross.out_proj for cross in decoder.cross)]:
             for param in module.parameters():
                 param.normal_(0, 0.3)
+    return decoder
+
+
+def test_bert_decoder_precomputed_conditioning_gives_the_same_logits():
+    decoder = conditioned_bert_decoder()
     rows = torch.randn(3, 8)
     fixed = decoder.conditioning(rows, torch.tensor([0.0, 0.5, 1.0]))
     ids, at, t = torch.randint(0, 60, (4, 12)), torch.tensor([2, 0, 1, 2]), torch.tensor([1.0, 0.5, 0.0, 0.5])
@@ -627,14 +633,7 @@ def test_int8_decoder_keeps_its_head_and_stays_close_to_float32(trained):
 
 @torch.no_grad()
 def test_int8_bert_decoder_stays_close_to_float32():
-    torch.manual_seed(0)
-    decoder = BertDecoder(
-        vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, cond_dim=8,
-        dropout=0.0, cond_tokens=3,
-    ).eval()  # fmt: skip
-    for module in [*decoder.modulations, *(cross.out_proj for cross in decoder.cross)]:
-        for param in module.parameters():
-            param.normal_(0, 0.3)  # stand-in for training: the zero-initialised conditioning paths
+    decoder = conditioned_bert_decoder()
     ids, rows, t = torch.randint(0, 60, (3, 12)), torch.randn(3, 8), torch.tensor([1.0, 0.5, 0.0])
     exact = decoder(ids, t=t, cond=rows)
     linears = sum(type(m) is torch.nn.Linear for m in decoder.modules())

@@ -56,8 +56,9 @@ class EvalOptions:
     )
     int8: bool = opt(
         False,
-        "sgdd: the decoder's linear layers in int8 (dynamic quantization, CPU only): ~1.25x faster "
-        "batch-1 decoding here, a slightly different text in some sentences (docs/results/sgdd/int8.md)",
+        "sgdd: the decoder's linear layers in int8 (dynamic quantization, CPU only): 1.15-1.29x faster "
+        "batch-1 decoding on one thread here, a slightly different text in some sentences "
+        "(docs/results/sgdd/int8.md)",
     )
     json: bool = opt(False, "print the metrics as one JSON object")
     no_verify: bool = opt(False, "skip the sha256 check of the checkpoint's files (sizes only)")

@@ -2,7 +2,8 @@
 
 A shortlist (SGDD decoding keeps each position's 64 likeliest tokens) needs the logits of every
 token once per sentence. That [V, C] product with a few rows is bound by reading the weight: for
-30,522 x 256 float32 it takes ~6.5 ms on this project's CPU, ~2.8 ms from a bfloat16 copy. On a
+30,522 x 256 float32 it took ~6.5 ms on this project's CPU, ~2.8 ms from a bfloat16 copy (a
+scratch timing; docs/results/sgdd/screen_ab.txt has the decode's measured gain). On a
 CPU with native bfloat16 the logits are therefore screened in bfloat16 (the copy is kept while the
 weight is unchanged) and only each row's SCREEN * k best are scored in float32, which pick the k:
 the same k unless one of them ranks below SCREEN * k in bfloat16 (SGDD decoding wrote the same

@@ -12,6 +12,8 @@ limits vanilla to its first blocks (it is the slow baseline on CPU) its speed is
 blocks, and agreement is measured on the positions it generated: with semi-autoregressive blocks
 those tokens are final (later blocks are still all masks when they are decided).
 `--vanilla-only` prints the vanilla-engine table instead (gen length 64/256, diffusion vs AR).
+`--solo-prompts N` decodes N prompts one at a time at batch 1 (one row's gen-ppl is a noisy
+figure). Each setting starts with an untimed warm-up of every decoder.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=None)
     p.add_argument("--prompt-length", type=int, default=32)
     p.add_argument("--block-length", type=int, default=32)
+    p.add_argument(
+        "--solo-prompts",
+        type=int,
+        default=1,
+        help="at batch 1, decode this many prompts one at a time (tok/s over all, forwards per prompt): "
+        "one 256-character row is too few for a gen-ppl within 5%%",
+    )
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--low-threshold", type=float, default=0.7)
     p.add_argument("--factor", type=float, default=1.0)
@@ -141,6 +150,23 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+@dataclasses.dataclass
+class Joined:
+    """The results of prompts decoded one at a time: tokens stacked, forwards per prompt."""
+
+    tokens: torch.Tensor
+    forward_passes: float
+
+
+def timed_rows(fn, ids: torch.Tensor, solo: bool):
+    """fn(ids) timed; `solo`: one call per prompt row (batch 1), seconds summed."""
+    if not solo:
+        return timed(lambda: fn(ids))
+    results, secs = zip(*(timed(lambda r=r: fn(ids[r : r + 1])) for r in range(len(ids))), strict=True)
+    passes = sum(r.forward_passes for r in results) / len(results)
+    return Joined(torch.cat([r.tokens for r in results]), passes), sum(secs)
+
+
 def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
     """The issue's rows, plus a looser threshold and the factor rule with the dual cache."""
     base = {"gen_length": G, "steps": G, "block_length": args.block_length}
@@ -180,18 +206,20 @@ def bench_bd3(bd3, K: int, ar, ids, args, G: int, B: int, base_tps: float) -> li
     for name, kw in bd3_methods(args, G, K).items():
         if name in args.skip:
             continue
-        res, secs = timed(lambda kw=kw: generate(bd3, ids, SampleConfig(**kw)))
+        res, secs = timed_rows(lambda ids, kw=kw: generate(bd3, ids, SampleConfig(**kw)), ids, B < len(ids))
         ref = res.tokens if ref is None else ref
         agree = float((res.tokens[:, P:] == ref[:, P:]).float().mean())
         ppl = gen_ppl(ar, res.tokens, P, P + G)
-        rows.append(_row(G, B, name, B * G / secs, base_tps, res.forward_passes, G, agree, ppl))
+        rows.append(_row(G, B, name, len(ids) * G / secs, base_tps, res.forward_passes, G, agree, ppl))
     return rows
 
 
 def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=None) -> list[list[str]]:
     """The rows of one (gen length, batch) setting; `bd3` = (block-diffusion model, its K) adds its rows."""
     P = args.prompt_length
-    ids = prompts(tok, B, P).to(args.device)
+    ids = prompts(tok, args.solo_prompts if B == 1 else B, P).to(args.device)
+    solo = B < len(ids)  # batch 1 over several prompts, one at a time
+    warm_up(diff, ar, ids[:B], args.block_length)
     rows, ref, base_tps = [], None, None
     for name, kw in methods(args, G).items():
         left_out = name != "vanilla" and (only_vanilla or name in args.skip)
@@ -202,9 +230,9 @@ def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=N
         if limit is not None and limit * args.block_length < G:  # vanilla on its first blocks only
             n = limit * args.block_length
             cfg = _Truncated(dataclasses.replace(cfg, steps=n), n)
-        res, secs = timed(lambda cfg=cfg: generate(diff, ids, cfg))
+        res, secs = timed_rows(lambda ids, cfg=cfg: generate(diff, ids, cfg), ids, solo)
         done = int((res.tokens[:, P:] != diff.mask_token_id).all(0).long().cumprod(0).sum())
-        tps = B * done / secs
+        tps = len(ids) * done / secs
         if name == "vanilla":
             ref, ref_len, base_tps = res.tokens, done, tps
         agree = float((res.tokens[:, P : P + ref_len] == ref[:, P : P + ref_len]).float().mean())
@@ -212,12 +240,20 @@ def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=N
         rows.append(_row(G, B, name, tps, base_tps, res.forward_passes, done, agree, ppl))
     if bd3 is not None and not only_vanilla:
         rows += bench_bd3(*bd3, ar, ids, args, G, B, base_tps)
-    res, secs = timed(lambda: generate_ar(ar, ids, max_new_tokens=G))
+    res, secs = timed_rows(lambda ids: generate_ar(ar, ids, max_new_tokens=G), ids, solo)
     ppl = gen_ppl(ar, res.tokens, P, P + G)
-    rows.append(_row(G, B, "AR (KV cache)", B * G / secs, base_tps, res.forward_passes, G, None, ppl))
+    rows.append(_row(G, B, "AR (KV cache)", len(ids) * G / secs, base_tps, res.forward_passes, G, None, ppl))
     for row in rows:  # tok/s as a multiple of the AR model's, measured in this setting
-        row.insert(5, f"{float(row[3]) * secs / (B * G):.2f}x")
+        row.insert(5, f"{float(row[3]) * secs / (len(ids) * G):.2f}x")
     return rows
+
+
+def warm_up(diff, ar, ids: torch.Tensor, block: int) -> None:
+    """One untimed block of each decoder, cached and not, so the first timed row (vanilla) does not
+    pay the process's one-time costs (allocations, BLAS set-up) for the rows after it."""
+    for cache in ("none", "dual"):
+        generate(diff, ids, SampleConfig(gen_length=block, steps=block, block_length=block, cache=cache))
+    generate_ar(ar, ids, max_new_tokens=block)
 
 
 class _Truncated:
@@ -243,7 +279,7 @@ def _row(G, B, name, tps, base_tps, passes, done, agree, ppl) -> list[str]:
         name,
         f"{tps:.1f}",
         speed,
-        str(passes),
+        f"{passes:g}" if float(passes).is_integer() else f"{passes:.1f}",
         str(done),
         per_forward,
         agree_s,
@@ -318,7 +354,8 @@ def main() -> int:
         f"difflm sampling benchmark: {where(args)}, {args.precision}; diffusion{', BD3' if bd3 else ''} and AR "
         f"transformers of {n_params / 1e6:.2f}M params each ({size}), char-level Tiny Shakespeare; "
         f"prompt {args.prompt_length} chars, block length {args.block_length}, greedy; "
-        f"vanilla blocks: {args.vanilla_blocks or 'all'}; gen-ppl judged by the AR model."
+        f"vanilla blocks: {args.vanilla_blocks or 'all'}; gen-ppl judged by the AR model"
+        + (f"; batch 1: {args.solo_prompts} prompts one at a time, forwards per prompt." if args.solo_prompts > 1 else ".")
     )
     text = head + "\n\n" + table(rows) + "\n"
     print("\n" + text)

@@ -168,7 +168,8 @@ def timed_rows(fn, ids: torch.Tensor, solo: bool):
 
 
 def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
-    """The issue's rows, plus a looser threshold and the factor rule with the dual cache."""
+    """The issue's rows, plus a looser threshold and the factor rule with the dual cache, and the
+    delayed cache (dual without the full refresh at each block start) at both thresholds."""
     base = {"gen_length": G, "steps": G, "block_length": args.block_length}
     tau, low, f = args.threshold, args.low_threshold, args.factor
     return {
@@ -180,6 +181,8 @@ def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
         f"dual cache + threshold {tau}": {**base, "cache": "dual", "threshold": tau},
         f"dual cache + threshold {low}": {**base, "cache": "dual", "threshold": low},
         f"dual cache + factor {f}": {**base, "cache": "dual", "factor": f},
+        f"delayed cache + threshold {tau}": {**base, "cache": "delayed", "threshold": tau},
+        f"delayed cache + threshold {low}": {**base, "cache": "delayed", "threshold": low},
     }
 
 

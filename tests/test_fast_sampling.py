@@ -76,7 +76,7 @@ def test_threshold_one_and_tiny_factor_equal_vanilla():
 
 
 @pytest.mark.parametrize("shift", [0, 1])
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
 def test_cached_step_on_unchanged_sequence_equals_full_forward(mode, shift):
     """With the cache filled from the same tokens, a cached step is exact (offsets, bias, slots),
     also for a shifted head (the block's first logits come from the position before it)."""
@@ -89,8 +89,11 @@ def test_cached_step_on_unchanged_sequence_equals_full_forward(mode, shift):
     with torch.no_grad():
         first = fwd(x, bias, {}, 12, 16)
         cached = fwd(x, bias, {}, 12, 16)
+        fwd.new_block()  # the next block's first call (delayed: it feeds [12, 20))
+        next_block = fwd(x, bias, {}, 16, 20)
     torch.testing.assert_close(first, full[:, 12:16], atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, full[:, 12:16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(next_block, full[:, 16:20], atol=1e-5, rtol=0)
     assert fwd.caches["cond"].k[0].shape[2] == L and fwd.caches["cond"].length == L
 
 
@@ -109,7 +112,41 @@ def test_cache_first_step_of_each_block_is_exact_and_feeds_the_right_span(mode):
     assert result.forward_passes == 16 == len(spy.calls)
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_delayed_cache_refreshes_once_then_feeds_the_previous_block_at_each_block_start():
+    spy, (ids, mask) = Spy(tiny_model()), prompts()
+    result = generate(spy, ids, cfg(cache="delayed"), attention_mask=mask)
+    P = ids.shape[1]
+    first, *rest = spy.calls
+    assert (first["offset"], first["width"]) == (0, P + 16) and first["exact"] < 1e-5  # the one full pass
+    spans = [(c["offset"], c["width"]) for c in rest]
+    for lo in (P + 4, P + 8, P + 12):  # a block's first step: the previous block and this one
+        assert spans.count((lo - 4, 8)) == 1
+    assert len(spans) == 15 and all(w == 4 and (o - P) % 4 == 0 for o, w in spans if w != 8)
+    assert result.forward_passes == 16
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("extra", [{}, {"threshold": 0.3}])
+def test_delayed_cache_is_exact_for_a_one_layer_model(shift, extra):
+    """One layer's keys and values depend on their own token and position only; the delayed cache
+    rewrites each block once its tokens are final, so every key it holds is current and it decodes
+    exactly as without a cache (a second layer's keys read the context: there it approximates)."""
+    torch.manual_seed(3)
+    config = TransformerConfig(
+        vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=32, mask_token_id=MASK, logits_shift=shift
+    )
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(40)
+    ids, mask = prompts()
+    base = generate(model, ids, cfg(**extra), attention_mask=mask, trace=True)
+    delayed = generate(model, ids, cfg(cache="delayed", **extra), attention_mask=mask, trace=True)
+    assert torch.equal(delayed.tokens, base.tokens) and delayed.forward_passes == base.forward_passes
+    for ours, theirs in zip(delayed.trace.steps, base.trace.steps, strict=True):  # the same probabilities
+        torch.testing.assert_close(ours.confidence, theirs.confidence, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
 def test_cache_sampling_is_deterministic_and_first_reveal_matches_vanilla(mode):
     model, (ids, mask) = tiny_model(), prompts()
     vanilla = generate(model, ids, cfg(), attention_mask=mask, trace=True)
@@ -119,14 +156,17 @@ def test_cache_sampling_is_deterministic_and_first_reveal_matches_vanilla(mode):
     assert torch.equal(a.trace.steps[0].tokens, vanilla.trace.steps[0].tokens)  # step 1 of block 1 is exact
 
 
-@pytest.mark.parametrize("mode", ["none", "dual"])
+@pytest.mark.parametrize("mode", ["none", "dual", "delayed"])
 def test_threshold_with_cache_needs_fewer_passes(mode):
     model, (ids, mask) = tiny_model(), prompts()
     fast = generate(model, ids, cfg(cache=mode, threshold=0.3), attention_mask=mask)
     assert 4 <= fast.forward_passes < 16 and not (fast.tokens == MASK).any()
 
 
-@pytest.mark.parametrize("extra", [{"cache": "dual", "threshold": 0.5}, {"cache": "prefix", "factor": 1.0}])
+@pytest.mark.parametrize(
+    "extra",
+    [{"cache": "dual", "threshold": 0.5}, {"cache": "prefix", "factor": 1.0}, {"cache": "delayed", "threshold": 0.5}],
+)
 def test_batched_fast_decoding_equals_per_row(extra):
     model, (ids, mask) = tiny_model(), prompts()
     config = cfg(temperature=1.0, **extra)
@@ -138,7 +178,9 @@ def test_batched_fast_decoding_equals_per_row(extra):
         assert torch.equal(batch.tokens[r, -16:], solo.tokens[0, -16:]), r
 
 
-@pytest.mark.parametrize("extra", [{"cache": "prefix", "block_causal": True}, {"cache": "dual"}])
+@pytest.mark.parametrize(
+    "extra", [{"cache": "prefix", "block_causal": True}, {"cache": "dual"}, {"cache": "delayed"}]
+)
 def test_rows_at_different_stages_feed_every_row_and_equal_per_row(extra):
     """Threshold decoding lets rows finish a block at different steps; the waiting rows then ride
     along in the block's window (no copy of the active rows' cache), and nothing changes."""
@@ -238,7 +280,7 @@ def tiny_qwen3(attn: str):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
 def test_qwen3_llada_cached_step_equals_full_forward(attn, mode):
     """Qwen3-LLaDA's slot cache (GQA: 2 key/value heads for 4 query heads) is exact on an unchanged
     sequence, with left padding, and holds exactly L slots."""
@@ -256,7 +298,7 @@ def test_qwen3_llada_cached_step_equals_full_forward(attn, mode):
     assert cache.k[0].shape == (2, 2, L, 8) and cache.length == L
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
 def test_qwen3_llada_fast_decoding_batched_equals_per_row(mode):
     model, (ids, mask) = tiny_qwen3("sdpa"), prompts()
     config = cfg(cache=mode, threshold=0.5)
@@ -293,7 +335,7 @@ class WithoutLogitsAt(torch.nn.Module):
         )
 
 
-@pytest.mark.parametrize("mode", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("mode", ["none", "prefix", "dual", "delayed"])
 def test_block_only_vocabulary_projection_changes_nothing(mode):
     """The engine asks for logits of the block's columns only (logits_at); same tokens as full logits."""
     model, (ids, mask) = tiny_model(), prompts()
@@ -408,7 +450,7 @@ def test_steps_zero_needs_threshold_or_factor_and_keep_mode():
     assert SampleConfig(gen_length=8, steps=0, factor=1.0, block_length=2).steps == 0
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
 def test_shifted_head_samples_the_same_tokens_with_and_without_a_cache(mode):
     model, (ids, mask) = tiny_model(logits_shift=1), prompts()
     base = generate(model, ids, cfg(), attention_mask=mask)

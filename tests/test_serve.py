@@ -167,7 +167,7 @@ def test_batches_with_different_settings_share_forward_passes(models) -> None:
     assert passes < 12 + 4 + 2 and passes >= 12
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
 def test_kv_cache_requests_match_the_engine_while_other_batches_run(server, models, cache) -> None:
     body = {
         "model": "mdm",

@@ -2,7 +2,7 @@
 
 Within a block, the tokens outside it barely change between steps (the prefix is final, the suffix
 is all masks), so their keys and values can be reused. `BlockForward` runs the denoiser for the
-engine under one of three policies:
+engine under one of four policies:
 
 - none:   every step is a full forward over [0, L).
 - prefix: the first step of a block is a full forward that fills the cache; later steps feed
@@ -10,9 +10,16 @@ engine under one of three policies:
           plus the fresh keys of [lo, L).
 - dual:   the same refresh; later steps feed only the block [lo, hi) and attend over all L slots,
           reusing the prefix AND the suffix keys of the refresh pass (stale for the suffix).
+- delayed: dual without the full refresh after the first block: a block's first step feeds the
+          previous block and this one ([previous lo, hi)), so the finished block's keys are
+          written once more, now that its tokens are final, and every other key stays as it was
+          last written (the prompt's and the masked suffix's from the first pass). The full
+          refresh passes are a large share of a cached decode at batch 1 on a CPU; the keys they
+          renew barely move (docs/results/distill: the same gen-ppl).
 
-The first step of every block is therefore exact; later steps are approximations (the cached
-keys were computed when the block held more masks).
+Under prefix and dual the first step of every block is therefore exact; later steps (and under
+delayed every step after the first) are approximations: some cached keys were computed from
+tokens that have since been revealed (in a bidirectional model every key depends on every token).
 
 Block-causal decoding (`block_causal=True`, block diffusion / BD3): no position sees a later block,
 so prefix and dual caches coincide and are exact. The first call of a block feeds the blocks that
@@ -126,6 +133,7 @@ class BlockForward:
             )
         self.caches: dict[str, KVCache] = {}
         self.fresh: set[str] = set()  # streams refreshed since the current block started
+        self.block_start: dict[str, int] = {}  # the lo of each stream's current block
         self.clean_until: dict[str, int] = {}  # block-causal: slots [0, n) hold final keys
 
     def new_block(self) -> None:
@@ -137,7 +145,7 @@ class BlockForward:
         (dual, block-causal). For a subset of rows, feeding every row's window then costs less
         than gathering the active rows' cache (a copy of every layer's keys and values per step),
         and the rows that wait only rewrite slots the next refresh rewrites anyway."""
-        return bool(self.fresh) and (self.block_causal or self.mode == "dual")
+        return bool(self.fresh) and (self.block_causal or self.mode in ("dual", "delayed"))
 
     def __call__(
         self,
@@ -164,29 +172,33 @@ class BlockForward:
         cache = self._cache(stream, len(x) if batch is None else batch)
         if self.block_causal:
             return self._block_causal(x, bias, kwargs, lo, hi, stream, cache, rows, want)
-        if stream not in self.fresh:  # block start: one exact pass over [0, L) fills the cache
+        block_start = stream not in self.fresh
+        since = lo  # the first column whose keys this call writes (before the shift)
+        if block_start:
             self.fresh.add(stream)
-            target = cache if rows is None else _gathered(cache, rows)
-            out = self._logits(
-                x, lo, hi, want, attention_bias=bias, kv_cache=target, attend_len=self.length, **kwargs
-            )
-            if rows is not None:
-                for layer in range(cache.n_layer):
-                    cache.k[layer][rows], cache.v[layer][rows] = target.k[layer], target.v[layer]
-            return out
-        end = self.length if self.mode == "prefix" else hi
-        start = max(lo - self.shift, 0)  # a shifted model also needs the position before the block
-        return self._logits(
+            since = self.block_start.get(stream, 0) if self.mode == "delayed" else 0
+            self.block_start[stream] = lo
+        # block start: one exact pass over [0, L) fills the cache (delayed: after the first block,
+        # from the previous block's start to this block's end); later steps feed the block (prefix:
+        # the block and everything after it)
+        end = self.length if self.mode == "prefix" or since == 0 else hi
+        start = max(since - self.shift, 0)  # a shifted model also needs the position before the block
+        target = cache if rows is None else _gathered(cache, rows)
+        out = self._logits(
             x[:, start:end],
             lo - start,
             hi - start,
             want,
             attention_bias=query_rows(bias, start, end),
             position_offset=start,
-            kv_cache=cache if rows is None else _gathered(cache, rows),
+            kv_cache=target,
             attend_len=self.length,
             **kwargs,
         )
+        if block_start and rows is not None:  # keys later steps read: into the stream's cache
+            for layer in range(cache.n_layer):
+                cache.k[layer][rows], cache.v[layer][rows] = target.k[layer], target.v[layer]
+        return out
 
     def _block_causal(
         self,

@@ -13,7 +13,7 @@ from difflm.fields import like, opt
 
 # the names the settings offer; torch-free, so `difflm sample --help` imports no torch
 REMASKING = ("low_confidence", "random", "random_topk", "margin", "entropy", "left_to_right")
-CACHE_MODES = ("none", "prefix", "dual")  # sampling/cache.py
+CACHE_MODES = ("none", "prefix", "dual", "delayed")  # sampling/cache.py
 MASK_SCHEDULES: dict[str, Callable[[float], float]] = {  # share of a block still masked after ratio r
     "linear": lambda r: 1.0 - r,
     "cosine": lambda r: math.cos(math.pi / 2 * r),
@@ -52,7 +52,8 @@ class SampleConfig:
     )
     cache: str = opt(
         "none",
-        "KV cache within a block: prefix (reuse keys before the block) or dual (before and after).",
+        "KV cache within a block: prefix (reuse keys before the block), dual (before and after), "
+        "delayed (dual, refreshing only the previous block at a block's start).",
         CACHE_MODES,
     )
     temperature: float = opt(0.0, "Sampling temperature (0 = argmax).")

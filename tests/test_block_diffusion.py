@@ -4,6 +4,8 @@ block-causal sampling with a KV cache."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from difflm.config import DiffusionConfig
 from difflm.errors import DifflmError
-from difflm.evaluate.likelihood import left_to_right_nll
+from difflm.evaluate.likelihood import any_order_nll, left_to_right_nll
 from difflm.models.block_attention import (
     bd3_lookahead_bias,
     bd3_training_bias,
@@ -259,6 +261,56 @@ def test_left_to_right_nll_is_the_samplers_exact_likelihood(K, shift):
         model, data, mask_token_id=MASK, vocab_size=V, block_length=block, batch_size=2, progress=False
     )
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def sampler_view_orders(model: Transformer, x0: torch.Tensor, K: int) -> torch.Tensor:
+    """log p [K!, B, n_blocks] of each block under each reveal order, one token at a time as the
+    block-causal sampler sees it: the clean blocks before, the block with the rest masked."""
+    orders = list(itertools.permutations(range(K)))
+    out = torch.zeros(len(orders), len(x0), L // K)
+    for b, lo in enumerate(range(0, L, K)):
+        for o, order in enumerate(orders):
+            noisy = x0[:, : lo + K].clone()
+            noisy[:, lo:] = MASK
+            for i in order:
+                logits = model(noisy, attention_bias=block_causal_bias(lo + K, K))[:, lo + i].float()
+                logits[:, MASK] = float("-inf")
+                out[o, :, b] += logits.log_softmax(-1).gather(1, x0[:, lo + i : lo + i + 1])[:, 0]
+                noisy[:, lo + i] = x0[:, lo + i]
+    return out
+
+
+@pytest.mark.parametrize("K", [1, 3, 4])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_any_order_nll_is_the_mean_over_every_reveal_order(K, shift):
+    """2^K forwards (every block at once) and a sum over sets give -log of the mean over the K!
+    orders of the sampler's probability of each block: at most the exact ELBO (the mean of the
+    logs over orders), equal to it and to the left-to-right NLL for K = 1."""
+    model = Transformer(dataclasses.replace(tiny(3).config, logits_shift=shift)).eval()
+    x0 = batch(4)["input_ids"]  # [3, L]
+    with torch.no_grad():
+        for p in (model.tok_emb.weight, *(b.attn.qkv.weight for b in model.blocks)):
+            p.mul_(10)  # sharper than the init and context-dependent: the orders' probabilities differ
+        log_p = sampler_view_orders(model, x0, K)  # [K!, B, n_blocks]
+        got = any_order_nll(
+            model, list(x0), mask_token_id=MASK, vocab_size=V, block_length=K, batch_size=2, progress=False
+        )
+        ltr = left_to_right_nll(
+            model, list(x0), mask_token_id=MASK, vocab_size=V, block_length=K, batch_size=2, progress=False
+        )
+    mixture = -(log_p.logsumexp(0) - math.log(len(log_p))).sum().item() / x0.numel()
+    elbo = -log_p.mean(0).sum().item() / x0.numel()
+    assert got == pytest.approx(mixture, rel=1e-5)
+    if K == 1:
+        assert got == pytest.approx(elbo, rel=1e-5) and got == pytest.approx(ltr, rel=1e-5)
+    else:
+        assert got < elbo - 1e-4  # Jensen, strictly: the orders disagree
+
+
+def test_any_order_nll_refuses_long_or_missing_blocks():
+    for K in (None, 9):
+        with pytest.raises(DifflmError, match="2\\^K reveal states"):
+            any_order_nll(tiny(), [batch()["input_ids"][0]], mask_token_id=MASK, vocab_size=V, block_length=K)
 
 
 def test_lookahead_mask_by_hand():

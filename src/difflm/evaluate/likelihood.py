@@ -11,6 +11,10 @@ a fixed seed: the same checkpoint always gets the same number.
 leftmost mask first inside each block, which is a proper distribution (the sampler's at
 `--remasking left_to_right`, steps = tokens, temperature 1).
 
+`any_order_nll` is not a bound either: the exact NLL of block diffusion's own generative model,
+each block revealed one token at a time in a uniformly random order (the likelihood the ELBO
+bounds), summed over the K! orders of a block of K.
+
 `continuation_elbo` scores one continuation given its context (lm-eval's loglikelihood requests)
 with the lower-variance estimator of LLaDA's evaluation code, described at the function.
 """
@@ -25,6 +29,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from difflm.config import DiffusionConfig
+from difflm.errors import DifflmError
+from difflm.models.layers import padding_bias
 from difflm.models.protocol import check_denoiser
 from difflm.sampling.unmask import mask_token_of
 from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
@@ -156,6 +162,82 @@ class LeftToRightObjective(MaskedDiffusionObjective):
             }
             total = total + super().loss(model, prepared)[0]  # CE at offset j summed / (B * L)
         return total, {}
+
+
+MAX_ANY_ORDER_BLOCK = 8  # 2^K forwards per batch
+
+
+def any_order_nll(
+    model,
+    data,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    block_length: int | None,
+    batch_size: int = 32,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Exact NLL per token (nats) of block diffusion decoded one token a step in a uniformly random
+    order inside each block of `block_length` K, each block given the clean earlier ones: the
+    generative model of the continuous-time reverse process (every masked token is revealed at
+    the same rate, so one at a time in a uniformly random order), whose NLL the ELBO bounds, and
+    the sampler's at `--remasking random`, steps = tokens, temperature 1. By Jensen it is at most
+    the bound: log of the mean over orders of p(x | order) >= the mean of the logs. No Monte
+    Carlo: 2^K forwards per batch (see `AnyOrderObjective`), so K <= MAX_ANY_ORDER_BLOCK."""
+    if block_length is None or not 1 <= block_length <= MAX_ANY_ORDER_BLOCK:
+        raise DifflmError(
+            f"the any-order NLL sums over all 2^K reveal states of a block: K = {block_length} is not in "
+            f"[1, {MAX_ANY_ORDER_BLOCK}] (block diffusion); use the ELBO bound for longer blocks"
+        )
+    objective = AnyOrderObjective(
+        DiffusionConfig(loss="mdlm", block_length=block_length),
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
+    )
+    return exact_loss(model, objective, data, batch_size, max_batches, progress)
+
+
+class AnyOrderObjective(MaskedDiffusionObjective):
+    """-log of the mean over reveal orders of p(block | order), per block, summed / (B * L).
+
+    Pass S (S = 0..2^K - 1, a set of offsets) reveals the offsets in S of every block, masks the
+    rest and reads log p(x_i | x_S) at each masked offset i. Then per block, over sets of growing
+    size, f(S) = logsumexp over i in S of f(S - i) + log p(x_i | x_(S - i)) sums the probability
+    of revealing S in every order, and the block's probability is exp(f(all)) / K!. A position past
+    the end, or padding, is revealed at no cost (log p = 0), which leaves the mean over the orders
+    of the real tokens. SUBS log-probs, as `elbo_nll`.
+    """
+
+    def prepare(self, batch, generator: torch.Generator):
+        return batch  # nothing is drawn
+
+    def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]:
+        ids = batch["input_ids"]  # [B, L]
+        (B, L), K = ids.shape, self.cfg.block_length
+        n_blocks = math.ceil(L / K)
+        offset = torch.arange(L, device=ids.device) % K  # [L]
+        real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        log_p = []  # per set S: [B, n_blocks, K]
+        for S in range(2**K):
+            hidden = ((S >> offset) & 1 == 0).expand(B, L)  # [B, L] the offsets not in S
+            scored = self._token_log_probs(model, batch, hidden).masked_fill(~(hidden & real), 0.0)
+            log_p.append(F.pad(scored, (0, n_blocks * K - L)).view(B, n_blocks, K))
+        f = [torch.zeros(B, n_blocks, device=ids.device)] + [None] * (2**K - 1)
+        for S in sorted(range(1, 2**K), key=lambda s: s.bit_count()):  # smaller sets first
+            terms = [f[S ^ 1 << i] + log_p[S ^ 1 << i][..., i] for i in range(K) if S >> i & 1]
+            f[S] = torch.logsumexp(torch.stack(terms), dim=0)
+        nll = math.lgamma(K + 1) - f[-1]  # [B, n_blocks]
+        return nll.sum() / (B * L), {}
+
+    def _token_log_probs(self, model, batch, hidden: Tensor) -> Tensor:
+        """log p [B, L] of each clean token with `hidden` [B, L] masked (SUBS), as the loss reads it."""
+        ids = batch["input_ids"]
+        bias = padding_bias(batch["attention_mask"]) if "attention_mask" in batch else None
+        noisy = ids.masked_fill(hidden, self.mask_token_id)
+        logits = self._block_forward(model, noisy, ids, bias, hidden, {}).float()  # [B, L, V]
+        logits = logits.index_fill(-1, torch.tensor([self.mask_token_id], device=ids.device), float("-inf"))
+        return logits.log_softmax(dim=-1).gather(-1, ids[..., None])[..., 0]
 
 
 def ar_nll(

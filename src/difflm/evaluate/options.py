@@ -28,6 +28,11 @@ class EvalOptions:
         "masked diffusion: also the exact NLL of decoding one token a step, left to right in each block "
         "(as sampled with --remasking left_to_right; K forwards per batch)",
     )
+    any_order: bool = opt(
+        False,
+        "block diffusion (K <= 8): also the exact NLL of revealing each block one token a step in a "
+        "uniformly random order, the likelihood the ELBO bounds (2^K forwards per batch)",
+    )
     device: str = opt("cpu", "the device to evaluate on (e.g. cpu, cuda)")
     split: str = opt(
         "val",

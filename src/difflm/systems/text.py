@@ -14,7 +14,7 @@ from difflm.config import RunConfig, model_family
 from difflm.data.blocks import text_blocks
 from difflm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from difflm.errors import DifflmError
-from difflm.evaluate.likelihood import ar_nll, elbo_nll, left_to_right_nll
+from difflm.evaluate.likelihood import any_order_nll, ar_nll, elbo_nll, left_to_right_nll
 from difflm.evaluate.options import EvalOptions
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
@@ -96,6 +96,16 @@ def eval_masked_diffusion(pre: Pretrained, opts: EvalOptions) -> dict:
     }
     if opts.left_to_right:
         metrics["val_left_to_right_nll"] = left_to_right_nll(
+            pre.model,
+            val,
+            mask_token_id=pre.tokenizer.mask_token_id,
+            vocab_size=pre.tokenizer.vocab_size,
+            block_length=block_length,
+            batch_size=opts.batch_size,
+            max_batches=opts.max_batches,
+        )
+    if opts.any_order:
+        metrics["val_any_order_nll"] = any_order_nll(
             pre.model,
             val,
             mask_token_id=pre.tokenizer.mask_token_id,

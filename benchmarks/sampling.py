@@ -158,13 +158,22 @@ class Joined:
     forward_passes: float
 
 
-def timed_rows(fn, ids: torch.Tensor, solo: bool):
-    """fn(ids) timed; `solo`: one call per prompt row (batch 1), seconds summed."""
+def time_all(fns: dict, ids: torch.Tensor, solo: bool) -> dict:
+    """name -> (result, seconds) of each decoder fn(ids). `solo`: one prompt row at a time (batch
+    1), the decoders taking turns on each prompt, so a drift of the machine's speed over minutes
+    reaches every row alike; results joined (tokens stacked, forwards per prompt, seconds summed)."""
     if not solo:
-        return timed(lambda: fn(ids))
-    results, secs = zip(*(timed(lambda r=r: fn(ids[r : r + 1])) for r in range(len(ids))), strict=True)
-    passes = sum(r.forward_passes for r in results) / len(results)
-    return Joined(torch.cat([r.tokens for r in results]), passes), sum(secs)
+        return {name: timed(lambda fn=fn: fn(ids)) for name, fn in fns.items()}
+    runs: dict[str, list] = {name: [] for name in fns}
+    for r in range(len(ids)):
+        for name, fn in fns.items():
+            runs[name].append(timed(lambda fn=fn, row=ids[r : r + 1]: fn(row)))
+    joined = {}
+    for name, pairs in runs.items():
+        results, secs = zip(*pairs, strict=True)
+        passes = sum(res.forward_passes for res in results) / len(results)
+        joined[name] = Joined(torch.cat([res.tokens for res in results]), passes), sum(secs)
+    return joined
 
 
 def methods(args: argparse.Namespace, G: int) -> dict[str, dict]:
@@ -204,50 +213,52 @@ def bd3_methods(args: argparse.Namespace, G: int, K: int) -> dict[str, dict]:
     }
 
 
-def bench_bd3(bd3, K: int, ar, ids, args, G: int, B: int, base_tps: float) -> list[list[str]]:
-    rows, ref, P = [], None, ids.shape[1]
-    for name, kw in bd3_methods(args, G, K).items():
-        if name in args.skip:
-            continue
-        res, secs = timed_rows(lambda ids, kw=kw: generate(bd3, ids, SampleConfig(**kw)), ids, B < len(ids))
-        ref = res.tokens if ref is None else ref
-        agree = float((res.tokens[:, P:] == ref[:, P:]).float().mean())
-        ppl = gen_ppl(ar, res.tokens, P, P + G)
-        rows.append(_row(G, B, name, len(ids) * G / secs, base_tps, res.forward_passes, G, agree, ppl))
-    return rows
-
-
-def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=None) -> list[list[str]]:
-    """The rows of one (gen length, batch) setting; `bd3` = (block-diffusion model, its K) adds its rows."""
-    P = args.prompt_length
-    ids = prompts(tok, args.solo_prompts if B == 1 else B, P).to(args.device)
-    solo = B < len(ids)  # batch 1 over several prompts, one at a time
-    warm_up(diff, ar, ids[:B], args.block_length)
-    rows, ref, base_tps = [], None, None
+def diffusion_decoders(diff, args, G: int, only_vanilla: bool) -> dict:
+    """name -> fn(ids) of the masked model's rows (vanilla on its first blocks with --vanilla-blocks)."""
+    fns = {}
     for name, kw in methods(args, G).items():
-        left_out = name != "vanilla" and (only_vanilla or name in args.skip)
-        if left_out or args.bd3_only:
+        if name != "vanilla" and (only_vanilla or name in args.skip) or args.bd3_only:
             continue
         cfg = SampleConfig(**kw)
         limit = args.vanilla_blocks if name == "vanilla" else None
         if limit is not None and limit * args.block_length < G:  # vanilla on its first blocks only
             n = limit * args.block_length
             cfg = _Truncated(dataclasses.replace(cfg, steps=n), n)
-        res, secs = timed_rows(lambda ids, cfg=cfg: generate(diff, ids, cfg), ids, solo)
-        done = int((res.tokens[:, P:] != diff.mask_token_id).all(0).long().cumprod(0).sum())
-        tps = len(ids) * done / secs
-        if name == "vanilla":
-            ref, ref_len, base_tps = res.tokens, done, tps
-        agree = float((res.tokens[:, P : P + ref_len] == ref[:, P : P + ref_len]).float().mean())
-        ppl = gen_ppl(ar, res.tokens, P, P + done)
-        rows.append(_row(G, B, name, tps, base_tps, res.forward_passes, done, agree, ppl))
+        fns[name] = lambda ids, cfg=cfg: generate(diff, ids, cfg)
+    return fns
+
+
+def bench_setting(diff, ar, tok, args, G: int, B: int, only_vanilla: bool, bd3=None) -> list[list[str]]:
+    """The rows of one (gen length, batch) setting; `bd3` = (block-diffusion model, its K) adds its rows."""
+    P = args.prompt_length
+    ids = prompts(tok, args.solo_prompts if B == 1 else B, P).to(args.device)
+    warm_up(diff, ar, ids[:B], args.block_length)
+    fns = diffusion_decoders(diff, args, G, only_vanilla)
+    bd3_names = []
     if bd3 is not None and not only_vanilla:
-        rows += bench_bd3(*bd3, ar, ids, args, G, B, base_tps)
-    res, secs = timed_rows(lambda ids: generate_ar(ar, ids, max_new_tokens=G), ids, solo)
-    ppl = gen_ppl(ar, res.tokens, P, P + G)
-    rows.append(_row(G, B, "AR (KV cache)", len(ids) * G / secs, base_tps, res.forward_passes, G, None, ppl))
+        model, K = bd3
+        kept = {n: kw for n, kw in bd3_methods(args, G, K).items() if n not in args.skip}
+        fns |= {n: lambda ids, kw=kw: generate(model, ids, SampleConfig(**kw)) for n, kw in kept.items()}
+        bd3_names = list(kept)
+    fns["AR (KV cache)"] = lambda ids: generate_ar(ar, ids, max_new_tokens=G)
+    timings = time_all(fns, ids, solo=B < len(ids))
+    rows, ref, base_tps, bd3_ref = [], None, None, None
+    for name, (res, secs) in timings.items():
+        if name in bd3_names or name == "AR (KV cache)":
+            done, agree = G, None
+            if name in bd3_names:
+                bd3_ref = res.tokens if bd3_ref is None else bd3_ref
+                agree = float((res.tokens[:, P:] == bd3_ref[:, P:]).float().mean())
+        else:  # the masked model: vanilla first, the reference of `agree`
+            done = int((res.tokens[:, P:] != diff.mask_token_id).all(0).long().cumprod(0).sum())
+            if name == "vanilla":
+                ref, ref_len, base_tps = res.tokens, done, len(ids) * done / secs
+            agree = float((res.tokens[:, P : P + ref_len] == ref[:, P : P + ref_len]).float().mean())
+        ppl = gen_ppl(ar, res.tokens, P, P + done)
+        rows.append(_row(G, B, name, len(ids) * done / secs, base_tps, res.forward_passes, done, agree, ppl))
+    ar_tps = float(rows[-1][3])
     for row in rows:  # tok/s as a multiple of the AR model's, measured in this setting
-        row.insert(5, f"{float(row[3]) * secs / (len(ids) * G):.2f}x")
+        row.insert(5, f"{float(row[3]) / ar_tps:.2f}x")
     return rows
 
 

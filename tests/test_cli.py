@@ -48,13 +48,14 @@ def test_eval_reports_finite_metrics(checkpoints, capsys):
     assert metrics["task"] == "autoregressive" and metrics["val_loss"] > 0
 
 
-def test_eval_left_to_right_is_exact_so_the_seed_does_not_move_it(checkpoints, capsys):
+def test_eval_left_to_right_and_any_order_are_exact_so_the_seed_does_not_move_them(checkpoints, capsys):
     runs = []
     for seed in ("0", "1"):
         argv = ["eval", str(checkpoints / "diff"), "--max-batches", "1", "--block-length", "4", "--seed", seed]
-        assert main([*argv, "--left-to-right", "--json"]) == 0
+        assert main([*argv, "--left-to-right", "--any-order", "--json"]) == 0
         runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert runs[0]["val_left_to_right_nll"] == runs[1]["val_left_to_right_nll"] > 0
+    assert runs[0]["val_any_order_nll"] == runs[1]["val_any_order_nll"] > 0
     assert runs[0]["val_elbo_nll"] != runs[1]["val_elbo_nll"]  # the bound is a Monte-Carlo estimate
 
 
@@ -74,6 +75,12 @@ def test_bad_sampling_input_exits_2_with_one_line(checkpoints, capsys, extra, me
     code = main(["sample", str(checkpoints / "diff"), "--prompt", "the", "--gen-length", "8", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_any_order_needs_short_blocks_and_says_so_before_the_bound(checkpoints, capsys):
+    assert main(["eval", str(checkpoints / "diff"), "--any-order"]) == 2  # full-sequence: no blocks
+    captured = capsys.readouterr()
+    assert "needs blocks of 1..8 tokens" in captured.err and "it/s" not in captured.err  # no bound pass ran
 
 
 def test_int8_is_for_sgdd_checkpoints(checkpoints, capsys):

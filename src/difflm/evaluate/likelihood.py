@@ -126,9 +126,7 @@ def left_to_right_nll(
     `block_length` K (None: one block, the whole sequence), each block given the clean earlier ones.
     No Monte Carlo: K forwards per batch (see `LeftToRightObjective`)."""
     objective = LeftToRightObjective(
-        DiffusionConfig(loss="mdlm", block_length=block_length),
-        mask_token_id=mask_token_id,
-        vocab_size=vocab_size,
+        DiffusionConfig(loss="mdlm", block_length=block_length), mask_token_id=mask_token_id, vocab_size=vocab_size
     )
     return exact_loss(model, objective, data, batch_size, max_batches, progress)
 
@@ -185,17 +183,21 @@ def any_order_nll(
     the sampler's at `--remasking random`, steps = tokens, temperature 1. By Jensen it is at most
     the bound: log of the mean over orders of p(x | order) >= the mean of the logs. No Monte
     Carlo: 2^K forwards per batch (see `AnyOrderObjective`), so K <= MAX_ANY_ORDER_BLOCK."""
-    if block_length is None or not 1 <= block_length <= MAX_ANY_ORDER_BLOCK:
-        raise DifflmError(
-            f"the any-order NLL sums over all 2^K reveal states of a block: K = {block_length} is not in "
-            f"[1, {MAX_ANY_ORDER_BLOCK}] (block diffusion); use the ELBO bound for longer blocks"
-        )
+    check_any_order_block(block_length)
     objective = AnyOrderObjective(
-        DiffusionConfig(loss="mdlm", block_length=block_length),
-        mask_token_id=mask_token_id,
-        vocab_size=vocab_size,
+        DiffusionConfig(loss="mdlm", block_length=block_length), mask_token_id=mask_token_id, vocab_size=vocab_size
     )
     return exact_loss(model, objective, data, batch_size, max_batches, progress)
+
+
+def check_any_order_block(block_length: int | None) -> None:
+    """Raise DifflmError unless `any_order_nll` can take blocks of this length."""
+    if block_length is None or not 1 <= block_length <= MAX_ANY_ORDER_BLOCK:
+        raise DifflmError(
+            f"the any-order NLL needs blocks of 1..{MAX_ANY_ORDER_BLOCK} tokens (it sums over the 2^K reveal "
+            f"states of a block), got block length {block_length}; give a block length K <= "
+            f"{MAX_ANY_ORDER_BLOCK} or use the ELBO bound"
+        )
 
 
 class AnyOrderObjective(MaskedDiffusionObjective):

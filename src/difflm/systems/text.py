@@ -14,7 +14,13 @@ from difflm.config import RunConfig, model_family
 from difflm.data.blocks import text_blocks
 from difflm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from difflm.errors import DifflmError
-from difflm.evaluate.likelihood import any_order_nll, ar_nll, elbo_nll, left_to_right_nll
+from difflm.evaluate.likelihood import (
+    any_order_nll,
+    ar_nll,
+    check_any_order_block,
+    elbo_nll,
+    left_to_right_nll,
+)
 from difflm.evaluate.options import EvalOptions
 from difflm.models import build_model
 from difflm.pretrained import Pretrained
@@ -76,6 +82,8 @@ def build_autoregressive(cfg: RunConfig) -> Run:
 def eval_masked_diffusion(pre: Pretrained, opts: EvalOptions) -> dict:
     _, _, val = text_blocks(pre.config.data, pre.tokenizer)
     block_length = opts.block_length or pre.config.diffusion.block_length
+    if opts.any_order:  # before the bound's passes, not after
+        check_any_order_block(block_length)
     nll = elbo_nll(
         pre.model,
         val,
@@ -94,26 +102,21 @@ def eval_masked_diffusion(pre: Pretrained, opts: EvalOptions) -> dict:
         "samples": opts.samples,
         "block_length": block_length,
     }
-    if opts.left_to_right:
-        metrics["val_left_to_right_nll"] = left_to_right_nll(
-            pre.model,
-            val,
-            mask_token_id=pre.tokenizer.mask_token_id,
-            vocab_size=pre.tokenizer.vocab_size,
-            block_length=block_length,
-            batch_size=opts.batch_size,
-            max_batches=opts.max_batches,
-        )
-    if opts.any_order:
-        metrics["val_any_order_nll"] = any_order_nll(
-            pre.model,
-            val,
-            mask_token_id=pre.tokenizer.mask_token_id,
-            vocab_size=pre.tokenizer.vocab_size,
-            block_length=block_length,
-            batch_size=opts.batch_size,
-            max_batches=opts.max_batches,
-        )
+    exact = {  # the exact likelihoods of a fixed and of a uniformly random reveal order
+        "val_left_to_right_nll": (opts.left_to_right, left_to_right_nll),
+        "val_any_order_nll": (opts.any_order, any_order_nll),
+    }
+    for key, (wanted, nll_of) in exact.items():
+        if wanted:
+            metrics[key] = nll_of(
+                pre.model,
+                val,
+                mask_token_id=pre.tokenizer.mask_token_id,
+                vocab_size=pre.tokenizer.vocab_size,
+                block_length=block_length,
+                batch_size=opts.batch_size,
+                max_batches=opts.max_batches,
+            )
     return metrics
 
 

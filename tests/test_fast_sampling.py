@@ -165,7 +165,11 @@ def test_threshold_with_cache_needs_fewer_passes(mode):
 
 @pytest.mark.parametrize(
     "extra",
-    [{"cache": "dual", "threshold": 0.5}, {"cache": "prefix", "factor": 1.0}, {"cache": "delayed", "threshold": 0.5}],
+    [
+        {"cache": "dual", "threshold": 0.5},
+        {"cache": "prefix", "factor": 1.0},
+        {"cache": "delayed", "threshold": 0.5},
+    ],
 )
 def test_batched_fast_decoding_equals_per_row(extra):
     model, (ids, mask) = tiny_model(), prompts()

@@ -126,7 +126,9 @@ def left_to_right_nll(
     `block_length` K (None: one block, the whole sequence), each block given the clean earlier ones.
     No Monte Carlo: K forwards per batch (see `LeftToRightObjective`)."""
     objective = LeftToRightObjective(
-        DiffusionConfig(loss="mdlm", block_length=block_length), mask_token_id=mask_token_id, vocab_size=vocab_size
+        DiffusionConfig(loss="mdlm", block_length=block_length),
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
     )
     return exact_loss(model, objective, data, batch_size, max_batches, progress)
 
@@ -185,7 +187,9 @@ def any_order_nll(
     Carlo: 2^K forwards per batch (see `AnyOrderObjective`), so K <= MAX_ANY_ORDER_BLOCK."""
     check_any_order_block(block_length)
     objective = AnyOrderObjective(
-        DiffusionConfig(loss="mdlm", block_length=block_length), mask_token_id=mask_token_id, vocab_size=vocab_size
+        DiffusionConfig(loss="mdlm", block_length=block_length),
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
     )
     return exact_loss(model, objective, data, batch_size, max_batches, progress)
 
@@ -219,7 +223,7 @@ class AnyOrderObjective(MaskedDiffusionObjective):
         (B, L), K = ids.shape, self.cfg.block_length
         n_blocks = math.ceil(L / K)
         offset = torch.arange(L, device=ids.device) % K  # [L]
-        real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        real = batch["attention_mask"].bool() if "attention_mask" in batch else ids.new_ones(ids.shape).bool()
         log_p = []  # per set S: [B, n_blocks, K]
         for S in range(2**K):
             hidden = ((S >> offset) & 1 == 0).expand(B, L)  # [B, L] the offsets not in S

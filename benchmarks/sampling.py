@@ -13,7 +13,8 @@ blocks, and agreement is measured on the positions it generated: with semi-autor
 those tokens are final (later blocks are still all masks when they are decided).
 `--vanilla-only` prints the vanilla-engine table instead (gen length 64/256, diffusion vs AR).
 `--solo-prompts N` decodes N prompts one at a time at batch 1 (one row's gen-ppl is a noisy
-figure). Each setting starts with an untimed warm-up of every decoder.
+figure), every decoder in turn on each prompt, so the machine's speed drift reaches all rows alike.
+Each setting starts with an untimed warm-up of every decoder.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def diffusion_decoders(diff, args, G: int, only_vanilla: bool) -> dict:
     """name -> fn(ids) of the masked model's rows (vanilla on its first blocks with --vanilla-blocks)."""
     fns = {}
     for name, kw in methods(args, G).items():
-        if name != "vanilla" and (only_vanilla or name in args.skip) or args.bd3_only:
+        if args.bd3_only or (name != "vanilla" and (only_vanilla or name in args.skip)):
             continue
         cfg = SampleConfig(**kw)
         limit = args.vanilla_blocks if name == "vanilla" else None

@@ -204,3 +204,23 @@ def test_eval_reports_the_subs_bound(mock_denoiser):
 
     got = elbo_nll(model, data, mask_token_id=31, vocab_size=32, **kw)
     assert got == bound("mdlm") and got < bound("elbo")
+
+
+def test_decode_block_objective_scores_one_block_seen_as_a_decoder_sees_it():
+    """diffusion.decode_block: clean text before the row's block, masks after it, the loss on the
+    block's noised tokens only; block diffusion and decode_block are refused together."""
+    from difflm.config import DiffusionConfig
+    from difflm.errors import DifflmError
+    from difflm.train.objectives import MaskedDiffusionObjective
+
+    task = MaskedDiffusionObjective(DiffusionConfig(decode_block=4), mask_token_id=31, vocab_size=32)
+    ids = torch.randint(0, 31, (32, 12), generator=torch.Generator().manual_seed(0))
+    batch = task.prepare({"input_ids": ids}, torch.Generator().manual_seed(1))
+    scored, noised, noisy = batch["loss_mask"], batch["noised"], batch["noisy"]
+    assert bool((scored.sum(1) == 4).all()) and bool((noised & ~scored).sum() == 0)
+    for b in range(len(ids)):
+        lo = int(scored[b].nonzero()[0])
+        assert torch.equal(noisy[b, :lo], ids[b, :lo]) and bool((noisy[b, lo + 4 :] == 31).all())
+        assert torch.equal(noised[b, lo : lo + 4], noisy[b, lo : lo + 4] == 31)
+    with pytest.raises(DifflmError, match="decode_block"):
+        DiffusionConfig(decode_block=4, block_length=4)

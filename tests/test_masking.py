@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from difflm.diffusion.masking import NoiseConfig, corrupt, protected_mask, random_truncate
+from difflm.diffusion.masking import (
+    NoiseConfig,
+    corrupt,
+    decode_block_view,
+    protected_mask,
+    random_truncate,
+)
 from difflm.errors import DifflmError
 
 MASK = 63
@@ -178,3 +184,31 @@ def test_random_truncate():
     assert min(lengths) >= 1 and max(lengths) <= 16 and len(lengths) > 10
     with pytest.raises(DifflmError, match="one L"):
         random_truncate({"a": torch.ones(2, 3), "b": torch.ones(2, 4)}, 1.0, _gen())
+
+
+def test_decode_block_view_is_what_a_block_decoder_feeds():
+    """Per row: clean before its block, the block as corrupted, masks after (protected kept);
+    blocks fall on the grid, the last one shorter when the length is not a multiple."""
+    B, L, N = 64, 10, 4
+    ids = _ids(B, L)
+    protected = torch.zeros(B, L, dtype=torch.bool)
+    protected[:, 9] = True
+    rate = torch.full((B,), 0.5)
+    noisy, _ = corrupt(ids, rate, mask_token_id=MASK, cfg=NoiseConfig(), generator=_gen(), protected=protected)
+    out, in_block = decode_block_view(ids, noisy, protected, N, MASK, _gen(1))
+    starts = set()
+    for b in range(B):
+        where = in_block[b].nonzero().flatten()
+        lo, hi = int(where[0]), int(where[-1]) + 1
+        assert lo % N == 0 and hi == min(lo + N, L) and len(where) == hi - lo
+        starts.add(lo)
+        assert torch.equal(out[b, :lo], ids[b, :lo])
+        assert torch.equal(out[b, lo:hi], noisy[b, lo:hi])
+        after = torch.arange(L) >= hi
+        assert bool((out[b, after & ~protected[b]] == MASK).all())
+        assert torch.equal(out[b, protected[b]], ids[b, protected[b]])
+    assert starts == {0, 4, 8}
+    _, in_block = decode_block_view(ids, noisy, protected, N, MASK, _gen(1), offset=3)
+    assert {int(row.nonzero()[0]) for row in in_block} == {3, 7}
+    with pytest.raises(DifflmError, match="decode_offset"):
+        decode_block_view(ids, noisy, protected, N, MASK, _gen(1), offset=L)

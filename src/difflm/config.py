@@ -113,6 +113,15 @@ class DiffusionConfig:
         "Block diffusion (BD3-LM): denoise blocks of this many tokens given the clean earlier blocks, "
         "noisy and clean copies in one forward (null = full-sequence masked diffusion; 1 = next-token-like).",
     )
+    decode_block: int | None = opt(
+        None,
+        "Train a full-sequence model on what semi-autoregressive decoding in blocks of this many tokens "
+        "feeds it: per sequence one block on the grid 0, N, 2N, ..., the text before it clean, the text "
+        "after it all masks, the loss on the block (a fine-tune for fast decoding; null = every position).",
+    )
+    decode_offset: int = opt(
+        0, "With decode_block: where its grid starts, the prompt length decoding will use."
+    )
 
     def __post_init__(self) -> None:
         for key in ("min_rate", "span_prob", "random_length_prob"):
@@ -121,6 +130,13 @@ class DiffusionConfig:
         check_range("diffusion.reweight_cap", self.reweight_cap, 0.0, open_low=True)
         check_range("diffusion.t_max", self.t_max, self.t_eps, 1.0, open_low=True)
         check_range("diffusion.block_length", self.block_length, 1)
+        check_range("diffusion.decode_block", self.decode_block, 1)
+        check_range("diffusion.decode_offset", self.decode_offset, 0)
+        if self.block_length is not None and self.decode_block is not None:
+            raise DifflmError(
+                "diffusion.decode_block is for full-sequence models; block diffusion (block_length) "
+                "already trains each block given the clean ones before it: set one of the two"
+            )
         if self.block_length is not None and self.span_prob > 0:
             raise DifflmError("diffusion.block_length (block diffusion) needs diffusion.span_prob=0")
 

@@ -203,3 +203,34 @@ def random_truncate(
     new_len = int(torch.randint(1, full + 1, (1,), generator=generator, device=generator.device).item())
     cut = {k: v[:, :new_len] if isinstance(v, Tensor) and v.dim() >= 2 else v for k, v in tensors.items()}
     return cut if isinstance(batch, dict) else cut["_"]
+
+
+def decode_block_view(
+    clean: Tensor,
+    noisy: Tensor,
+    protected: Tensor,
+    block: int,
+    mask_token_id: int,
+    generator: torch.Generator,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The inputs semi-autoregressive decoding in blocks of `block` tokens after a prompt of
+    `offset` tokens feeds the model: per row a block drawn uniformly on the grid offset,
+    offset + block, ...; the tokens before it clean, the block as `corrupt` noised it, every token
+    after it a mask. Returns the new noisy ids [B, L] and the block's positions [B, L] (bool), the
+    only ones a loss should score: the decoder never reads the model's outputs elsewhere.
+    Protected positions keep their clean token."""
+    batch, length = clean.shape
+    if not 0 <= offset < length:
+        raise DifflmError(
+            f"decode offset {offset} must lie in [0, {length}) for sequences of {length} tokens; "
+            "set diffusion.decode_offset to the prompt length decoding uses"
+        )
+    n_blocks = -(-(length - offset) // block)
+    index = torch.randint(n_blocks, (batch, 1), generator=generator, device=generator.device)
+    start = offset + index.to(clean.device) * block  # [B, 1]
+    positions = torch.arange(length, device=clean.device)[None, :]  # [1, L]
+    before, after = positions < start, positions >= start + block  # [B, L] each
+    out = torch.where(before, clean, noisy)
+    out = out.masked_fill(after & ~protected, mask_token_id)
+    return out, ~before & ~after

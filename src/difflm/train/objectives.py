@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from difflm.config import DiffusionConfig
 from difflm.diffusion.gaussian import GaussianConfig, GaussianDiffusion
 from difflm.diffusion.losses import get_loss
-from difflm.diffusion.masking import NoiseConfig, corrupt, protected_mask, random_truncate
+from difflm.diffusion.masking import (
+    NoiseConfig,
+    corrupt,
+    decode_block_view,
+    protected_mask,
+    random_truncate,
+)
 from difflm.diffusion.schedules import build_schedule, sample_t
 from difflm.errors import DifflmError
 from difflm.models.block_attention import bd3_lookahead_bias, bd3_training_bias, lookahead_positions
@@ -97,6 +103,11 @@ class MaskedDiffusionObjective:
             vocab_size=self.vocab_size,
             exclude_ids=self.special_ids,
         )
+        scored = ~protected
+        if self.cfg.decode_block is not None:
+            grid = self.cfg.decode_block, self.mask_token_id, generator, self.cfg.decode_offset
+            noisy, in_block = decode_block_view(ids, noisy, protected, *grid)
+            noised, scored = noised & in_block, scored & in_block
         out = {
             "input_ids": ids,
             "noisy": noisy,
@@ -105,8 +116,8 @@ class MaskedDiffusionObjective:
         }
         if "attention_mask" in batch:
             out["attention_mask"] = batch["attention_mask"]
-        if "prompt_lengths" in batch:
-            out["loss_mask"] = ~protected
+        if "prompt_lengths" in batch or self.cfg.decode_block is not None:
+            out["loss_mask"] = scored
         if self.attention_bias_fn is not None:
             out["attention_bias"] = self.attention_bias_fn(batch)  # [B, 1, L, L]
         return {**out, **{key: batch[key] for key in self.model_inputs}}

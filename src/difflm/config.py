@@ -116,8 +116,9 @@ class DiffusionConfig:
     decode_block: int | None = opt(
         None,
         "Train a full-sequence model on what semi-autoregressive decoding in blocks of this many tokens "
-        "feeds it: per sequence one block on the grid 0, N, 2N, ..., the text before it clean, the text "
-        "after it all masks, the loss on the block (a fine-tune for fast decoding; null = every position).",
+        "feeds it: per sequence one block on the grid P, P + N, ... (P = decode_offset), the text before "
+        "it clean, the text after it all masks, the loss on the block (a fine-tune for fast decoding; "
+        "null = every position).",
     )
     decode_offset: int = opt(
         0, "With decode_block: where its grid starts, the prompt length decoding will use."

@@ -105,8 +105,10 @@ class MaskedDiffusionObjective:
         )
         scored = ~protected
         if self.cfg.decode_block is not None:
-            grid = self.cfg.decode_block, self.mask_token_id, generator, self.cfg.decode_offset
-            noisy, in_block = decode_block_view(ids, noisy, protected, *grid)
+            noisy, in_block = decode_block_view(
+                ids, noisy, protected, self.cfg.decode_block, self.mask_token_id, generator,
+                offset=self.cfg.decode_offset,
+            )
             noised, scored = noised & in_block, scored & in_block
         out = {
             "input_ids": ids,

@@ -222,5 +222,7 @@ def test_decode_block_objective_scores_one_block_seen_as_a_decoder_sees_it():
         lo = int(scored[b].nonzero()[0])
         assert torch.equal(noisy[b, :lo], ids[b, :lo]) and bool((noisy[b, lo + 4 :] == 31).all())
         assert torch.equal(noised[b, lo : lo + 4], noisy[b, lo : lo + 4] == 31)
-    with pytest.raises(DifflmError, match="decode_block"):
-        DiffusionConfig(decode_block=4, block_length=4)
+    refused = ({"block_length": 4}, {"random_length_prob": 0.01}, {"decode_block": None, "decode_offset": 2})
+    for bad in refused:
+        with pytest.raises(DifflmError, match="decode_block"):
+            DiffusionConfig(**{"decode_block": 4, **bad})

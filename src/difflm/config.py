@@ -138,6 +138,15 @@ class DiffusionConfig:
                 "diffusion.decode_block is for full-sequence models; block diffusion (block_length) "
                 "already trains each block given the clean ones before it: set one of the two"
             )
+        if self.decode_offset and self.decode_block is None:
+            raise DifflmError(
+                "diffusion.decode_offset places decode_block's grid: set diffusion.decode_block too"
+            )
+        if self.decode_block is not None and self.random_length_prob > 0:
+            raise DifflmError(
+                "diffusion.decode_block trains on the decode's fixed block grid, which random truncation "
+                "moves: set diffusion.random_length_prob=0"
+            )
         if self.block_length is not None and self.span_prob > 0:
             raise DifflmError("diffusion.block_length (block diffusion) needs diffusion.span_prob=0")
 

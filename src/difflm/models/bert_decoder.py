@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from difflm.errors import DifflmError
 from difflm.models.conditioning import Conditioning, pick, precompute
-from difflm.models.layers import AdaLNModulation, CrossAttention, modulate, timestep_embedding
+from difflm.models.layers import AdaLNModulation, CrossAttention, modulate, sdpa, timestep_embedding
 from difflm.models.quantize import int8_linears
 from difflm.models.screen import top_tokens
 from difflm.models.transformer import TIME_FREQ_DIM
@@ -83,7 +83,7 @@ class BertLayer(nn.Module):
             for proj in (self.q, self.k, self.v)
         )
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # [B, H, L, D]
+        a = sdpa(q, k, v, bias, p)  # [B, H, L, D]
         h = self.norm1(x + self.drop(self.o(a.transpose(1, 2).reshape(B, L, C))))
         return self.norm2(h + self.drop(self.down(F.gelu(self.up(h)))))
 

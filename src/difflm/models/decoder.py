@@ -36,6 +36,7 @@ from difflm.models.layers import (
     padding_bias,
     rope_cos_sin,
     rope_tables,
+    sdpa,
 )
 
 
@@ -146,7 +147,7 @@ def attend(
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         y = F.dropout(probs, p=dropout) @ v  # [B, H, Q, D]
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.bias, dropout_p=dropout)
+        y = sdpa(q, k, v, ctx.bias, dropout)
     return y.transpose(1, 2).flatten(2)  # [B, Q, H * D]
 
 

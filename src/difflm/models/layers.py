@@ -78,13 +78,8 @@ class RMSNorm(nn.Module):
         self._eps_tensor: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in float32: bf16 sums of squares lose too much precision. The mean square as
-        # norm^2 / C: one reduction kernel and no scalar ops (each eager op costs microseconds,
-        # which at batch 1 outweighs the arithmetic)
-        h = x.float()
-        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-        h = h * torch.rsqrt(torch.addcmul(self._eps(h), norm, norm, value=1 / h.shape[-1]))
-        h = h.to(x.dtype)
+        eps = self._eps(x)
+        h = _RMSNormalize.apply(x, eps) if x.requires_grad and torch.is_grad_enabled() else rms_normalize(x, eps)
         return h * self.weight if self.weight is not None else h
 
     def _eps(self, like: Tensor) -> Tensor:
@@ -92,6 +87,40 @@ class RMSNorm(nn.Module):
         if self._eps_tensor is None or self._eps_tensor.device != like.device:
             self._eps_tensor = torch.tensor([self.eps], dtype=torch.float32, device=like.device)
         return self._eps_tensor
+
+
+def rms_normalize(x: Tensor, eps: Tensor) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, computed in float32, returned in x's dtype."""
+    h, r = _rms_inverse(x, eps)
+    return (h * r).to(x.dtype)
+
+
+def _rms_inverse(x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """x in float32 and 1 / sqrt(mean(x^2) + eps) [..., 1]. float32: bf16 sums of squares lose
+    too much precision. The mean square as norm^2 / C: one reduction kernel and no scalar ops
+    (each eager op costs microseconds, which at batch 1 outweighs the arithmetic)."""
+    h = x.float()
+    norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    return h, torch.rsqrt(torch.addcmul(eps, norm, norm, value=1 / h.shape[-1]))
+
+
+class _RMSNormalize(torch.autograd.Function):
+    """`rms_normalize` with its gradient in three passes over x instead of autograd's chain of
+    saved intermediates (a training step's norms took ~3x a fused LayerNorm on the CPU):
+    d/dx = r * (g - x * r^2 * mean(g * x)) with r = 1 / sqrt(mean(x^2) + eps)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, eps: Tensor) -> Tensor:
+        h, r = _rms_inverse(x, eps)
+        ctx.save_for_backward(x, r)
+        return (h * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, r = ctx.saved_tensors
+        h, g = x.float(), grad.float()
+        coef = torch.linalg.vecdot(g, h, dim=-1).unsqueeze(-1).mul_(r.pow(3)).div_(h.shape[-1])  # [..., 1]
+        return torch.addcmul(g * r, h, coef, value=-1).to(x.dtype), None
 
 
 NORMS = ("rms", "layer")
@@ -132,12 +161,44 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [..., Q, D] (e.g. [B, H, Q, D]) by the tables [Q, D] (half-split pairing), in float32."""
-    h = x.float()
-    first, second = h.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)  # [B, H, Q, D]
-    return (h * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Rotate x [..., Q, D] (e.g. [B, H, Q, D]) by the tables [Q, D] (half-split pairing), in
+    float32; the result in `dtype` (default x's)."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Rope.apply(x, cos, sin, dtype)
+    return _rotate(x, cos, sin, 1, dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: int, dtype: torch.dtype) -> Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] (sign=1), or its transpose
+    [x2, -x1] (sign=-1), in float32 (the tables' dtype: a bf16 x is promoted exactly, without a
+    float32 copy), returned in `dtype`. Products and sums are rounded as in the reference form (HF
+    Qwen3, LLaDA), so sign=1 is bit-identical to it; the halves are updated in place rather than
+    concatenating a rotated copy (two fewer passes over x)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].sub_(x[..., half:] * sin[..., :half], alpha=sign)
+    out[..., half:].add_(x[..., :half] * sin[..., half:], alpha=sign)
+    return out.to(dtype)
+
+
+class _Rope(torch.autograd.Function):
+    """`_rotate` with its gradient, the transposed rotation of the incoming gradient: autograd
+    through the reference form saves and revisits every intermediate (the negated half, the
+    concatenation, both products), a large share of a training step on the CPU. The transpose
+    holds for rotary tables, whose two halves are equal (dims i and i + D/2 share a frequency)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.input_dtype = x.dtype
+        return _rotate(x, cos, sin, 1, dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1, ctx.input_dtype), None, None, None
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
@@ -253,6 +314,25 @@ class AttentionContext:
     attend_len: int = 0
 
 
+def training_on_cpu(x: Tensor) -> bool:
+    """True when x is on the CPU and part of a graph being differentiated (a training forward)."""
+    return x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled()
+
+
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout: float = 0.0, causal: bool = False
+) -> Tensor:
+    """F.scaled_dot_product_attention of q [B, H, Q, D] over k, v [B, H, K, D] with an additive
+    bias, in v's dtype. Training on the CPU it runs in float32, out of autocast: PyTorch's CPU
+    flash-attention backward is 1.4-3x slower in bf16 than in float32 (benchmarks/attention.py),
+    far more than the casts cost, and attention is the largest part of a small model's step."""
+    if training_on_cpu(q) and (v.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+            return sdpa(q.float(), k.float(), v.float(), bias, dropout, causal).to(v.dtype)
+    mask = bias.to(q.dtype) if bias is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE on q/k and an additive bias, via SDPA."""
 
@@ -271,10 +351,10 @@ class SelfAttention(nn.Module):
             return self._some_queries(x, ctx, layer, cols)
         B, Q, C = x.shape
         qkv = self.qkv(x).view(B, Q, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, H, Q, D]
-        if ctx.cos is not None:  # q and k rotated in one go
-            (q, k), v = apply_rope(qkv[:2], ctx.cos, ctx.sin), qkv[2]
-        else:
-            q, k, v = qkv
+        qk, v = qkv.split([2, 1])  # split, not indexing: its backward concatenates, no zero-filled copies
+        if ctx.cos is not None:  # q and k rotated in one go, left in float32 for a float32 `sdpa`
+            qk = apply_rope(qk, ctx.cos, ctx.sin, torch.float32 if training_on_cpu(qk) else None)
+        (q, k), v = qk, v.squeeze(0)
         return self._attend(q, k, v, ctx, layer, ctx.bias, ctx.is_causal)
 
     def _some_queries(self, x: Tensor, ctx: AttentionContext, layer: int, cols: Tensor) -> Tensor:
@@ -297,10 +377,7 @@ class SelfAttention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.start, k, v, ctx.attend_len)  # [B, H, K, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        mask = bias.to(q.dtype) if bias is not None else None
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
-        )  # [B, H, Q', D]
+        y = sdpa(q, k, v, bias, self.dropout if self.training else 0.0, causal)  # [B, H, Q', D]
         B, H, Qq, D = y.shape
         return self.resid_drop(self.out_proj(y.transpose(1, 2).reshape(B, Qq, H * D)))
 

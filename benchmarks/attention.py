@@ -1,0 +1,65 @@
+"""Forward + backward time of PyTorch's scaled_dot_product_attention on the CPU, bf16 against float32.
+
+    python benchmarks/attention.py               # both shapes of benchmarks/train_step.py, 1 thread
+    python benchmarks/attention.py --threads 2
+
+Why `difflm.models.layers.sdpa` runs attention in float32 when training on the CPU: under bf16
+autocast the inputs arrive in bf16, and the CPU flash-attention backward is much slower in bf16
+than in float32. Each row times the same q, k, v [B, H, L, D] (causal and bidirectional) in both
+dtypes, interleaved so machine noise hits them alike, and prints the ratio bf16 / float32 measured
+in the same run; "float32 + casts" includes casting bf16 inputs up and the output back down, as
+`sdpa` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"6x384 (batch 16, block 256)": (16, 6, 256, 64), "4x128 (batch 32, block 128)": (32, 4, 128, 32)}
+
+
+def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, causal: bool, upcast: bool) -> float:
+    """Seconds for one forward + backward; `upcast`: bf16 inputs cast to float32 and back."""
+    start = time.perf_counter()
+    a, b, c = (x.float() for x in (q, k, v)) if upcast else (q, k, v)
+    y = F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+    (y.to(grad.dtype) if upcast else y).backward(grad)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per setting")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print("| shape | attention | bf16 ms | float32 ms | float32 + casts ms | bf16 / (float32 + casts) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, shape in SHAPES.items():
+        for causal in (True, False):
+            base = [torch.randn(shape) for _ in range(4)]
+            setups = {
+                "bf16": ([x.bfloat16().requires_grad_() for x in base[:3]], base[3].bfloat16(), False),
+                "fp32": ([x.clone().requires_grad_() for x in base[:3]], base[3], False),
+                "cast": ([x.bfloat16().requires_grad_() for x in base[:3]], base[3].bfloat16(), True),
+            }
+            times: dict[str, list[float]] = {key: [] for key in setups}
+            for i in range(args.repeats + 2):
+                for key, (qkv, grad, upcast) in setups.items():
+                    seconds = step(*qkv, grad, causal, upcast)
+                    if i >= 2:  # the first two calls warm up
+                        times[key].append(seconds)
+            ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+            kind = "causal" if causal else "bidirectional"
+            print(f"| {name} | {kind} | {ms['bf16']:.1f} | {ms['fp32']:.1f} | {ms['cast']:.1f} "
+                  f"| {ms['bf16'] / ms['cast']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The training-speed forms of difflm.models.layers against the plain forms they replace:
+RoPE and RMSNorm with hand-written gradients, attention in float32 when training on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difflm.models.layers import ExactGeluMLP, GeluMLP, RMSNorm, apply_rope, rope_cos_sin, sdpa
+from difflm.models.transformer import Transformer, TransformerConfig
+
+
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The published form (HF Qwen3, LLaDA): x * cos + rotate_half(x) * sin, in float32."""
+    h = x.float()
+    first, second = h.chunk(2, dim=-1)
+    return h * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def reference_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_reference_form_and_its_gradient_the_transposed_rotation(dtype):
+    cos, sin = rope_cos_sin(5, 12, 16, 10000.0)
+    qkv = torch.randn(2, 12, 3, 4, 16).to(dtype).permute(2, 0, 3, 1, 4)  # strided, as attention slices it
+    x = qkv[:2].detach().requires_grad_(True)
+    x_ref = qkv[:2].detach().float().requires_grad_(True)
+    expected = reference_rope(x_ref, cos, sin)
+    assert torch.equal(apply_rope(x, cos, sin), expected.to(dtype))  # bit-identical, in x's dtype
+    out = apply_rope(x, cos, sin, torch.float32)  # float32 for a float32 attention: no rounding
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.to(dtype).float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    with torch.no_grad():  # inference takes the plain function: the same numbers
+        assert torch.equal(apply_rope(x, cos, sin), expected.detach().to(dtype))
+
+
+def test_rms_norm_gradients_match_autograd_through_the_plain_form():
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(3, 5, 24)).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weight_ref = norm.weight.detach().clone().requires_grad_(True)
+    out, expected = norm(x), reference_rms(x_ref, weight_ref, 1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.weight.grad, weight_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(norm(x), out)  # inference and training forwards agree exactly
+
+
+def test_sdpa_trains_on_the_cpu_in_float32_and_infers_as_before():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8).bfloat16() for _ in range(3))
+    hidden = (torch.rand(10, 10) > 0.7) & ~torch.eye(10, dtype=torch.bool)  # every query sees itself
+    bias = torch.zeros(1, 1, 10, 10).masked_fill(hidden, float("-inf"))
+    float32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = sdpa(q.requires_grad_(True), k, v, bias)
+        with torch.no_grad():
+            inferred = sdpa(q, k, v, bias)
+    assert trained.dtype == torch.bfloat16 and torch.equal(trained, float32.bfloat16())
+    assert torch.equal(inferred, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.bfloat16()))
+    trained.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+
+
+def test_a_training_step_under_bf16_autocast_matches_float32_attention():
+    """The whole transformer: gradients under autocast stay finite and close to float32's."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    ids = torch.randint(0, 40, (3, 16))
+    losses = []
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(ids).flatten(0, 1).float(), ids.flatten())
+        loss.backward()
+        losses.append((loss.item(), model.blocks[0].attn.qkv.weight.grad.clone()))
+    (fp32_loss, fp32_grad), (bf16_loss, bf16_grad) = losses
+    assert abs(fp32_loss - bf16_loss) < 0.02
+    assert torch.isfinite(bf16_grad).all()
+    assert F.cosine_similarity(fp32_grad.flatten(), bf16_grad.flatten(), dim=0) > 0.99
+
+
+def test_the_default_mlp_is_erf_gelu_and_a_recorded_gelu_stays_tanh():
+    shape = dict(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8)
+    assert type(Transformer(TransformerConfig(**shape)).blocks[0].mlp) is ExactGeluMLP
+    tanh_model = Transformer(TransformerConfig(**shape, mlp="gelu"))  # as every checkpoint before it records
+    mlp = tanh_model.blocks[0].mlp
+    assert type(mlp) is GeluMLP
+    x = torch.randn(2, 4, 8)
+    expected = mlp.out_proj(F.gelu(mlp.fc(x), approximate="tanh"))
+    assert torch.equal(mlp(x), expected)

@@ -1,5 +1,5 @@
 """The training-speed forms of difflm.models.layers against the plain forms they replace:
-RoPE and RMSNorm with hand-written gradients, attention in float32 when training on the CPU."""
+RoPE and RMSNorm with hand-written gradients, short attention in float32 when training on the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflm.models.layers import ExactGeluMLP, GeluMLP, RMSNorm, apply_rope, rope_cos_sin, sdpa
+from difflm.models.layers import (
+    CPU_FLOAT32_ATTENTION_MAX,
+    ExactGeluMLP,
+    GeluMLP,
+    RMSNorm,
+    apply_rope,
+    rope_cos_sin,
+    sdpa,
+)
 from difflm.models.transformer import Transformer, TransformerConfig
 
 
@@ -75,6 +83,15 @@ def test_sdpa_trains_on_the_cpu_in_float32_and_infers_as_before():
     assert torch.equal(inferred, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.bfloat16()))
     trained.sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16
+
+
+def test_sdpa_keeps_long_attention_in_bf16():
+    """Past the limit (keys x head dims) the bf16 backward is no slower: no casts."""
+    keys = CPU_FLOAT32_ATTENTION_MAX // 8 + 1
+    q, k, v = (torch.randn(1, 1, keys, 8).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = sdpa(q.requires_grad_(True), k, v, causal=True)
+    assert torch.equal(trained, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_a_training_step_under_bf16_autocast_matches_float32_attention():

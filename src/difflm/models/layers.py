@@ -314,19 +314,25 @@ class AttentionContext:
     attend_len: int = 0
 
 
-def training_on_cpu(x: Tensor) -> bool:
-    """True when x is on the CPU and part of a graph being differentiated (a training forward)."""
-    return x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled()
+# Training on the CPU, PyTorch's bf16 flash-attention backward is 1.5-3x slower than float32's for
+# short, narrow heads (keys x head dims up to 128 x 64 or 256 x 32) and about as fast or faster for
+# longer or wider ones (benchmarks/attention.py): `sdpa` runs attention in float32 up to this size.
+CPU_FLOAT32_ATTENTION_MAX = 256 * 32
+
+
+def float32_attention(q: Tensor, keys: int) -> bool:
+    """Whether `sdpa` runs the attention of q [..., D] over `keys` keys in float32: a training
+    forward (q part of a graph being differentiated) on the CPU with keys x D within the limit."""
+    small = keys * q.shape[-1] <= CPU_FLOAT32_ATTENTION_MAX
+    return small and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()
 
 
 def sdpa(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout: float = 0.0, causal: bool = False
 ) -> Tensor:
     """F.scaled_dot_product_attention of q [B, H, Q, D] over k, v [B, H, K, D] with an additive
-    bias, in v's dtype. Training on the CPU it runs in float32, out of autocast: PyTorch's CPU
-    flash-attention backward is 1.4-3x slower in bf16 than in float32 (benchmarks/attention.py),
-    far more than the casts cost, and attention is the largest part of a small model's step."""
-    if training_on_cpu(q) and (v.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+    bias, in v's dtype; in float32, out of autocast, where `float32_attention` says so."""
+    if float32_attention(q, k.shape[-2]) and (v.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
             return sdpa(q.float(), k.float(), v.float(), bias, dropout, causal).to(v.dtype)
     mask = bias.to(q.dtype) if bias is not None else None
@@ -353,7 +359,7 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, Q, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, H, Q, D]
         qk, v = qkv.split([2, 1])  # split, not indexing: its backward concatenates, no zero-filled copies
         if ctx.cos is not None:  # q and k rotated in one go, left in float32 for a float32 `sdpa`
-            qk = apply_rope(qk, ctx.cos, ctx.sin, torch.float32 if training_on_cpu(qk) else None)
+            qk = apply_rope(qk, ctx.cos, ctx.sin, torch.float32 if float32_attention(qk, Q) else None)
         (q, k), v = qk, v.squeeze(0)
         return self._attend(q, k, v, ctx, layer, ctx.bias, ctx.is_causal)
 

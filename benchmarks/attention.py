@@ -3,10 +3,10 @@
     python benchmarks/attention.py               # 1 thread
     python benchmarks/attention.py --threads 2
 
-Why `difflm.models.layers.sdpa` runs short, narrow attention in float32 when training on the CPU
-(`CPU_FLOAT32_ATTENTION_MAX`): under bf16 autocast the inputs arrive in bf16, and the CPU
-flash-attention backward in bf16 is much slower than in float32 for few keys x head dims, and
-not for many. Each row times the same q, k, v [B, H, L, D] (causal, and bidirectional for the two
+Why `difflm.models.layers.sdpa` runs attention with narrow heads or few keys in float32 when
+training on the CPU (`float32_attention`): under bf16 autocast the inputs arrive in bf16, and the
+CPU flash-attention backward is much slower in bf16 than in float32 there, and not for wide heads
+over many keys. Each row times the same q, k, v [B, H, L, D] (causal, and bidirectional for the two
 shapes of benchmarks/train_step.py) in both dtypes, interleaved so machine noise hits them alike,
 and prints the ratio bf16 / float32 measured in the same run; "float32 + casts" includes casting
 bf16 inputs up and the output back down (the core transformer's RoPE writes q and k in float32
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from difflm.models.layers import float32_attention
 
-# [B, H, L, D]: the two shapes of benchmarks/train_step.py first, then keys x head dims around the limit
+# [B, H, L, D]: the two shapes of benchmarks/train_step.py first, then keys and head dims around the limits
 SHAPES = [
     (16, 6, 256, 64),
     (32, 4, 128, 32),

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from difflm.models.layers import (
-    CPU_FLOAT32_ATTENTION_MAX,
+    CPU_FLOAT32_ATTENTION_HEAD_DIM,
+    CPU_FLOAT32_ATTENTION_KEYS,
     ExactGeluMLP,
     GeluMLP,
     RMSNorm,
@@ -85,10 +86,10 @@ def test_sdpa_trains_on_the_cpu_in_float32_and_infers_as_before():
     assert q.grad is not None and q.grad.dtype == torch.bfloat16
 
 
-def test_sdpa_keeps_long_attention_in_bf16():
-    """Past the limit (keys x head dims) the bf16 backward is no slower: no casts."""
-    keys = CPU_FLOAT32_ATTENTION_MAX // 8 + 1
-    q, k, v = (torch.randn(1, 1, keys, 8).bfloat16() for _ in range(3))
+def test_sdpa_keeps_wide_heads_over_many_keys_in_bf16():
+    """Past both limits the bf16 backward is no slower: no casts."""
+    keys, width = CPU_FLOAT32_ATTENTION_KEYS + 1, 2 * CPU_FLOAT32_ATTENTION_HEAD_DIM
+    q, k, v = (torch.randn(1, 1, keys, width).bfloat16() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trained = sdpa(q.requires_grad_(True), k, v, causal=True)
     assert torch.equal(trained, F.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -121,3 +122,25 @@ def test_the_default_mlp_is_erf_gelu_and_a_recorded_gelu_stays_tanh():
     x = torch.randn(2, 4, 8)
     expected = mlp.out_proj(F.gelu(mlp.fc(x), approximate="tanh"))
     assert torch.equal(mlp(x), expected)
+
+
+def test_the_cpu_optimizer_is_fused_and_steps_as_the_loop_does():
+    from difflm.config import TrainConfig
+    from difflm.train.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    twin = Transformer(TransformerConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    twin.load_state_dict(model.state_dict())
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, cfg)
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    ids = torch.randint(0, 12, (2, 8))
+    for _ in range(3):
+        for net, opt in ((model, fused), (twin, loop)):
+            F.cross_entropy(net(ids).flatten(0, 1), ids.flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -314,16 +314,17 @@ class AttentionContext:
     attend_len: int = 0
 
 
-# Training on the CPU, PyTorch's bf16 flash-attention backward is 1.5-3x slower than float32's for
-# short, narrow heads (keys x head dims up to 128 x 64 or 256 x 32) and about as fast or faster for
-# longer or wider ones (benchmarks/attention.py): `sdpa` runs attention in float32 up to this size.
-CPU_FLOAT32_ATTENTION_MAX = 256 * 32
+# Training on the CPU, PyTorch's bf16 flash-attention backward is 1.3-2.6x slower than float32's
+# for narrow heads or few keys, and about as fast or faster for wider heads over more keys
+# (benchmarks/attention.py): `sdpa` runs attention in float32 up to either limit.
+CPU_FLOAT32_ATTENTION_HEAD_DIM = 32
+CPU_FLOAT32_ATTENTION_KEYS = 128
 
 
 def float32_attention(q: Tensor, keys: int) -> bool:
     """Whether `sdpa` runs the attention of q [..., D] over `keys` keys in float32: a training
-    forward (q part of a graph being differentiated) on the CPU with keys x D within the limit."""
-    small = keys * q.shape[-1] <= CPU_FLOAT32_ATTENTION_MAX
+    forward (q part of a graph being differentiated) on the CPU with narrow heads or few keys."""
+    small = q.shape[-1] <= CPU_FLOAT32_ATTENTION_HEAD_DIM or keys <= CPU_FLOAT32_ATTENTION_KEYS
     return small and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()
 
 

@@ -59,8 +59,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                 "falling back to torch AdamW",
                 stacklevel=2,
             )
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused or None)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    if devices in ({"cuda"}, {"cpu"}):
+        try:  # one fused kernel: on the CPU 4-5x faster than the per-tensor loop (torch >= 2.4)
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=True)
+        except RuntimeError:  # torch 2.3 fuses on GPUs only
+            pass
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,0 +1,91 @@
+"""One AR training step of the core transformer against nanoGPT's, same shapes and batch.
+
+    python docs/results/train_step/nanogpt_compare.py --nanogpt-dir DIR         # 4x128, block 128, batch 32
+    python docs/results/train_step/nanogpt_compare.py --nanogpt-dir DIR --baby  # 6x384, block 256
+
+DIR holds a copy of nanoGPT's `model.py` (github.com/karpathy/nanoGPT; not part of difflm). Each
+round runs one step (forward, backward, AdamW) of every model in turn, bf16 autocast, one thread,
+the order reversed every other round; the figure is the median over rounds of each model's step
+time divided by nanoGPT's in the same round. Configurations: the defaults (RoPE, RMSNorm,
+erf-GELU), the tanh-GELU of checkpoints made before stop 36, and nanoGPT's architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difflm.models.transformer import Transformer, TransformerConfig
+
+CONFIGS = {
+    "defaults": {},
+    "defaults, tanh-GELU": {"mlp": "gelu"},
+    "nanoGPT's": {"norm": "layer", "rope": False, "learned_positions": True, "mlp": "gelu_exact"},
+}
+VOCAB = 68  # Tiny Shakespeare characters + [MASK] [PAD] [EOS]
+
+
+def nanogpt(directory: str, layers: int, heads: int, width: int, block: int) -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(directory) / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=layers, n_head=heads, n_embd=width, dropout=0.0)
+    return module.GPT(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt-dir", required=True, help="folder with nanoGPT's model.py")
+    parser.add_argument("--baby", action="store_true", help="6x384, block 256, batch 16")
+    parser.add_argument("--rounds", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers, heads, width, block, batch = (6, 6, 384, 256, 16) if args.baby else (4, 4, 128, 128, 32)
+    ids = torch.randint(0, VOCAB, (batch, block + 1))
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    shape = dict(vocab_size=VOCAB, block_size=block, n_layer=layers, n_head=heads, n_embd=width)
+    models = {
+        name: Transformer(TransformerConfig(**shape, causal=True, tie_embeddings=True, **overrides))
+        for name, overrides in CONFIGS.items()
+    }
+    models["nanoGPT"] = nanogpt(args.nanogpt_dir, layers, heads, width, block)
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+
+    def step(name: str) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "nanoGPT":
+                _, loss = models[name](inputs, targets)
+            else:
+                loss = F.cross_entropy(models[name](inputs).flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    names = list(models)
+    for name in names:  # warm up
+        step(name), step(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(step(name))
+    print(f"{layers}x{width}, block {block}, batch {batch}, bf16 autocast, 1 thread, {args.rounds} rounds")
+    print("| configuration | median step ms | step / nanoGPT's (median of rounds) | quartiles |")
+    print("| --- | --- | --- | --- |")
+    for name in names:
+        ratios = sorted(a / b for a, b in zip(times[name], times["nanoGPT"], strict=True))
+        q1, q3 = ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]
+        median_ms = 1e3 * statistics.median(times[name])
+        print(f"| {name} | {median_ms:.0f} | {statistics.median(ratios):.3f} | {q1:.3f}-{q3:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

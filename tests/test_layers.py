@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from difflm.models.layers import (
     CPU_FLOAT32_ATTENTION_HEAD_DIM,
     CPU_FLOAT32_ATTENTION_KEYS,
+    ROTATE_IN_PLACE_MIN,
     ExactGeluMLP,
     GeluMLP,
     RMSNorm,
@@ -32,11 +33,13 @@ def reference_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+@pytest.mark.parametrize("length", [12, 256])  # 256: past ROTATE_IN_PLACE_MIN, the in-place form
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_is_the_reference_form_and_its_gradient_the_transposed_rotation(dtype):
-    cos, sin = rope_cos_sin(5, 12, 16, 10000.0)
-    qkv = torch.randn(2, 12, 3, 4, 16).to(dtype).permute(2, 0, 3, 1, 4)  # strided, as attention slices it
+def test_rope_is_the_reference_form_and_its_gradient_the_transposed_rotation(dtype, length):
+    cos, sin = rope_cos_sin(5, length, 16, 10000.0)
+    qkv = torch.randn(2, length, 3, 4, 16).to(dtype).permute(2, 0, 3, 1, 4)  # strided, as attention slices it
     x = qkv[:2].detach().requires_grad_(True)
+    assert (x.numel() >= ROTATE_IN_PLACE_MIN) == (length == 256)
     x_ref = qkv[:2].detach().float().requires_grad_(True)
     expected = reference_rope(x_ref, cos, sin)
     assert torch.equal(apply_rope(x, cos, sin), expected.to(dtype))  # bit-identical, in x's dtype

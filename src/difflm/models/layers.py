@@ -170,12 +170,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype | None = 
     return _rotate(x, cos, sin, 1, dtype)
 
 
+ROTATE_IN_PLACE_MIN = 65536  # elements; below it the concatenating form's fewer op calls are faster
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: int, dtype: torch.dtype) -> Tensor:
     """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] (sign=1), or its transpose
     [x2, -x1] (sign=-1), in float32 (the tables' dtype: a bf16 x is promoted exactly, without a
     float32 copy), returned in `dtype`. Products and sums are rounded as in the reference form (HF
     Qwen3, LLaDA), so sign=1 is bit-identical to it; the halves are updated in place rather than
-    concatenating a rotated copy (two fewer passes over x)."""
+    concatenating a rotated copy (two fewer passes over x) once x is large enough for passes to
+    matter more than eager op calls (a sampling step at batch 1 is the other way round)."""
+    if x.numel() < ROTATE_IN_PLACE_MIN:
+        first, second = x.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first] if sign == 1 else [second, -first], dim=-1)
+        return (x * cos + rotated * sin).to(dtype)
     half = x.shape[-1] // 2
     out = x * cos
     out[..., :half].sub_(x[..., half:] * sin[..., :half], alpha=sign)

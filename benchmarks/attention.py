@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from difflm.models.layers import float32_attention
 
@@ -37,7 +38,7 @@ SHAPES = [
 TRAIN_STEP_SHAPES = SHAPES[:2]
 
 
-def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, causal: bool, upcast: bool) -> float:
+def step(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, causal: bool, upcast: bool) -> float:
     """Seconds for one forward + backward; `upcast`: bf16 inputs cast to float32 and back."""
     start = time.perf_counter()
     a, b, c = (x.float() for x in (q, k, v)) if upcast else (q, k, v)
@@ -47,13 +48,15 @@ def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per setting")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print("| B, H, L, D | attention | bf16 ms | float32 ms | float32 + casts ms | bf16 / (float32 + casts) | sdpa runs |")
+    print("| B, H, L, D | attention | bf16 ms | float32 ms | float32 + casts ms | bf16 / (float32 + casts) "
+          "| sdpa runs |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for shape in SHAPES:
         for causal in (True, False) if shape in TRAIN_STEP_SHAPES else (True,):
@@ -72,7 +75,8 @@ def main() -> None:
             ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
             kind = "causal" if causal else "bidirectional"
             path = "float32" if float32_attention(setups["bf16"][0][0], shape[2]) else "bf16"
-            print(f"| {', '.join(map(str, shape))} | {kind} | {ms['bf16']:.1f} | {ms['fp32']:.1f} | {ms['cast']:.1f} "
+            shape_text = ", ".join(map(str, shape))
+            print(f"| {shape_text} | {kind} | {ms['bf16']:.1f} | {ms['fp32']:.1f} | {ms['cast']:.1f} "
                   f"| {ms['bf16'] / ms['cast']:.2f}x | {path} |")
 
 

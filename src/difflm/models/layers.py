@@ -79,7 +79,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         eps = self._eps(x)
-        h = _RMSNormalize.apply(x, eps) if x.requires_grad and torch.is_grad_enabled() else rms_normalize(x, eps)
+        training = x.requires_grad and torch.is_grad_enabled()
+        h = _RMSNormalize.apply(x, eps) if training else rms_normalize(x, eps)
         return h * self.weight if self.weight is not None else h
 
     def _eps(self, like: Tensor) -> Tensor:
@@ -322,7 +323,7 @@ class AttentionContext:
     attend_len: int = 0
 
 
-# Training on the CPU, PyTorch's bf16 flash-attention backward is 1.3-2.6x slower than float32's
+# Training on the CPU, PyTorch's bf16 flash-attention backward is 1.2-2.7x slower than float32's
 # for narrow heads or few keys, and about as fast or faster for wider heads over more keys
 # (benchmarks/attention.py): `sdpa` runs attention in float32 up to either limit.
 CPU_FLOAT32_ATTENTION_HEAD_DIM = 32

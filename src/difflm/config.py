@@ -103,7 +103,14 @@ class DiffusionConfig:
         aliases={"guidelines": "elbo"},  # its name until 2026-11; zoo/ checkpoints store it
     )
     reweight_cap: float | None = opt(None, "Cap on the 1/t-type ELBO weight (null = no cap).")
-    antithetic: bool = opt(True, "Stratified (antithetic) draw of t across the batch.")
+    draw: str = opt(
+        "time",
+        "How training noise is drawn: time (t in [t_eps, t_max], each token masked with p(t), weight w(t)) "
+        "or count (each block, or sequence, masks m of its n tokens, m uniform on 1..n, weight n/m: the "
+        "same ELBO with bounded weights).",
+        choices=("time", "count"),
+    )
+    antithetic: bool = opt(True, "Stratified (antithetic) draw of t (or of the counts) across the batch.")
     t_eps: float = opt(1e-3, "Smallest t drawn, keeping the 1/t weight finite.")
     t_max: float = opt(
         1.0, "Largest t drawn in training; with t_eps, BD3-LM's clipped schedule (eval always uses t_max=1)."
@@ -147,9 +154,19 @@ class DiffusionConfig:
                 "diffusion.decode_block trains on the decode's fixed block grid, which random truncation "
                 "moves: set diffusion.random_length_prob=0"
             )
+        if self.draw == "count":
+            self._check_count_draw()
         if self.block_length is not None and self.span_prob > 0:
             raise DifflmError("diffusion.block_length (block diffusion) needs diffusion.span_prob=0")
 
+
+    def _check_count_draw(self) -> None:
+        timed = {"t_max": self.t_max != 1.0, "min_rate": self.min_rate > 0, "span_prob": self.span_prob > 0}
+        for key, is_set in timed.items():
+            if is_set:
+                raise DifflmError(f"diffusion.draw=count draws counts, not times: reset diffusion.{key}")
+        if self.noise != "mask" or self.decode_block is not None:
+            raise DifflmError("diffusion.draw=count needs diffusion.noise=mask and no diffusion.decode_block")
 
 @dataclass
 class LoraConfig:

@@ -156,6 +156,37 @@ def corrupt(
     return noisy_ids, noised
 
 
+def counted_positions(
+    eligible: Tensor, u: Tensor, generator: torch.Generator, group: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Noise an exact count of each group's eligible tokens: the count form of the masked ELBO.
+
+    Groups are blocks of `group` positions (block diffusion), or whole rows (None). A group with n
+    eligible tokens masks m = floor(u * n) + 1 of them (`u` [B, G] in [0, 1): m is uniform on 1..n
+    for uniform u), a uniformly random set of that size. Returns (noised [B, L] bool, fraction
+    [B, L] float32 = m / n of the position's group, 1 where n = 0).
+
+    Why: integrating the continuous-time ELBO's t out, given m masked of n the weight 1/t averages to
+    n/m times the chance of m, so E_t[(1/t) CE] = n E_m[CE / m] with m uniform (Hoogeboom et al.'s
+    ARDM). The same bound, with weights in [1, n] instead of 1/t's unbounded ones near t = 0.
+    """
+    batch, length = eligible.shape
+    size = length if group is None else group
+    groups = -(-length // size)
+    if u.shape != (batch, groups):
+        raise DifflmError(f"u shape {tuple(u.shape)} must be ({batch}, {groups}): one draw per group")
+    pad = groups * size - length
+    grid = torch.nn.functional.pad(eligible, (0, pad)).view(batch, groups, size)  # [B, G, S]
+    n = grid.sum(dim=-1)  # [B, G]
+    m = torch.minimum((u.to(grid.device) * n).floor().long() + 1, n)  # [B, G]; 0 where n = 0
+    scores = _uniform(tuple(grid.shape), generator, grid.device).masked_fill(~grid, 2.0)  # [B, G, S]
+    rank = scores.argsort(dim=-1).argsort(dim=-1)  # each position's rank among its group's scores
+    noised = grid & (rank < m[..., None])
+    fraction = torch.where(n > 0, m / n.clamp(min=1), 1.0).float()  # [B, G]
+    fraction = fraction[..., None].expand(batch, groups, size)
+    return noised.reshape(batch, -1)[:, :length], fraction.reshape(batch, -1)[:, :length]
+
+
 def protected_mask(
     input_ids: Tensor,
     *,

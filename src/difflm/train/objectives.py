@@ -20,6 +20,7 @@ from difflm.diffusion.losses import get_loss
 from difflm.diffusion.masking import (
     NoiseConfig,
     corrupt,
+    counted_positions,
     decode_block_view,
     protected_mask,
     random_truncate,
@@ -42,6 +43,8 @@ class MaskedDiffusionObjective:
     bias from the (possibly truncated) batch in `prepare`, one row per example so the trainer can
     split it; `loss` adds it to the padding bias.
     `num_steps` puts t on the grid k / num_steps (k = 1..num_steps) of a discrete-time chain.
+    `cfg.draw = "count"` skips t: each block (or sequence) masks a uniform count of its tokens with
+    weight n/m (`masking.counted_positions`), the same ELBO with bounded weights.
     `model_inputs` names batch entries (e.g. "cond") passed through `prepare` and handed to the
     model as keyword arguments. `packed_logits` asks the model for logits at the loss positions
     only (`model(..., logits_at=positions)` -> [N, V]): with a large vocabulary and short, padded
@@ -78,6 +81,8 @@ class MaskedDiffusionObjective:
         self.vocab_size = vocab_size
         self.special_ids = tuple(special_ids)
         self.attention_bias_fn = attention_bias_fn
+        if num_steps and cfg.draw == "count":
+            raise DifflmError("a discrete-time chain (num_steps) draws times: set diffusion.draw=time")
         self.num_steps = num_steps
         self.model_inputs = tuple(model_inputs)
         self.packed_logits = packed_logits
@@ -86,23 +91,30 @@ class MaskedDiffusionObjective:
         if self.cfg.random_length_prob > 0:
             batch = random_truncate(batch, self.cfg.random_length_prob, generator)
         ids = batch["input_ids"]  # [B, L]
-        t = self._times(ids, generator)  # [B], or [B, L] with blocks
         protected = protected_mask(
             ids,
             prompt_lengths=batch.get("prompt_lengths"),
             attention_mask=batch.get("attention_mask"),
             special_ids=self.special_ids,
         )
-        noisy, noised = corrupt(
-            ids,
-            self.schedule.rate(t),
-            mask_token_id=self.mask_token_id,
-            cfg=self.noise,
-            generator=generator,
-            protected=protected,
-            vocab_size=self.vocab_size,
-            exclude_ids=self.special_ids,
-        )
+        if self.cfg.draw == "count":
+            noised, inv_weight = counted_positions(
+                ~protected, self._uniforms(ids, generator), generator, self.cfg.block_length
+            )
+            noisy = ids.masked_fill(noised, self.mask_token_id)
+        else:
+            t = self._times(ids, generator)  # [B], or [B, L] with blocks
+            noisy, noised = corrupt(
+                ids,
+                self.schedule.rate(t),
+                mask_token_id=self.mask_token_id,
+                cfg=self.noise,
+                generator=generator,
+                protected=protected,
+                vocab_size=self.vocab_size,
+                exclude_ids=self.special_ids,
+            )
+            inv_weight = 1.0 / self.schedule.weight(t)
         scored = ~protected
         if self.cfg.decode_block is not None:
             noisy, in_block = decode_block_view(
@@ -114,7 +126,7 @@ class MaskedDiffusionObjective:
             "input_ids": ids,
             "noisy": noisy,
             "noised": noised,
-            "inv_weight": 1.0 / self.schedule.weight(t),
+            "inv_weight": inv_weight,
         }
         if "attention_mask" in batch:
             out["attention_mask"] = batch["attention_mask"]
@@ -123,6 +135,13 @@ class MaskedDiffusionObjective:
         if self.attention_bias_fn is not None:
             out["attention_bias"] = self.attention_bias_fn(batch)  # [B, 1, L, L]
         return {**out, **{key: batch[key] for key in self.model_inputs}}
+
+    def _uniforms(self, ids: Tensor, generator: torch.Generator) -> Tensor:
+        """One uniform in [0, 1) per example or block, [B, G] (strata in random order, see _times)."""
+        B, L = ids.shape
+        G = 1 if self.cfg.block_length is None else math.ceil(L / self.cfg.block_length)
+        u = sample_t(B * G, generator, antithetic=self.cfg.antithetic, eps=0.0)
+        return u[torch.randperm(B * G, generator=generator, device=generator.device).to(u.device)].view(B, G)
 
     def _times(self, ids: Tensor, generator: torch.Generator) -> Tensor:
         """t per example [B], or per position [B, L] (constant within a block) with blocks."""

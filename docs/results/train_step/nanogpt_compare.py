@@ -4,10 +4,13 @@
     python docs/results/train_step/nanogpt_compare.py --nanogpt-dir DIR --baby  # 6x384, block 256
 
 DIR holds a copy of nanoGPT's `model.py` (github.com/karpathy/nanoGPT; not part of difflm). Each
-round runs one step (forward, backward, AdamW) of every model in turn, bf16 autocast, one thread,
-the order reversed every other round; the figure is the median over rounds of each model's step
-time divided by nanoGPT's in the same round. Configurations: the defaults (RoPE, RMSNorm,
-erf-GELU), the tanh-GELU of checkpoints made before stop 36, and nanoGPT's architecture.
+round runs one step (forward, backward, AdamW) of every model in turn, bf16 autocast (`--precision
+fp32`: none, for CPUs without AVX512-BF16, where bf16 matmuls are emulated), one thread, the order
+reversed every other round; the figure is the median over rounds of each model's step time divided
+by nanoGPT's in the same round. Each model steps with its own trainer's optimizer on the CPU:
+difflm's fused AdamW, nanoGPT's torch AdamW (its trainer fuses on CUDA only). Configurations: the
+defaults (RoPE, RMSNorm, erf-GELU), the tanh-GELU of checkpoints made before stop 36, and
+nanoGPT's architecture.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from difflm.config import TrainConfig
 from difflm.models.transformer import Transformer, TransformerConfig
+from difflm.train.optim import build_optimizer
 
 CONFIGS = {
     "defaults": {},
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("--nanogpt-dir", required=True, help="folder with nanoGPT's model.py")
     parser.add_argument("--baby", action="store_true", help="6x384, block 256, batch 16")
     parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -56,11 +62,14 @@ def main() -> None:
         for name, overrides in CONFIGS.items()
     }
     models["nanoGPT"] = nanogpt(args.nanogpt_dir, layers, heads, width, block)
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+    # each model's own trainer's optimizer on the CPU: difflm's fused AdamW, nanoGPT's torch AdamW
+    # (its configure_optimizers fuses on CUDA only)
+    optimizers = {name: build_optimizer(model, TrainConfig(lr=1e-4)) for name, model in models.items()}
+    optimizers["nanoGPT"] = torch.optim.AdamW(models["nanoGPT"].parameters(), lr=1e-4)
 
     def step(name: str) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             if name == "nanoGPT":
                 _, loss = models[name](inputs, targets)
             else:
@@ -77,7 +86,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(step(name))
-    print(f"{layers}x{width}, block {block}, batch {batch}, bf16 autocast, 1 thread, {args.rounds} rounds")
+    precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
+    print(f"{layers}x{width}, block {block}, batch {batch}, {precision}, 1 thread, {args.rounds} rounds")
     print("| configuration | median step ms | step / nanoGPT's (median of rounds) | quartiles |")
     print("| --- | --- | --- | --- |")
     for name in names:

@@ -71,7 +71,8 @@ def test_count_loss_is_the_elbo_exactly_with_a_stratified_batch():
 
 
 def test_block_diffusion_counts_per_block():
-    task = MaskedDiffusionObjective(DiffusionConfig(draw="count", block_length=4), mask_token_id=MASK, vocab_size=3)
+    cfg = DiffusionConfig(draw="count", block_length=4)
+    task = MaskedDiffusionObjective(cfg, mask_token_id=MASK, vocab_size=3)
     batch = task.prepare({"input_ids": torch.zeros(16, 12, dtype=torch.long)}, _gen(5))
     per_block = batch["noised"].view(16, 3, 4).sum(-1)  # [B, G]
     assert torch.equal(torch.bincount(per_block.flatten(), minlength=5)[1:], torch.full((4,), 12))

@@ -159,7 +159,6 @@ class DiffusionConfig:
         if self.block_length is not None and self.span_prob > 0:
             raise DifflmError("diffusion.block_length (block diffusion) needs diffusion.span_prob=0")
 
-
     def _check_count_draw(self) -> None:
         timed = {"t_max": self.t_max != 1.0, "min_rate": self.min_rate > 0, "span_prob": self.span_prob > 0}
         for key, is_set in timed.items():
@@ -167,6 +166,7 @@ class DiffusionConfig:
                 raise DifflmError(f"diffusion.draw=count draws counts, not times: reset diffusion.{key}")
         if self.noise != "mask" or self.decode_block is not None:
             raise DifflmError("diffusion.draw=count needs diffusion.noise=mask and no diffusion.decode_block")
+
 
 @dataclass
 class LoraConfig:

@@ -1,5 +1,5 @@
-"""`difflm data distill`: an AR model's greedy continuations of its own training prompts, one
-training block per example."""
+"""`difflm data distill`: an AR model's continuations (greedy or sampled) of its own training
+prompts, one training block per example."""
 
 import dataclasses
 
@@ -12,7 +12,7 @@ from difflm.data.blocks import text_blocks
 from difflm.errors import DifflmError
 from difflm.pretrained import load_pretrained
 from difflm.sampling.autoregressive import generate_ar
-from difflm.sampling.distill import greedy_examples
+from difflm.sampling.distill import teacher_examples
 from difflm.systems.registry import build_run
 from difflm.train.trainer import train
 from tests.test_trainer import tiny_overrides
@@ -29,7 +29,7 @@ def teacher(tmp_path_factory):
 
 
 def test_each_example_is_a_training_prompt_and_its_greedy_continuation(teacher):
-    texts = list(greedy_examples(teacher, count=5, prompt_length=P, new_tokens=N, batch=2))
+    texts = list(teacher_examples(teacher, count=5, prompt_length=P, new_tokens=N, batch=2))
     corpus = open(teacher.config.data.path, encoding="utf-8").read()
     train_part = corpus[: int(len(corpus) * (1 - teacher.config.data.val_fraction))]
     assert len(texts) == 5 and all(len(t) == P + N for t in texts)
@@ -49,7 +49,7 @@ def test_training_blocks_of_the_written_file_are_the_examples(teacher, tmp_path,
     out = tmp_path / "greedy.txt"
     args = ["data", "distill", str(teacher.path), str(out), "--count", "20", "--prompt-length", str(P)]
     assert main([*args, "--new-tokens", str(N), "--batch", "4"]) == 0
-    texts = list(greedy_examples(teacher, count=20, prompt_length=P, new_tokens=N, batch=3))
+    texts = list(teacher_examples(teacher, count=20, prompt_length=P, new_tokens=N, batch=3))
     data = dataclasses.replace(
         teacher.config.data, path=str(out), block_size=P + N, cache_dir=str(tmp_path / "c")
     )
@@ -60,6 +60,31 @@ def test_training_blocks_of_the_written_file_are_the_examples(teacher, tmp_path,
     assert "exists" in capsys.readouterr().err
 
 
+def test_sampled_examples_are_the_teachers_draws_whatever_the_batch(teacher):
+    def examples(batch: int, temperature: float) -> list[str]:
+        return list(teacher_examples(teacher, 6, P, N, seed=3, batch=batch, temperature=temperature))
+
+    sampled, greedy = examples(4, 1.0), examples(4, 0.0)
+    assert sampled == examples(1, 1.0)
+    assert [t[:P] for t in sampled] == [t[:P] for t in greedy]  # the same prompts
+    assert sampled != greedy
+    prompt = torch.tensor([teacher.tokenizer.encode(sampled[5][:P])])
+    alone = generate_ar(
+        teacher.model,
+        prompt,
+        max_new_tokens=N,
+        temperature=1.0,
+        generator=[torch.Generator().manual_seed(3 * 1_000_003 + 5)],  # example 5's own generator
+        suppress_tokens=_banned(teacher),
+    )
+    assert teacher.tokenizer.decode(alone.tokens[0].tolist()) == sampled[5]
+
+
+def test_a_negative_temperature_is_refused(teacher):
+    with pytest.raises(DifflmError, match="temperature must be >= 0"):
+        next(teacher_examples(teacher, count=1, prompt_length=P, new_tokens=N, temperature=-0.5))
+
+
 def test_a_diffusion_teacher_is_refused(teacher):
     masked = dataclasses.replace(
         teacher,
@@ -68,4 +93,4 @@ def test_a_diffusion_teacher_is_refused(teacher):
         ),
     )
     with pytest.raises(DifflmError, match="autoregressive"):
-        next(greedy_examples(masked, count=1, prompt_length=P, new_tokens=N))
+        next(teacher_examples(masked, count=1, prompt_length=P, new_tokens=N))

@@ -1,6 +1,6 @@
 """`difflm data list | fetch NAME [--from PATH] | build-poems SRC OUT --seed S | distill AR OUT`:
 named corpora with checksums, the seeded disjoint train/dev/test split of a poem JSONL corpus, and an
-AR model's greedy continuations as training text for a parallel decoder (sampling/distill.py)."""
+AR model's continuations (greedy or sampled) as training text for a student (sampling/distill.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     poems.add_argument("src", help="poem JSONL: title, author, content per line")
     poems.add_argument("out", help="output folder for train/dev/test.jsonl and split.json")
     poems.add_argument("--seed", type=int, default=0, help="seed of the split")
-    distill = sub.add_parser("distill", help="write an AR model's greedy continuations of training prompts")
+    distill = sub.add_parser("distill", help="write an AR model's continuations of training prompts")
     distill.add_argument(
         "teacher", help="an autoregressive checkpoint (its training split gives the prompts)"
     )
@@ -32,8 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--count", type=int, default=6000, help="examples (a multiple of 10 keeps blocks whole)"
     )
     distill.add_argument("--prompt-length", type=int, default=32, help="P: prompt tokens")
-    distill.add_argument("--new-tokens", type=int, default=256, help="N: greedy tokens after each prompt")
-    distill.add_argument("--seed", type=int, default=0, help="seed of the prompts' choice")
+    distill.add_argument("--new-tokens", type=int, default=256, help="N: tokens written after each prompt")
+    distill.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy (text for a parallel decoder); 1: the teacher's own samples",
+    )
+    distill.add_argument("--seed", type=int, default=0, help="seed of the prompts' choice (and of the draws)")
     distill.add_argument("--batch", type=int, default=128, help="prompts decoded at once")
 
 
@@ -60,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from difflm.pretrained import load_pretrained
-    from difflm.sampling.distill import greedy_examples
+    from difflm.sampling.distill import teacher_examples
 
     out = Path(args.out)
     if out.exists():
         raise DifflmError(f"{out} exists: give a new file name (nothing is overwritten)")
     teacher = load_pretrained(args.teacher)
-    examples = greedy_examples(
-        teacher, args.count, args.prompt_length, args.new_tokens, args.seed, args.batch
+    examples = teacher_examples(
+        teacher, args.count, args.prompt_length, args.new_tokens, args.seed, args.batch, args.temperature
     )
     partial = out.with_name(out.name + ".partial")
     with partial.open("w", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""Training text for a parallel decoder: an AR model's greedy continuations of training prompts.
+"""Training text from an AR teacher: its continuations of training prompts, greedy or sampled.
 
 A masked or block diffusion model decoding greedily reveals a position once it is confident of it
 (threshold decoding). Trained on real text it rarely is: the next characters of a text are
@@ -10,6 +10,11 @@ decodes like its teacher, in fewer forwards.
 Prompts are non-overlapping windows of the teacher's own training split (never its validation
 split); each example is `prompt_length + new_tokens` tokens, so training on them with
 `data.block_size` of that size makes every block exactly one example.
+
+Sampled at temperature 1 instead, the continuations are fresh text from the teacher's own
+distribution (sequence-level distillation, Kim & Rush 2016): more training text for a student of
+likelihood that has seen every real character many times. Each example draws from its own
+generator, seeded by (seed, its index), so the file does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ from difflm.pretrained import Pretrained
 from difflm.sampling.autoregressive import generate_ar
 
 
-def greedy_examples(
-    teacher: Pretrained, count: int, prompt_length: int, new_tokens: int, seed: int = 0, batch: int = 128
+def teacher_examples(
+    teacher: Pretrained,
+    count: int,
+    prompt_length: int,
+    new_tokens: int,
+    seed: int = 0,
+    batch: int = 128,
+    temperature: float = 0.0,
 ) -> Iterator[str]:
-    """`count` texts, each a prompt of the teacher's training split and its greedy continuation."""
+    """`count` texts, each a prompt of the teacher's training split and its continuation: greedy
+    at temperature 0, else drawn at `temperature`."""
     if not teacher.config.model.causal:
         raise DifflmError("the teacher must be an autoregressive checkpoint (task autoregressive)")
     if min(count, prompt_length, new_tokens, batch) < 1:
         raise DifflmError("count, prompt length, new tokens and batch must all be >= 1")
+    if temperature < 0:
+        raise DifflmError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     data = dataclasses.replace(teacher.config.data, block_size=prompt_length)
     _, windows, _ = text_blocks(data, teacher.tokenizer)
     if count > len(windows):
@@ -46,8 +60,17 @@ def greedy_examples(
     banned = [i for i in (tok.mask_token_id, tok.pad_token_id, tok.eos_token_id) if i is not None]
     with torch.inference_mode(), tqdm(total=count, desc="distill", unit="example") as bar:
         for start in range(0, count, batch):
-            ids = torch.stack([windows[i] for i in order[start : start + batch]])
-            out = generate_ar(teacher.model, ids, max_new_tokens=new_tokens, suppress_tokens=banned)
+            rows = range(start, min(start + batch, count))
+            ids = torch.stack([windows[order[i]] for i in rows])
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in rows]
+            out = generate_ar(
+                teacher.model,
+                ids,
+                max_new_tokens=new_tokens,
+                temperature=temperature,
+                generator=generators,
+                suppress_tokens=banned,
+            )
             for row in out.tokens.tolist():
                 yield _text_of(row, tok)
             bar.update(len(ids))

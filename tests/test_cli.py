@@ -136,3 +136,40 @@ def test_export_with_data_evaluates_the_copy_on_that_source(checkpoints, tmp_pat
         assert main(["eval", str(folder), "--json", "--max-batches", "1"]) == 0
         evals.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_elbo_nll"])
     assert evals[0] != evals[1]  # scored on other text
+
+
+def test_export_of_several_checkpoints_is_the_mean_of_their_weights(checkpoints, capsys):
+    """A model soup: `export A B OUT` writes the average of A's and B's weights, A's config."""
+    from difflm.pretrained import load_pretrained
+
+    seed2 = ("train.max_steps=3", "data.block_size=32", "train.seed=2")
+    assert main(["train", "shakespeare_char", *tiny_overrides(checkpoints, "diff_seed2", *seed2)]) == 0
+    first, second, out = checkpoints / "diff", checkpoints / "diff_seed2", checkpoints / "soup"
+    assert main(["export", str(first), str(second), str(out), "--dtype", "fp32"]) == 0
+    assert "the average of 2 checkpoints" in capsys.readouterr().out
+    a, b, mean = (load_pretrained(p).model.state_dict() for p in (first, second, out))
+    assert any(not torch.equal(a[name], b[name]) for name in a)  # two different models
+    for name in a:
+        assert torch.equal(mean[name], ((a[name].double() + b[name].double()) / 2).float()), name
+    assert load_pretrained(out).config == load_pretrained(first).config
+    assert main(["export", str(first), str(first), str(checkpoints / "same"), "--dtype", "fp32"]) == 0
+    same = load_pretrained(checkpoints / "same").model.state_dict()
+    assert all(torch.equal(same[name], a[name]) for name in a)  # the soup of one model is that model
+
+
+def test_a_soup_refuses_checkpoints_of_different_tasks_or_models(checkpoints, capsys):
+    import dataclasses
+
+    from difflm.errors import DifflmError
+    from difflm.pretrained import load_pretrained
+    from difflm.soup import soup
+
+    mixed = checkpoints / "mixed"
+    assert main(["export", str(checkpoints / "diff"), str(checkpoints / "ar"), str(mixed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "average checkpoints of one task" in err and len(err.splitlines()) == 1
+    assert not mixed.exists()
+    pre = load_pretrained(checkpoints / "diff")
+    other = dataclasses.replace(pre.config, model=dataclasses.replace(pre.config.model, n_layer=3))
+    with pytest.raises(DifflmError, match="model.n_layer=3"):
+        soup([load_pretrained(checkpoints / "diff"), dataclasses.replace(pre, config=other)])

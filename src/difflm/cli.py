@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "inspect",
         "Compare key names and shapes of two checkpoints, or map a snapshot's keys onto difflm's model.",
     ),
-    "export": ("export", "Copy a checkpoint for sharing: weights in bf16, no optimizer state."),
+    "export": ("export", "Copy a checkpoint for sharing (bf16, no optimizer state), or average several."),
     "serve": ("serve", "OpenAI-compatible HTTP server with batched sampling and a live playground."),
 }
 DEBUG_FLAG = "--debug"

@@ -1,15 +1,24 @@
-"""`difflm export CKPT OUT [--dtype bf16] [--data PATH]`: a small shareable copy of a checkpoint (e.g. for zoo/)."""
+"""`difflm export CKPT [CKPT ...] OUT [--dtype bf16] [--data PATH]`: a small shareable copy of a checkpoint
+(e.g. for zoo/); of several, their model soup (difflm/soup.py): the average of their weights."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from difflm.errors import DifflmError
+
 DTYPES = ("bf16", "fp16", "fp32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a step folder or a run folder (its latest checkpoint)")
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="checkpoint",
+        help="a step folder or a run folder (its latest checkpoint); several: the average of their weights "
+        "(fine-tunes of one model; config, trainer state and tokenizer from the first)",
+    )
     parser.add_argument("out", help="the new checkpoint folder (must not exist)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="weight precision of the copy")
     parser.add_argument(
@@ -21,13 +30,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from difflm.pretrained import load_pretrained
+    from difflm.soup import soup
     from difflm.train.checkpoint import export_checkpoint
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    pre = load_pretrained(args.checkpoint)
+    if Path(args.out).exists():  # before loading anything
+        raise DifflmError(f"{args.out} already exists; remove it or choose another folder")
+    ingredients = [load_pretrained(path) for path in args.checkpoints]
+    first = ingredients[0]
+    model = soup(ingredients) if len(ingredients) > 1 else first.model
     out = export_checkpoint(
-        pre.path, Path(args.out), model=pre.model, tokenizer=pre.tokenizer, dtype=dtype, data_path=args.data
+        first.path, Path(args.out), model=model, tokenizer=first.tokenizer, dtype=dtype, data_path=args.data
     )
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
-    print(f"wrote {out} ({args.dtype} weights, {size:.2f} MiB, no optimizer state)")
+    what = f"the average of {len(ingredients)} checkpoints, " if len(ingredients) > 1 else ""
+    print(f"wrote {out} ({what}{args.dtype} weights, {size:.2f} MiB, no optimizer state)")
     return 0

@@ -123,7 +123,11 @@ def gen_ppl(judge: torch.nn.Module, prompts: torch.Tensor, continuation: torch.T
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
-    lines = (Path(run) / "log.jsonl").read_text().splitlines()
+    """The run's logged validation losses; none for a folder that is not a run's (an exported copy)."""
+    log = Path(run) / "log.jsonl"
+    if not log.is_file():
+        return []
+    lines = log.read_text().splitlines()
     records = [json.loads(line) for line in lines if '"val_loss"' in line]
     return [(r["step"], r["val_loss"]) for r in records]
 
@@ -232,7 +236,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
+    for r in (r for r in results if r["curve"]):
         steps, losses = zip(*r["curve"], strict=True)
         ax.plot(steps, losses, label=f"{r['name']} ({kind(r)})")
     ax.set_xlabel("step")

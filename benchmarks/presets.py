@@ -431,7 +431,7 @@ PRESETS: dict[str, dict[str, Preset]] = {
             batch_size=64,
             **GPU,
             train="",
-            evaluation=("--samples 4",),
+            evaluation=("--samples 4 --device cuda",),
         ),
     },
 }

@@ -43,22 +43,22 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
-def evaluate(run: Path, samples: int) -> dict:
+def evaluate(run: Path, samples: int, device: str) -> dict:
     """The system's own evaluator (`difflm eval`) on the whole validation split, of the run's best
     checkpoint when it kept one (the AR checkpoint that was converted), else its last."""
     best = run / "checkpoints" / "best"
-    pre = load_pretrained(best if best.is_dir() else run)
+    pre = load_pretrained(best if best.is_dir() else run, device)
     metrics = resolve(get_system(pre.config.task).evaluate)(pre, EvalOptions(samples=samples))
     loss = metrics.get("val_elbo_nll", metrics.get("val_loss"))  # diffusion: the bound; AR: the NLL
     return {"val_loss": loss, "steps": json.loads((pre.path / "trainer_state.json").read_text())["step"]}
 
 
-def sample(run: Path, name: str, length: int) -> str:
+def sample(run: Path, name: str, length: int, device: str) -> str:
     """AR at temperature 0.8; diffusion one token per step, blocks of 32 one after another."""
     block = str(min(32, length))
     flags = ["--temperature", "0.8"] if name == "ar" else ["--steps", str(length), "--block-length", block]
     cmd = [sys.executable, "-m", "difflm.cli", "sample", str(run), "--prompt", PROMPT, "--gen-length",
-           str(length), "--seed", "0", "--json", *flags]  # fmt: skip
+           str(length), "--seed", "0", "--device", device, "--json", *flags]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{shlex.join(cmd)} failed: {done.stderr.strip()}")
@@ -105,14 +105,16 @@ def main() -> int:
     p.add_argument("--results", default="docs/results/qwen3_ar_to_diffusion")
     p.add_argument("--samples", type=int, default=4, help="Monte-Carlo draws of t per sequence (ELBO)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens of each sample")
+    p.add_argument("--device", default="cpu", help="where the models are evaluated and sampled (cpu, cuda)")
     args = p.parse_args()
     start, root, out = time.perf_counter(), Path(args.runs), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in RUNS:
         if (root / name).is_dir():
-            results[name] = {**evaluate(root / name, args.samples), "curve": val_curve(root / name)}
-            results[name]["sample"] = sample(root / name, name, args.gen_length)
+            scores = evaluate(root / name, args.samples, args.device)
+            results[name] = {**scores, "curve": val_curve(root / name)}
+            results[name]["sample"] = sample(root / name, name, args.gen_length, args.device)
             print(f"{name}: val {results[name]['val_loss']:.3f}", flush=True)
     target = results["scratch"]["curve"][-1][1]  # the curves' own measure (the trainer's val batches)
     (out / "table.md").write_text(table(results, target))

@@ -69,12 +69,19 @@ class DataConfig:
     )
     append_eos: bool = opt(False, "Append an end-of-sequence token after each document when packing.")
     cache_dir: str = opt(".cache/difflm", "Where packed token files are cached between runs.")
+    extra_train: list = opt(
+        [],
+        "More text for training only (files or corpus names, read like `path`): packed into blocks "
+        "added to the training split; validation stays `path`'s, the tokenizer is built from `path`.",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
             raise DifflmError(f"data.block_size must be >= 2, got {self.block_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise DifflmError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not all(isinstance(extra, str) and extra for extra in self.extra_train):
+            raise DifflmError(f"data.extra_train must be a list of paths, got {self.extra_train!r}")
 
 
 @dataclass

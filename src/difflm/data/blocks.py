@@ -28,15 +28,11 @@ def text_blocks(
 ) -> tuple[Tokenizer, TokenBlocks, TokenBlocks]:
     """Tokenize a corpus once into a cached token file; return (tokenizer, train blocks, val blocks)."""
     path = str(resolve_corpus(cfg.path))
-
-    def texts():
-        return iter_texts(path, format=cfg.format, field=cfg.field, split=cfg.split)
-
-    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, texts() if cfg.tokenizer == "char" else None)
-    source = fingerprint_source(path, format=cfg.format, field=cfg.field, split=cfg.split)
-    packed = Path(cfg.cache_dir) / f"tokens-{source}-{tokenizer.fingerprint()}.bin"
-    if not packed_is_current(packed, tokenizer, source, cfg.append_eos):
-        pack_to_file(texts(), tokenizer, packed, append_eos=cfg.append_eos, source_fingerprint=source)
+    if tokenizer is None:
+        char = cfg.tokenizer == "char"  # a character vocabulary is read off the corpus itself
+        texts = iter_texts(path, format=cfg.format, field=cfg.field, split=cfg.split) if char else None
+        tokenizer = build_tokenizer(cfg.tokenizer, texts)
+    packed = packed_file(path, cfg, tokenizer)
     n_tokens = read_packed_meta(packed)["n_tokens"]
     (train_start, train_end), (val_start, val_end) = split_ranges(n_tokens, cfg.val_fraction)
     for name, (start, end) in (("train", (train_start, train_end)), ("val", (val_start, val_end))):
@@ -48,3 +44,38 @@ def text_blocks(
     train = TokenBlocks(packed, cfg.block_size, train_start, train_end)
     val = TokenBlocks(packed, cfg.block_size, val_start, val_end)
     return tokenizer, train, val
+
+
+def extra_train_blocks(cfg: DataConfig, tokenizer: Tokenizer) -> list[TokenBlocks]:
+    """The blocks of every `data.extra_train` source, all of its tokens (it has no validation part),
+    packed with the corpus's own tokenizer and read the way `data.path` is read."""
+    blocks = []
+    for extra in cfg.extra_train:
+        try:
+            path = str(resolve_corpus(extra))
+        except DifflmError as e:
+            raise DifflmError(f"data.extra_train {extra}: {e}") from None
+        try:
+            packed = packed_file(path, cfg, tokenizer)
+        except DifflmError as e:
+            note = "the tokenizer is data.path's: the corpus must hold that text too"
+            raise DifflmError(f"data.extra_train {extra}: {e} ({note})") from None
+        n_tokens = read_packed_meta(packed)["n_tokens"]
+        if n_tokens <= cfg.block_size:
+            raise DifflmError(
+                f"data.extra_train {extra} has {n_tokens} tokens, not one block of data.block_size "
+                f"{cfg.block_size}: give more text or drop it"
+            )
+        blocks.append(TokenBlocks(packed, cfg.block_size))
+    return blocks
+
+
+def packed_file(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> Path:
+    """The cached token file of `path` read with cfg's format, field and split; packed when missing
+    or stale."""
+    source = fingerprint_source(path, format=cfg.format, field=cfg.field, split=cfg.split)
+    packed = Path(cfg.cache_dir) / f"tokens-{source}-{tokenizer.fingerprint()}.bin"
+    if not packed_is_current(packed, tokenizer, source, cfg.append_eos):
+        texts = iter_texts(path, format=cfg.format, field=cfg.field, split=cfg.split)
+        pack_to_file(texts, tokenizer, packed, append_eos=cfg.append_eos, source_fingerprint=source)
+    return packed

@@ -140,4 +140,23 @@ def build_run(cfg: RunConfig) -> Run:
 
     builder = resolve(get_system(cfg.task).build)
     torch.manual_seed(cfg.train.seed)
-    return builder(cfg)
+    run = builder(cfg)
+    return with_extra_train(run, cfg) if cfg.data.extra_train else run
+
+
+def with_extra_train(run: Run, cfg: RunConfig) -> Run:
+    """`run` with the blocks of `data.extra_train` after its packed-text training split."""
+    import dataclasses
+
+    from torch.utils.data import ConcatDataset
+
+    from difflm.data.blocks import extra_train_blocks
+    from difflm.data.packing import TokenBlocks
+
+    if not isinstance(run.train_data, TokenBlocks):
+        raise DifflmError(
+            f"data.extra_train adds packed-text blocks, and task {cfg.task} does not train on packed "
+            "text: drop data.extra_train"
+        )
+    extra = extra_train_blocks(cfg.data, run.tokenizer)
+    return dataclasses.replace(run, train_data=ConcatDataset([run.train_data, *extra]))

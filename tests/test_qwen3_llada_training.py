@@ -68,8 +68,9 @@ def test_pretrain_then_sft_then_chat_sample(tmp_path, capsys):
         [str(tmp_path / "sft"), "--prompt", "w1 w7", "--chat", "--gen-length", "4", "--json"]
     )
     assert sample_command.run(args) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out, run = map(json.loads, capsys.readouterr().out.strip().splitlines()[-2:])  # the sample, then the run
     assert out["prompt"] == "w1 w7" and "<mask>" not in out["completion"]
+    assert run["run"]["tokens"] == 4 and run["run"]["forward_passes"] >= 1
 
 
 def test_resume_is_exact_and_checkpoints_round_trip(tmp_path):

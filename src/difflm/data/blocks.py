@@ -2,8 +2,8 @@
 
 Every system that trains on packed text (and every evaluator that scores its validation split)
 reads its data through this one function, so the cache file and the split are the same for all.
-`extra_train_blocks` packs `data.extra_train`'s training-only text the same way (the trainer's
-`build_run` appends it to the training split).
+`extra_train_blocks` packs `data.extra_train`'s training-only text the same way (`build_run` in
+systems/registry.py appends it to the training split).
 """
 
 from __future__ import annotations

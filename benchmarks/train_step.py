@@ -22,6 +22,7 @@ import torch
 
 from difflm.config import DiffusionConfig, TrainConfig
 from difflm.models.transformer import Transformer, TransformerConfig
+from difflm.train.allocator import keep_freed_memory
 from difflm.train.flops import attention_shape, flops_per_token, peak_flops
 from difflm.train.objectives import AutoregressiveObjective, MaskedDiffusionObjective
 from difflm.train.optim import build_optimizer
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does
     layers, width, heads, block, batch_size = (4, 128, 4, 128, 32) if args.small else (6, 384, 6, 256, 16)
     vocab = 68  # Tiny Shakespeare characters + [MASK] [PAD] [EOS]
     torch.manual_seed(0)

@@ -38,8 +38,8 @@ from difflm.config import DEVICE_NAMES, RunConfig, TrainConfig, model_family, to
 from difflm.data.packing import batch_order, length_grouped_order
 from difflm.errors import DifflmError
 from difflm.models import build_model
+from difflm.train import allocator, flops, fsdp, lora
 from difflm.train import checkpoint as ckpt
-from difflm.train import flops, fsdp, lora
 from difflm.train.ema import EMA
 from difflm.train.optim import build_optimizer, get_lr, set_lr
 from difflm.train.run_folder import StopSignals, TrainingInterrupted, claim_output_dir, trim_log
@@ -273,6 +273,8 @@ def _setup(cfg: RunConfig, run: Run, rank: int, world_size: int) -> tuple[Loop, 
     """Model on its device (adapters, shards), optimizer, loss scale, resumed state and logger."""
     tc = cfg.train
     device = resolve_device(tc.device)
+    if device.type == "cpu":
+        allocator.keep_freed_memory()  # no page faults re-fetching freed activations every step
     torch.manual_seed(tc.seed)
     if tc.init_from and not tc.resume:  # the weights `load_pretrained` would give (EMA if kept)
         source = ckpt.resolve_checkpoint(tc.init_from)

@@ -14,8 +14,12 @@ from difflm.models.layers import (
     ExactGeluMLP,
     GeluMLP,
     RMSNorm,
+    SelfAttention,
     apply_rope,
+    pair_rows,
     rope_cos_sin,
+    rope_phases,
+    rotate_pairs,
     sdpa,
 )
 from difflm.models.transformer import Transformer, TransformerConfig
@@ -53,6 +57,59 @@ def test_rope_is_the_reference_form_and_its_gradient_the_transposed_rotation(dty
     torch.testing.assert_close(x.grad.float(), x_ref.grad.to(dtype).float(), rtol=0, atol=atol)
     with torch.no_grad():  # inference takes the plain function: the same numbers
         assert torch.equal(apply_rope(x, cos, sin), expected.detach().to(dtype))
+
+
+def test_pair_rows_put_each_rotary_pair_side_by_side_and_keep_v():
+    rows = pair_rows(12, 2, torch.device("cpu"))  # 2 heads of 6 dims: pairs (0, 3) (1, 4) (2, 5)
+    head = [0, 3, 1, 4, 2, 5]
+    expected = [*head, *(r + 6 for r in head), *(r + 12 for r in head), *(r + 18 for r in head), *range(24, 36)]
+    assert rows.tolist() == expected
+
+
+def test_rotating_pairs_is_the_reference_rotation_reordered():
+    cos, sin = rope_cos_sin(3, 10, 8, 10000.0)
+    x = torch.randn(2, 4, 10, 8)
+    order = pair_rows(8, 1, torch.device("cpu"))[:8]  # one head's pair order
+    rotated = rotate_pairs(x[..., order], rope_phases(cos, sin), torch.float32)
+    assert torch.equal(rotated, reference_rope(x, cos, sin)[..., order])  # same roundings on the CPU
+
+
+def half_split_grads(model, loss_of, monkeypatch) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients through the half-split rotation (the path inference takes)."""
+    model.zero_grad()
+    with monkeypatch.context() as patch:
+        patch.setattr(SelfAttention, "_trains_paired", lambda self: False)
+        loss = loss_of(model)
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_training_through_rotary_pairs_matches_the_half_split_rotation(causal, monkeypatch):
+    """The training forward reorders q and k (one complex multiplication for the rotation); loss
+    and every gradient match the half-split path's, which eval forwards take."""
+    torch.manual_seed(0)
+    model = Transformer(
+        TransformerConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, causal=causal, bias=True)
+    )
+    ids = torch.randint(0, 40, (3, 16))
+    # bidirectional: a block-diffusion layout, two copies at positions 0..7, a padding-style bias
+    positions, bias = torch.arange(8).repeat(2), torch.zeros(3, 1, 1, 16)
+    bias[0, ..., 12:] = float("-inf")
+
+    def loss_of(m):
+        logits = m(ids) if causal else m(ids, position_ids=positions, attention_bias=bias)
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+    expected_loss, expected = half_split_grads(model, loss_of, monkeypatch)
+    model.zero_grad()
+    loss = loss_of(model)
+    loss.backward()
+    assert abs(loss.item() - expected_loss) < 1e-6
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        assert abs(loss_of(model).item() - expected_loss) < 1e-6
 
 
 def test_rms_norm_gradients_match_autograd_through_the_plain_form():

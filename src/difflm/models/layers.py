@@ -409,12 +409,14 @@ class SelfAttention(nn.Module):
             qkv = F.linear(x, self.qkv.weight[rows], bias)
         else:
             qkv = self.qkv(x)
-        qkv = qkv.view(B, Q, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, H, Q, D]
-        qk, v = qkv.split([2, 1])  # split, not indexing: its backward concatenates, no zero-filled copies
+        # split, not indexed, and before the heads are permuted: its backward concatenates straight
+        # into the projection's layout (no zero-filled parts, no copy back)
+        qk, v = qkv.view(B, Q, 3, self.n_head, C // self.n_head).split([2, 1], dim=2)
+        qk, v = qk.permute(2, 0, 3, 1, 4), v.squeeze(2).transpose(1, 2)  # [2, B, H, Q, D], [B, H, Q, D]
         if ctx.cos is not None:  # q and k rotated in one go, left in float32 for a float32 `sdpa`
             dtype = torch.float32 if float32_attention(qk, Q) else qk.dtype
             qk = rotate_pairs(qk, ctx.phases, dtype) if paired else apply_rope(qk, ctx.cos, ctx.sin, dtype)
-        (q, k), v = qk, v.squeeze(0)
+        q, k = qk
         return self._attend(q, k, v, ctx, layer, ctx.bias, ctx.is_causal)
 
     def _trains_paired(self) -> bool:

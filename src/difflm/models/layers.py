@@ -213,8 +213,8 @@ class _Rope(torch.autograd.Function):
 # Training a fused qkv projection, the rotation costs one complex multiplication instead of
 # `_Rope`'s passes over q and k: the projection's q and k rows are taken in an order that puts each
 # head's dims i and i + D/2 (a rotary pair) side by side, so q and k read as complex numbers. The
-# scores q.k are unchanged by that reordering (q and k share it); v's rows keep their order. A
-# 4x128 training step on the CPU: 0.955x as long (docs/results/train_step).
+# scores q.k are unchanged by that reordering (q and k share it); v's rows keep their order. An AR
+# training step on the CPU: 0.96-0.98x as long at 4x128, ~0.95x at 6x384 (docs/results/train_step).
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,10 +2,10 @@
 
 glibc's malloc hands large freed blocks back to the kernel (`munmap`, and trimming the top of the
 heap); the next step's activations then fault fresh, kernel-zeroed pages in again. On the 2-core
-EPYC a 4x128 step of the core transformer (batch 32, fp32, one thread) took 6,000-9,000 page
-faults and ~5% of its time that way (docs/results/train_step). Raising the mmap threshold to its
-maximum and never trimming the heap turns that into a few hundred faults. The cost is that the
-process keeps its peak heap, which a training loop reaches again every step anyway.
+EPYC an AR step of the core transformer (fp32, one thread) took 5,000-9,500 page faults at 4x128
+and ~18,000 at 6x384, and 5-6% of its time that way (docs/results/train_step). Raising the mmap
+threshold to its maximum and never trimming the heap leaves none after the first steps. The cost
+is that the process keeps its peak heap, which a training loop reaches again every step anyway.
 
 Only glibc has `mallopt`; elsewhere, and where the user set either threshold in the environment
 (glibc reads `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` at start), nothing changes.

@@ -102,6 +102,10 @@ def test_training_through_rotary_pairs_matches_the_half_split_rotation(causal, m
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
     expected_loss, expected = half_split_grads(model, loss_of, monkeypatch)
+    attention = model.blocks[0].attn
+    assert attention._trains_paired()  # what follows takes the pair path
+    with torch.no_grad():
+        assert not attention._trains_paired()  # inference keeps the half-split form
     model.zero_grad()
     loss = loss_of(model)
     loss.backward()

@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--glibc-malloc", action="store_true", help="leave malloc as glibc sets it")
     args = parser.parse_args()
     # difflm's trainer keeps freed memory on CPUs (train/allocator.py); process-wide, so nanoGPT too
-    allocator = "glibc's defaults" if args.glibc_malloc or not keep_freed_memory() else "freed memory kept"
+    kept = not args.glibc_malloc and keep_freed_memory()
+    allocator = "freed memory kept" if kept else "glibc's defaults"
     torch.set_num_threads(1)
     torch.manual_seed(0)
     layers, heads, width, block, batch = (6, 6, 384, 256, 16) if args.baby else (4, 4, 128, 128, 32)

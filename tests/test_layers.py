@@ -84,17 +84,21 @@ def half_split_grads(model, loss_of, monkeypatch) -> tuple[float, dict[str, torc
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("causal", [True, False])
-def test_training_through_rotary_pairs_matches_the_half_split_rotation(causal, monkeypatch):
+def test_training_through_rotary_pairs_matches_the_half_split_rotation(causal, device, monkeypatch):
     """The training forward reorders q and k (one complex multiplication for the rotation); loss
     and every gradient match the half-split path's, which eval forwards take."""
     torch.manual_seed(0)
     model = Transformer(
         TransformerConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, causal=causal, bias=True)
-    )
-    ids = torch.randint(0, 40, (3, 16))
+    ).to(device)
+    ids = torch.randint(0, 40, (3, 16), device=device)
     # bidirectional: a block-diffusion layout, two copies at positions 0..7, a padding-style bias
-    positions, bias = torch.arange(8).repeat(2), torch.zeros(3, 1, 1, 16)
+    positions, bias = torch.arange(8, device=device).repeat(2), torch.zeros(3, 1, 1, 16, device=device)
     bias[0, ..., 12:] = float("-inf")
 
     def loss_of(m):

@@ -120,23 +120,52 @@ def test_training_through_rotary_pairs_matches_the_half_split_rotation(causal, d
         assert abs(loss_of(model).item() - expected_loss) < 1e-6
 
 
-def test_rms_norm_gradients_match_autograd_through_the_plain_form():
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_gradients_match_autograd_through_the_plain_form(affine):
     torch.manual_seed(0)
-    norm = RMSNorm(24, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
+    norm = RMSNorm(24, eps=1e-6, affine=affine)
+    weight_ref = torch.ones(24)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        weight_ref = norm.weight.detach().clone().requires_grad_(True)
     x = (3 * torch.randn(3, 5, 24)).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    weight_ref = norm.weight.detach().clone().requires_grad_(True)
     out, expected = norm(x), reference_rms(x_ref, weight_ref, 1e-6)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(norm.weight.grad, weight_ref.grad, rtol=1e-5, atol=1e-5)
+    if affine:
+        torch.testing.assert_close(norm.weight.grad, weight_ref.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(norm(x), out)  # inference and training forwards agree exactly
+
+
+def test_rms_norm_trains_its_gain_on_an_input_without_gradient():
+    torch.manual_seed(0)
+    norm, x = RMSNorm(8), torch.randn(4, 8)
+    grad = torch.randn(4, 8)
+    norm(x).backward(grad)
+    expected = (grad * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).sum(0)
+    torch.testing.assert_close(norm.weight.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_training_forward_rounds_bf16_inputs_as_inference_does(weight_dtype):
+    """bf16 activations: normalised in float32, rounded to bf16, then scaled (HF Qwen3's order);
+    the product's dtype follows promotion, in training as in inference."""
+    torch.manual_seed(0)
+    norm = RMSNorm(16).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 16).bfloat16().requires_grad_(True)
+    out = norm(x)
+    with torch.no_grad():
+        assert torch.equal(out, norm(x)) and out.dtype == torch.result_type(x, norm.weight)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == weight_dtype
 
 
 def test_sdpa_trains_on_the_cpu_in_float32_and_infers_as_before():

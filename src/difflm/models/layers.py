@@ -79,9 +79,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         eps = self._eps(x)
-        training = x.requires_grad and torch.is_grad_enabled()
-        h = _RMSNormalize.apply(x, eps) if training else rms_normalize(x, eps)
-        return h * self.weight if self.weight is not None else h
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight is not None and self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, eps)
+        return apply_gain(rms_normalize(x, eps), self.weight)
 
     def _eps(self, like: Tensor) -> Tensor:
         """eps as a one-element tensor on like's device (cached: made once, not at every call)."""
@@ -105,23 +105,39 @@ def _rms_inverse(x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     return h, torch.rsqrt(torch.addcmul(eps, norm, norm, value=1 / h.shape[-1]))
 
 
-class _RMSNormalize(torch.autograd.Function):
-    """`rms_normalize` with its gradient in three passes over x instead of autograd's chain of
-    saved intermediates (a training step's norms took ~3x a fused LayerNorm on the CPU):
-    d/dx = r * (g - x * r^2 * mean(g * x)) with r = 1 / sqrt(mean(x^2) + eps)."""
+def apply_gain(h: Tensor, weight: Tensor | None) -> Tensor:
+    """h * weight (h itself when weight is None), in place where that keeps the product's dtype."""
+    if weight is None:
+        return h
+    return h.mul_(weight) if torch.result_type(h, weight) == h.dtype else h * weight
+
+
+class _RMSNorm(torch.autograd.Function):
+    """`apply_gain(rms_normalize(x), weight)` with its gradients by hand: autograd's chain of saved
+    intermediates and a separate gain made a training step's norms ~3x a fused LayerNorm on the CPU,
+    where every pass that writes a fresh [..., C] tensor costs about as much as the arithmetic.
+    With r = 1 / sqrt(mean(x^2) + eps) and u = g * r * weight:
+    d/dx = u - x * r^2 * mean(u * x), d/dweight = sum over rows of g * r * x."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, eps: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, eps: Tensor) -> Tensor:
         h, r = _rms_inverse(x, eps)
-        ctx.save_for_backward(x, r)
-        return (h * r).to(x.dtype)
+        ctx.save_for_backward(x, r, weight)
+        return apply_gain((h * r).to(x.dtype), weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        x, r = ctx.saved_tensors
-        h, g = x.float(), grad.float()
-        coef = torch.linalg.vecdot(g, h, dim=-1).unsqueeze(-1).mul_(r.pow(3)).div_(h.shape[-1])  # [..., 1]
-        return torch.addcmul(g * r, h, coef, value=-1).to(x.dtype), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, r, weight = ctx.saved_tensors
+        h, u = x.float(), grad.float() * r
+        weight_grad = None
+        if ctx.needs_input_grad[1]:
+            weight_grad = torch.linalg.vecdot(u.flatten(0, -2), h.flatten(0, -2), dim=0).to(weight.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, weight_grad, None
+        if weight is not None:
+            u.mul_(weight)
+        coef = torch.linalg.vecdot(u, h, dim=-1).unsqueeze(-1).mul_(r.square()).div_(h.shape[-1])  # [..., 1]
+        return u.addcmul_(h, coef, value=-1).to(x.dtype), weight_grad, None
 
 
 NORMS = ("rms", "layer")

@@ -79,7 +79,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         eps = self._eps(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight is not None and self.weight.requires_grad):
+        weight_trains = self.weight is not None and self.weight.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or weight_trains):
             return _RMSNorm.apply(x, self.weight, eps)
         return apply_gain(rms_normalize(x, eps), self.weight)
 

@@ -19,6 +19,7 @@ from difflm.models.layers import (
     pair_rows,
     rope_cos_sin,
     rope_phases,
+    rope_tables,
     rotate_pairs,
     sdpa,
 )
@@ -67,11 +68,18 @@ def test_pair_rows_put_each_rotary_pair_side_by_side_and_keep_v():
 
 
 def test_rotating_pairs_is_the_reference_rotation_reordered():
-    cos, sin = rope_cos_sin(3, 10, 8, 10000.0)
-    x = torch.randn(2, 4, 10, 8)
-    order = pair_rows(8, 1, torch.device("cpu"))[:8]  # one head's pair order
-    rotated = rotate_pairs(x[..., order], rope_phases(cos, sin), torch.float32)
-    assert torch.equal(rotated, reference_rope(x, cos, sin)[..., order])  # same roundings on the CPU
+    """q and k rotated in the projection's layout [B, Q, 2, H, D], by shared or per-row tables.
+    Heads of 64 dims, wide enough for PyTorch's vectorised complex loop on AVX2 and AVX512 (the
+    pairs of an 8-dim head take its scalar tail here and differ from the reference in the last bit)."""
+    cos, sin = rope_cos_sin(3, 10, 64, 10000.0)  # [Q, D]
+    row_cos, row_sin = (t.view(2, 1, 10, 64) for t in rope_tables(torch.arange(20) % 13, 64, 10000.0))
+    x = torch.randn(2, 10, 2, 4, 64)
+    order = pair_rows(64, 1, torch.device("cpu"))[:64]  # one head's pair order
+    heads_first = x.permute(0, 2, 3, 1, 4)  # [B, 2, H, Q, D], as the reference rotates
+    for c, s, broadcast in ((cos, sin, (10, 64)), (row_cos, row_sin, (2, 1, 1, 10, 64))):
+        rotated = rotate_pairs(x[..., order], rope_phases(c, s), torch.float32)
+        expected = reference_rope(heads_first, c.view(broadcast), s.view(broadcast)).permute(0, 3, 1, 2, 4)
+        assert torch.equal(rotated, expected[..., order])  # same roundings on the CPU
 
 
 def half_split_grads(model, loss_of, monkeypatch) -> tuple[float, dict[str, torch.Tensor]]:

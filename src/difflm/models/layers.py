@@ -230,8 +230,11 @@ class _Rope(torch.autograd.Function):
 # Training a fused qkv projection, the rotation costs one complex multiplication instead of
 # `_Rope`'s passes over q and k: the projection's q and k rows are taken in an order that puts each
 # head's dims i and i + D/2 (a rotary pair) side by side, so q and k read as complex numbers. The
-# scores q.k are unchanged by that reordering (q and k share it); v's rows keep their order. An AR
-# training step on the CPU: 0.96-0.98x as long at 4x128, ~0.95x at 6x384 (docs/results/train_step).
+# scores q.k are unchanged by that reordering (q and k share it); v's rows keep their order. q and
+# k are rotated in the projection's own layout [B, Q, 2, H, D], before the heads are permuted: the
+# product reads the projection's output in order, and in the backward the gradients of q, k and v
+# meet in that layout (no strided gather). An AR training step on the CPU: 0.96-0.98x as long at
+# 4x128, ~0.95x at 6x384 (docs/results/train_step).
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,15 +248,19 @@ def pair_rows(n_embd: int, n_head: int, device: torch.device) -> Tensor:
 
 
 def rope_phases(cos: Tensor, sin: Tensor) -> Tensor:
-    """The rotary tables [..., Q, D] as unit complex numbers [..., Q, D/2]: cos + i sin per pair."""
+    """The rotary tables [Q, D] (per-row tables: [B, 1, Q, D]) as unit complex numbers, cos + i sin
+    per pair, shaped for q and k in the projection's layout [B, Q, 2, H, D/2]: [Q, 1, 1, D/2]
+    ([B, Q, 1, 1, D/2])."""
     half = cos.shape[-1] // 2
-    return torch.complex(cos[..., :half], sin[..., :half])
+    phases = torch.complex(cos[..., :half], sin[..., :half])
+    return (phases.squeeze(1) if phases.dim() == 4 else phases)[..., None, None, :]
 
 
 def rotate_pairs(x: Tensor, phases: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rotate x [..., Q, D] laid out in side-by-side pairs (`pair_rows`) by phases [..., Q, D/2],
-    in float32; the result in `dtype`. On the CPU the product of (a + ib)(c + id) is rounded as
-    the reference form rounds a*c - b*d and b*c + a*d."""
+    """Rotate x [..., D] laid out in side-by-side pairs (`pair_rows`) by phases that broadcast to
+    [..., D/2], in float32; the result in `dtype`. On the CPU the product of (a + ib)(c + id) is
+    rounded as the reference form rounds a*c - b*d and b*c + a*d (in PyTorch's vectorised loop; the
+    pairs of a narrow head, e.g. 8 dims, can fall to its scalar tail and differ in the last bit)."""
     z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(z * phases).flatten(-2).to(dtype)
 
@@ -428,12 +435,15 @@ class SelfAttention(nn.Module):
             qkv = self.qkv(x)
         # split, not indexed, and before the heads are permuted: its backward concatenates straight
         # into the projection's layout (no zero-filled parts, no copy back)
-        qk, v = qkv.view(B, Q, 3, self.n_head, C // self.n_head).split([2, 1], dim=2)
-        qk, v = qk.permute(2, 0, 3, 1, 4), v.squeeze(2).transpose(1, 2)  # [2, B, H, Q, D], [B, H, Q, D]
-        if ctx.cos is not None:  # q and k rotated in one go, left in float32 for a float32 `sdpa`
-            dtype = torch.float32 if float32_attention(qk, Q) else qk.dtype
-            qk = rotate_pairs(qk, ctx.phases, dtype) if paired else apply_rope(qk, ctx.cos, ctx.sin, dtype)
-        q, k = qk
+        qk, v = qkv.view(B, Q, 3, self.n_head, C // self.n_head).split([2, 1], dim=2)  # [B, Q, 2 | 1, H, D]
+        v = v.squeeze(2).transpose(1, 2)  # [B, H, Q, D]
+        # q and k rotated in one go, left in float32 for a float32 `sdpa`
+        dtype = torch.float32 if float32_attention(qk, Q) else qk.dtype
+        if paired:
+            q, k = (t.transpose(1, 2) for t in rotate_pairs(qk, ctx.phases, dtype).unbind(2))
+        else:
+            qk = qk.permute(2, 0, 3, 1, 4)  # [2, B, H, Q, D]
+            q, k = qk if ctx.cos is None else apply_rope(qk, ctx.cos, ctx.sin, dtype)
         return self._attend(q, k, v, ctx, layer, ctx.bias, ctx.is_causal)
 
     def _trains_paired(self) -> bool:

@@ -55,7 +55,8 @@ def mean_objective_loss(
     if max_batches:
         n_batches = min(n_batches, max_batches)
     total, count = 0.0, 0
-    bar = tqdm(total=n_batches * samples, desc="eval", disable=not progress, dynamic_ncols=True)
+    # one tick per forward: each batch is scored at `samples` noise draws
+    bar = tqdm(total=n_batches * samples, desc="eval", unit="forward", disable=not progress, dynamic_ncols=True)
     for b in range(n_batches):
         batch = collate([data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))])
         for s in range(samples):

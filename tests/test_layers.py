@@ -69,8 +69,9 @@ def test_pair_rows_put_each_rotary_pair_side_by_side_and_keep_v():
 
 def test_rotating_pairs_is_the_reference_rotation_reordered():
     """q and k rotated in the projection's layout [B, Q, 2, H, D], by shared or per-row tables.
-    Heads of 64 dims, wide enough for PyTorch's vectorised complex loop on AVX2 and AVX512 (the
-    pairs of an 8-dim head take its scalar tail here and differ from the reference in the last bit)."""
+    Heads of 64 dims: on an AVX2 CPU heads of 16 dims and more matched bit for bit and an 8-dim
+    head's pairs differed in the last bit (PyTorch's complex loop rounds short runs differently);
+    64 leaves room for wider vector units."""
     cos, sin = rope_cos_sin(3, 10, 64, 10000.0)  # [Q, D]
     row_cos, row_sin = (t.view(2, 1, 10, 64) for t in rope_tables(torch.arange(20) % 13, 64, 10000.0))
     x = torch.randn(2, 10, 2, 4, 64)
